@@ -1,14 +1,32 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! raasd: a preforking master/worker server for RAAS, "Reverse string As A Service".
+//!
+//! The binary in `main.rs` only parses the command line and hands over to [`master::run`].
+//! Each module owns one responsibility:
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`config`] | the command line and the validated settings |
+//! | [`listeners`] | binding listen sockets and accepting from them |
+//! | [`master`] | the supervisor loop: signals, worker slots, spawning, reaping, stopping |
+//! | [`worker`] | the event loop of one worker process |
+//! | [`connection`] | one client connection: buffers, reading, writing, closing |
+//! | [`codec`] | the RAAS line protocol, pure (bytes in, bytes out) |
+//! | [`control`] | the messages on the master/worker control pipe |
+//! | [`signals`] | turning signals into counted events on a self-pipe |
+//! | [`process`] | fork with signals blocked around it |
+//! | [`title`] | the process title seen in `ps` and the comm name |
+//! | [`logging`] | log lines that say who speaks and with which pid |
+//! | [`pidfile`] | the pid file |
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub mod codec;
+pub mod config;
+pub mod connection;
+pub mod control;
+pub mod listeners;
+pub mod logging;
+pub mod master;
+pub mod pidfile;
+pub mod process;
+pub mod signals;
+pub mod title;
+pub mod worker;

@@ -1,0 +1,253 @@
+//! One client connection inside a worker.
+//!
+//! Owns the connection's socket, its codec state and its unsent output, and the
+//! rules for reading, writing and closing:
+//! - reads go through the worker's shared scratch buffer straight into the codec, so
+//!   a connection keeps no input buffer of its own, only an incomplete line;
+//! - output is written in batches; when more than [`MAX_PENDING`] bytes are unsent,
+//!   reading pauses until the client drains it (back-pressure, memory bounded);
+//! - a connection gets at most [`READS_PER_TURN`] reads per turn, so one fast sender
+//!   cannot starve the other clients of its worker;
+//! - a server-side close (line too long, stop) writes every reply, shuts the write
+//!   side down and then lingers, discarding input until the client closes: closing
+//!   with unread input would send a reset that can destroy replies still in flight.
+//!
+//! The socket is registered edge-triggered, so `readable` remembers that input may be
+//! waiting until a read says EAGAIN.
+
+use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
+
+use crate::codec::Codec;
+use crate::config::Serving;
+use crate::listeners::Stream;
+
+/// Unsent output above which the connection stops reading.
+pub const MAX_PENDING: usize = 1 << 20;
+/// Reads a connection may do before the others get their turn.
+pub const READS_PER_TURN: usize = 16;
+/// Unsent output that triggers a write in the middle of a read burst.
+const WRITE_AT: usize = 64 * 1024;
+/// Output capacity kept after a burst; more is returned to the allocator.
+const KEEP_CAPACITY: usize = 16 * 1024;
+/// How long a closing connection waits for the client to close its side.
+const LINGER: Duration = Duration::from_secs(2);
+/// During a stop, how long a connection may take to send its first line or finish
+/// the line it started.
+const STOP_GRACE: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Reading requests and writing replies.
+    Open,
+    /// No more reading: write what is owed, then close (after the client's EOF) or
+    /// shut down and linger (when the server ends the conversation).
+    Finishing { client_closed: bool },
+    /// Write side shut down; discarding input until the client closes.
+    Lingering { until: Instant },
+}
+
+/// What the worker should do with a connection after its turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turn {
+    /// Wait for the next readiness event.
+    Wait,
+    /// It has more input ready: serve it again soon, after the others.
+    Again,
+    /// Close it.
+    Close,
+}
+
+pub struct Connection {
+    stream: Stream,
+    codec: Codec,
+    out: Vec<u8>,
+    written: usize,
+    state: State,
+    /// Input may be waiting (edge-triggered readiness not yet consumed).
+    readable: bool,
+    last_active: Instant,
+    bytes_in: u64,
+    /// Set when the worker stops: the end of the grace this connection gets.
+    stopping_grace: Option<Instant>,
+}
+
+impl Connection {
+    pub fn new(stream: Stream, serving: &Serving, now: Instant) -> Connection {
+        Connection {
+            stream,
+            codec: Codec::new(serving.unit, serving.max_line),
+            out: Vec::new(),
+            written: 0,
+            state: State::Open,
+            readable: true,
+            last_active: now,
+            bytes_in: 0,
+            stopping_grace: None,
+        }
+    }
+
+    pub fn stream(&self) -> &Stream {
+        &self.stream
+    }
+
+    /// The socket reported input, end of file or an error: a read will tell which.
+    pub fn mark_readable(&mut self) {
+        self.readable = true;
+    }
+
+    /// The worker is stopping: answer what has arrived, then finish.
+    pub fn stop(&mut self, now: Instant) {
+        if self.stopping_grace.is_none() {
+            self.stopping_grace = Some(now + STOP_GRACE);
+            self.readable = true;
+        }
+    }
+
+    fn pending(&self) -> usize {
+        self.out.len() - self.written
+    }
+
+    /// Reads what is ready (within this turn's budget), answers it and writes.
+    pub fn serve(&mut self, scratch: &mut [u8], now: Instant) -> Turn {
+        match self.serve_io(scratch, now) {
+            Ok(turn) => turn,
+            // A reset or a broken pipe: the client is gone, nothing more to do.
+            Err(_) => Turn::Close,
+        }
+    }
+
+    fn serve_io(&mut self, scratch: &mut [u8], now: Instant) -> io::Result<Turn> {
+        if let State::Lingering { until } = self.state {
+            return Ok(self.discard_input(scratch, now >= until));
+        }
+        let mut reads = 0;
+        while self.readable && self.state == State::Open && self.pending() < MAX_PENDING {
+            if reads == READS_PER_TURN {
+                break;
+            }
+            match (&self.stream).read(scratch) {
+                Ok(0) => {
+                    self.readable = false;
+                    // A last line without "\n" is still a request.
+                    let _ = self.codec.finish(&mut self.out);
+                    self.state = State::Finishing {
+                        client_closed: true,
+                    };
+                }
+                Ok(n) => {
+                    reads += 1;
+                    self.bytes_in += n as u64;
+                    self.last_active = now;
+                    if self.codec.feed(&scratch[..n], &mut self.out).is_err() {
+                        // The codec wrote the ERR line; the conversation is over.
+                        self.state = State::Finishing {
+                            client_closed: false,
+                        };
+                    }
+                    if self.pending() >= WRITE_AT {
+                        self.write_out(now)?;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.readable = false;
+                    if self.stop_is_due(now) {
+                        self.state = State::Finishing {
+                            client_closed: false,
+                        };
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.write_out(now)?;
+        if self.pending() == 0 {
+            match self.state {
+                State::Finishing {
+                    client_closed: true,
+                } => return Ok(Turn::Close),
+                State::Finishing {
+                    client_closed: false,
+                } => {
+                    self.stream.shutdown_write()?;
+                    self.state = State::Lingering {
+                        until: now + LINGER,
+                    };
+                    self.readable = true;
+                    return Ok(self.discard_input(scratch, false));
+                }
+                _ => {}
+            }
+        }
+        let more_input = self.readable && self.state == State::Open && self.pending() < MAX_PENDING;
+        Ok(if more_input { Turn::Again } else { Turn::Wait })
+    }
+
+    /// While stopping: finish once nothing is half-received, or the grace is over.
+    fn stop_is_due(&self, now: Instant) -> bool {
+        match self.stopping_grace {
+            None => false,
+            Some(grace_end) => {
+                let waiting_for_a_line = self.bytes_in == 0 || self.codec.pending_len() > 0;
+                !waiting_for_a_line || now >= grace_end
+            }
+        }
+    }
+
+    fn write_out(&mut self, now: Instant) -> io::Result<()> {
+        while self.written < self.out.len() {
+            match (&self.stream).write(&self.out[self.written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.written += n;
+                    self.last_active = now;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.out.clear();
+        self.written = 0;
+        if self.out.capacity() > KEEP_CAPACITY {
+            self.out.shrink_to(KEEP_CAPACITY);
+        }
+        Ok(())
+    }
+
+    fn discard_input(&mut self, scratch: &mut [u8], give_up: bool) -> Turn {
+        for _ in 0..READS_PER_TURN {
+            match (&self.stream).read(scratch) {
+                Ok(0) => return Turn::Close,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.readable = false;
+                    return if give_up { Turn::Close } else { Turn::Wait };
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Turn::Close,
+            }
+        }
+        if give_up { Turn::Close } else { Turn::Again }
+    }
+
+    /// Called about once a second: whether a time limit calls for a turn now (the
+    /// connection then closes, finishes or gives up lingering as its state says).
+    pub fn is_overdue(&mut self, now: Instant, idle_timeout: Option<Duration>) -> Option<Turn> {
+        match self.state {
+            State::Lingering { until } if now >= until => Some(Turn::Close),
+            State::Lingering { .. } => None,
+            _ if idle_timeout
+                .is_some_and(|limit| now.duration_since(self.last_active) >= limit) =>
+            {
+                Some(Turn::Close)
+            }
+            State::Open if self.stopping_grace.is_some_and(|end| now >= end) => {
+                self.readable = true;
+                Some(Turn::Again)
+            }
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! The pid file.
+//!
+//! Owns checking, writing and removing it. A pid file that names a live raasd means
+//! another server owns it: refuse to start rather than steal it. One that names a
+//! dead process (or something that is not raasd) is stale and replaced. The file is
+//! written whole through a rename, so a reader never sees it half-written, and it is
+//! removed only while it still holds our pid.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use crate::listeners::plain;
+
+/// A pid file this process wrote.
+#[derive(Debug)]
+pub struct PidFile {
+    path: PathBuf,
+    pid: u32,
+}
+
+/// Fails when `path` names a running raasd other than this process.
+pub fn check_not_running(path: &Path) -> Result<(), String> {
+    let Ok(text) = fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let Ok(pid) = text.trim().parse::<u32>() else {
+        return Ok(());
+    };
+    if pid != std::process::id() && is_raasd(pid) {
+        return Err(format!(
+            "pid file {} names a running raasd (pid {pid}); stop it first",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+fn is_raasd(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.starts_with("raasd"))
+}
+
+impl PidFile {
+    /// Writes `pid` to `path`.
+    pub fn write(path: &Path, pid: u32) -> Result<PidFile, String> {
+        let fail =
+            |e: io::Error| format!("cannot write pid file {}: {}", path.display(), plain(&e));
+        let mut temp = path.as_os_str().to_owned();
+        temp.push(format!(".{pid}.tmp"));
+        let temp = PathBuf::from(temp);
+        let written = fs::File::create(&temp)
+            .and_then(|mut f| writeln!(f, "{pid}"))
+            .and_then(|()| fs::rename(&temp, path));
+        if let Err(e) = written {
+            let _ = fs::remove_file(&temp);
+            return Err(fail(e));
+        }
+        Ok(PidFile {
+            path: path.to_path_buf(),
+            pid,
+        })
+    }
+
+    /// Removes the file if it still holds our pid (a successor may have replaced it).
+    pub fn remove(&self) {
+        let ours = fs::read_to_string(&self.path)
+            .is_ok_and(|text| text.trim().parse::<u32>() == Ok(self.pid));
+        if ours {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn written_checked_and_removed() {
+        let dir = std::env::temp_dir().join(format!("raasd-pidfile-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("raasd.pid");
+        let file = PidFile::write(&path, 4_000_000).unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), "4000000\n");
+        // No process has that pid, so the file is stale, not a running server.
+        assert!(check_not_running(&path).is_ok());
+        file.remove();
+        assert!(!path.exists());
+        let err = PidFile::write(&dir.join("no/such/dir/raasd.pid"), 1).unwrap_err();
+        assert!(err.contains("cannot write pid file"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

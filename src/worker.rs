@@ -1,0 +1,398 @@
+//! The worker process: one epoll loop serving many clients.
+//!
+//! Owns everything a worker does after fork: its epoll set (created here, never
+//! inherited, since an inherited epoll fd would be one instance shared with the
+//! master and every sibling), accepting, serving connections, obeying the control
+//! channel and stopping. It never decides anything about other workers.
+//!
+//! The epoll set holds every listen socket (EPOLLEXCLUSIVE, so one new connection
+//! wakes one worker, not all), the control channel, this worker's own signal pipe,
+//! and its clients (edge-triggered). EPOLLEXCLUSIVE always wakes the epoll instance
+//! nearest the head of the listen socket's wait queue, so a worker that has just
+//! accepted re-registers its listener, which moves it to the back of that queue: the
+//! next connection wakes another worker and connections spread evenly.
+
+use std::io;
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use log::{debug, info, warn};
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+
+use crate::config::Serving;
+use crate::connection::{Connection, Turn};
+use crate::control::{Command, Report, WorkerEnd};
+use crate::listeners::Listener;
+use crate::process::Blocked;
+use crate::signals::SignalSet;
+
+const CONTROL: u64 = u64::MAX;
+const SIGNALS: u64 = u64::MAX - 1;
+/// Listener i has token LISTENERS - i; connection k has token k.
+const LISTENERS: u64 = u64::MAX - 2;
+/// How often idle connections are looked for.
+const TICK: Duration = Duration::from_secs(1);
+/// How long accepting pauses when the process is out of file descriptors.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+const SCRATCH: usize = 64 * 1024;
+const EVENTS: usize = 256;
+
+/// The signals a worker answers itself: TERM and QUIT stop it gracefully (as when
+/// systemd signals the whole control group), INT quickly (Ctrl-C in a terminal
+/// signals the whole process group).
+pub const SIGNALS_HANDLED: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGQUIT, libc::SIGINT];
+
+/// Runs a worker to its end; returns the exit status.
+///
+/// Signals are blocked on entry (see [`crate::process`]); they are released once this
+/// worker's own handlers are installed, so none is lost or taken by the master's.
+pub fn run(
+    listeners: Vec<Listener>,
+    control: WorkerEnd,
+    serving: Serving,
+    blocked: Blocked,
+) -> i32 {
+    match Worker::new(listeners, control, serving, blocked).and_then(Worker::serve) {
+        Ok(()) => 0,
+        Err(e) => {
+            log::error!("worker failed: {e}");
+            1
+        }
+    }
+}
+
+struct Worker {
+    epoll: Epoll,
+    listeners: Vec<Listener>,
+    control: Option<WorkerEnd>,
+    signals: SignalSet,
+    connections: Vec<Option<Connection>>,
+    /// Free connection slots, and slots freed during the current batch of events
+    /// (reused only after it, so a stale event in the batch cannot reach a new client).
+    free: Vec<usize>,
+    released: Vec<usize>,
+    /// Connections that used up their turn with input still waiting.
+    again: Vec<usize>,
+    open: usize,
+    serving: Serving,
+    scratch: Vec<u8>,
+    /// Set once stopping: the moment the worker exits even with clients left.
+    stop_deadline: Option<Instant>,
+    accept_paused_until: Option<Instant>,
+    last_fd_warning: Option<Instant>,
+}
+
+impl Worker {
+    fn new(
+        listeners: Vec<Listener>,
+        control: WorkerEnd,
+        serving: Serving,
+        blocked: Blocked,
+    ) -> io::Result<Worker> {
+        // If the master dies without closing our channel (it cannot, but a kernel
+        // backstop costs nothing), TERM makes this worker stop gracefully.
+        let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM);
+        let signals = SignalSet::install(&SIGNALS_HANDLED)?;
+        blocked.release();
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
+        epoll.add(
+            control.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN, CONTROL),
+        )?;
+        epoll.add(signals.fd(), EpollEvent::new(EpollFlags::EPOLLIN, SIGNALS))?;
+        let worker = Worker {
+            epoll,
+            listeners,
+            control: Some(control),
+            signals,
+            connections: Vec::new(),
+            free: Vec::new(),
+            released: Vec::new(),
+            again: Vec::new(),
+            open: 0,
+            serving,
+            scratch: vec![0; SCRATCH],
+            stop_deadline: None,
+            accept_paused_until: None,
+            last_fd_warning: None,
+        };
+        worker.watch_listeners()?;
+        Ok(worker)
+    }
+
+    fn serve(mut self) -> io::Result<()> {
+        if let Some(control) = &self.control {
+            control.send(Report::Ready)?;
+        }
+        info!("accepting connections");
+        let mut events = vec![EpollEvent::empty(); EVENTS];
+        let mut next_tick = Instant::now() + TICK;
+        loop {
+            let timeout = if self.again.is_empty() {
+                next_tick.saturating_duration_since(Instant::now())
+            } else {
+                Duration::ZERO
+            };
+            let ready = match self.epoll.wait(&mut events, epoll_timeout(timeout)) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => 0,
+                Err(e) => return Err(e.into()),
+            };
+            let now = Instant::now();
+            for event in &events[..ready] {
+                self.dispatch(event, now)?;
+            }
+            for index in std::mem::take(&mut self.again) {
+                self.serve_connection(index, now);
+            }
+            if now >= next_tick {
+                self.enforce_time_limits(now)?;
+                next_tick = now + TICK;
+            }
+            self.free.append(&mut self.released);
+            if let Some(deadline) = self.stop_deadline {
+                if self.open == 0 {
+                    info!("stopped");
+                    return Ok(());
+                }
+                if now >= deadline {
+                    warn!("stopping with {} connections still open", self.open);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn dispatch(&mut self, event: &EpollEvent, now: Instant) -> io::Result<()> {
+        match event.data() {
+            SIGNALS => {
+                for (signal, _) in self.signals.take() {
+                    if signal == libc::SIGINT {
+                        quick_exit();
+                    }
+                    self.stop(now, crate::signals::name(signal));
+                }
+            }
+            CONTROL => self.obey_master(now),
+            token if token > LISTENERS - self.listeners.len() as u64 => {
+                self.accept_from((LISTENERS - token) as usize, now)?;
+            }
+            index => {
+                let index = index as usize;
+                if let Some(Some(connection)) = self.connections.get_mut(index) {
+                    let flags = event.events();
+                    if flags.intersects(
+                        EpollFlags::EPOLLIN
+                            | EpollFlags::EPOLLRDHUP
+                            | EpollFlags::EPOLLHUP
+                            | EpollFlags::EPOLLERR,
+                    ) {
+                        connection.mark_readable();
+                    }
+                    self.serve_connection(index, now);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn obey_master(&mut self, now: Instant) {
+        let Some(control) = &self.control else {
+            return;
+        };
+        let received = control.receive();
+        for command in received.messages {
+            match command {
+                Command::QuickStop => quick_exit(),
+                Command::GracefulStop => self.stop(now, "the master's request"),
+            }
+        }
+        if received.closed {
+            // Level-triggered EOF would wake us forever: stop watching the channel.
+            if let Some(control) = self.control.take() {
+                let _ = self.epoll.delete(control.as_fd());
+            }
+            warn!("the master is gone");
+            self.stop(now, "the master's death");
+        }
+    }
+
+    fn watch_listeners(&self) -> io::Result<()> {
+        for (i, listener) in self.listeners.iter().enumerate() {
+            let event = EpollEvent::new(
+                EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE,
+                LISTENERS - i as u64,
+            );
+            self.epoll.add(listener.as_fd(), event)?;
+        }
+        Ok(())
+    }
+
+    fn unwatch_listeners(&self) {
+        for listener in &self.listeners {
+            let _ = self.epoll.delete(listener.as_fd());
+        }
+    }
+
+    /// Accepts until the queue is empty.
+    fn accept_from(&mut self, which: usize, now: Instant) -> io::Result<()> {
+        let mut accepted = 0;
+        loop {
+            match self.listeners[which].accept() {
+                Ok(stream) => {
+                    self.add_connection(Connection::new(stream, &self.serving, now))?;
+                    accepted += 1;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                    ) =>
+                {
+                    self.pause_accepting(now, &e);
+                    return Ok(());
+                }
+                Err(e) => {
+                    warn!("accept failed: {e}");
+                    break;
+                }
+            }
+        }
+        if accepted > 0 && self.stop_deadline.is_none() {
+            // To the back of the wait queue: the next connection wakes a sibling.
+            let listener = &self.listeners[which];
+            self.epoll.delete(listener.as_fd())?;
+            let event = EpollEvent::new(
+                EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE,
+                LISTENERS - which as u64,
+            );
+            self.epoll.add(listener.as_fd(), event)?;
+        }
+        Ok(())
+    }
+
+    /// Out of descriptors: a listener that stays readable would spin this loop, so
+    /// take the listeners out of the poll set for a moment.
+    fn pause_accepting(&mut self, now: Instant, error: &io::Error) {
+        if self
+            .last_fd_warning
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            warn!("cannot accept: {error}; pausing accepts for {ACCEPT_PAUSE:?}");
+            self.last_fd_warning = Some(now);
+        }
+        if self.accept_paused_until.is_none() {
+            self.unwatch_listeners();
+        }
+        self.accept_paused_until = Some(now + ACCEPT_PAUSE);
+    }
+
+    fn add_connection(&mut self, connection: Connection) -> io::Result<()> {
+        let index = match self.free.pop() {
+            Some(index) => index,
+            None => {
+                self.connections.push(None);
+                self.connections.len() - 1
+            }
+        };
+        let interest = EpollFlags::EPOLLIN
+            | EpollFlags::EPOLLOUT
+            | EpollFlags::EPOLLRDHUP
+            | EpollFlags::EPOLLET;
+        if let Err(e) = self.epoll.add(
+            connection.stream().as_fd(),
+            EpollEvent::new(interest, index as u64),
+        ) {
+            self.released.push(index);
+            warn!("cannot watch a new connection: {e}");
+            return Ok(());
+        }
+        let stopping = self.stop_deadline.is_some();
+        let slot = &mut self.connections[index];
+        *slot = Some(connection);
+        if stopping {
+            slot.as_mut().expect("just set").stop(Instant::now());
+        }
+        self.open += 1;
+        debug!("accepted a connection ({} open)", self.open);
+        Ok(())
+    }
+
+    fn serve_connection(&mut self, index: usize, now: Instant) {
+        let Some(connection) = self.connections[index].as_mut() else {
+            return;
+        };
+        match connection.serve(&mut self.scratch, now) {
+            Turn::Wait => {}
+            Turn::Again => self.again.push(index),
+            Turn::Close => self.close(index),
+        }
+    }
+
+    fn close(&mut self, index: usize) {
+        // Closing the socket removes it from the epoll set: it is never duplicated.
+        if self.connections[index].take().is_some() {
+            self.open -= 1;
+            self.released.push(index);
+        }
+    }
+
+    fn enforce_time_limits(&mut self, now: Instant) -> io::Result<()> {
+        if self.accept_paused_until.is_some_and(|until| now >= until) {
+            self.accept_paused_until = None;
+            self.watch_listeners()?;
+        }
+        for index in 0..self.connections.len() {
+            let Some(connection) = self.connections[index].as_mut() else {
+                continue;
+            };
+            match connection.is_overdue(now, self.serving.idle_timeout) {
+                Some(Turn::Close) => self.close(index),
+                Some(_) => self.serve_connection(index, now),
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Graceful stop: take what waits in the accept queue, close the listeners, then
+    /// answer every client what it has sent and close it.
+    fn stop(&mut self, now: Instant, why: &str) {
+        if self.stop_deadline.is_some() {
+            return;
+        }
+        info!("stopping gracefully on {why}");
+        self.stop_deadline = Some(now + self.serving.graceful_timeout);
+        for which in 0..self.listeners.len() {
+            if let Err(e) = self.accept_from(which, now) {
+                warn!("draining the accept queue: {e}");
+            }
+        }
+        self.unwatch_listeners();
+        self.listeners.clear();
+        for index in 0..self.connections.len() {
+            if let Some(connection) = self.connections[index].as_mut() {
+                connection.stop(now);
+                self.serve_connection(index, now);
+            }
+        }
+    }
+}
+
+fn epoll_timeout(timeout: Duration) -> EpollTimeout {
+    // Round up, so a wait for 0.4 ms is not a busy loop of zero-timeout waits.
+    let millis = timeout.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128);
+    EpollTimeout::try_from(millis as i32).unwrap_or(EpollTimeout::NONE)
+}
+
+fn quick_exit() -> ! {
+    info!("quick stop");
+    std::process::exit(0)
+}
