@@ -79,6 +79,7 @@ pub struct Codec {
     // `max_line`, because the limit is checked before anything is stashed.
     partial: Vec<u8>,
     poisoned: bool,
+    replies: u64,
 }
 
 /// Smallest allocation for `partial`, so short pipelined fragments do not
@@ -92,6 +93,7 @@ impl Codec {
             max_line,
             partial: Vec::new(),
             poisoned: false,
+            replies: 0,
         }
     }
 
@@ -116,6 +118,7 @@ impl Codec {
                 Some(i) => {
                     self.partial.extend_from_slice(&rest[..i]);
                     reply_into(&self.partial, self.unit, out);
+                    self.replies += 1;
                     self.partial.clear();
                     rest = &rest[i + 1..];
                 }
@@ -133,6 +136,7 @@ impl Codec {
             match find_newline(rest, self.max_line) {
                 Some(i) => {
                     reply_into(&rest[..i], self.unit, out);
+                    self.replies += 1;
                     rest = &rest[i + 1..];
                 }
                 None if rest.len() > self.max_line => return Err(self.poison(out)),
@@ -154,9 +158,15 @@ impl Codec {
         }
         if !self.partial.is_empty() {
             reply_into(&self.partial, self.unit, out);
+            self.replies += 1;
             self.partial.clear();
         }
         Ok(())
+    }
+
+    /// Lines answered so far (the ERR reply is not one).
+    pub fn replies(&self) -> u64 {
+        self.replies
     }
 
     /// Bytes of an incomplete line buffered (0 when none).

@@ -63,6 +63,50 @@ pub struct Config {
               .map(|s| s.parse::<Unit>().expect("a listed unit")))]
     pub unit: Unit,
 
+    /// Seconds a worker may go without a heartbeat before it is killed and replaced;
+    /// 0 = never.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub timeout: u64,
+
+    /// Seconds a client may take to finish a line it has started; 0 = no limit.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub line_timeout: u64,
+
+    /// Unsent reply bytes per connection above which its reading pauses.
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 20,
+          value_parser = clap::value_parser!(u64).range(1024..=1 << 30))]
+    pub max_pending: u64,
+
+    /// Connections per worker; a worker at the limit stops accepting.
+    #[arg(long, value_name = "N", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=1 << 24))]
+    pub max_conns: u64,
+
+    /// Requests after which a worker is replaced gracefully; 0 = never.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub max_requests: u64,
+
+    /// Adds a random 0..=J to each worker's --max-requests, so workers are not all
+    /// replaced at once.
+    #[arg(long, value_name = "J", default_value_t = 0)]
+    pub max_requests_jitter: u64,
+
+    /// Resident memory in MiB above which a worker is replaced gracefully; 0 = no limit.
+    #[arg(long, value_name = "MIB", default_value_t = 0)]
+    pub max_worker_memory: u64,
+
+    /// User the workers run as (the master keeps its own, to bind and to supervise).
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+
+    /// Group the workers run as [default: the user's primary group].
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+
+    /// Permissions of unix sockets, in octal.
+    #[arg(long, value_name = "OCTAL", default_value = "0660", value_parser = parse_mode)]
+    pub socket_mode: u32,
+
     /// Pid file: written once the listeners are bound, removed on exit.
     #[arg(long, value_name = "FILE")]
     pub pid: Option<PathBuf>,
@@ -84,6 +128,11 @@ impl Config {
             max_line: self.max_line as usize,
             idle_timeout: (self.idle_timeout > 0).then(|| Duration::from_secs(self.idle_timeout)),
             graceful_timeout: self.graceful_timeout(),
+            line_timeout: (self.line_timeout > 0).then(|| Duration::from_secs(self.line_timeout)),
+            max_pending: self.max_pending as usize,
+            max_conns: self.max_conns as usize,
+            max_requests: None,
+            heartbeat: heartbeat_interval(self.timeout),
         }
     }
 }
@@ -95,7 +144,35 @@ pub struct Serving {
     pub max_line: usize,
     pub idle_timeout: Option<Duration>,
     pub graceful_timeout: Duration,
+    pub line_timeout: Option<Duration>,
+    pub max_pending: usize,
+    pub max_conns: usize,
+    /// This worker's own limit, --max-requests plus its jitter; set at spawn.
+    pub max_requests: Option<u64>,
+    /// How often the worker's loop wakes at least, to beat and to check time limits.
+    pub heartbeat: Duration,
 }
+
+/// Often enough that an idle worker is never mistaken for a stuck one: four beats
+/// per --timeout, but at most one a second and at least every 50 ms.
+fn heartbeat_interval(timeout_secs: u64) -> Duration {
+    match timeout_secs {
+        0 => Duration::from_secs(1),
+        secs => {
+            (Duration::from_secs(secs) / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+        }
+    }
+}
+
+fn parse_mode(s: &str) -> Result<u32, String> {
+    match u32::from_str_radix(s.trim_start_matches("0o"), 8) {
+        Ok(mode) if mode <= 0o777 => Ok(mode),
+        _ => Err(format!("'{s}' is not an octal mode such as 0660")),
+    }
+}
+
+/// The most workers raasd runs; TTIN stops there.
+pub const MAX_WORKERS: usize = 4096;
 
 /// `-w N|auto`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,7 +199,7 @@ impl FromStr for WorkerCount {
         }
         match s.parse::<usize>() {
             Ok(0) => Err("must be at least 1 (or auto)".into()),
-            Ok(n) if n > 4096 => Err("at most 4096 workers".into()),
+            Ok(n) if n > MAX_WORKERS => Err(format!("at most {MAX_WORKERS} workers")),
             Ok(n) => Ok(WorkerCount::Fixed(NonZeroUsize::new(n).expect("n > 0"))),
             Err(_) => Err(format!("expected a number of workers or auto, not '{s}'")),
         }

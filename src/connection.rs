@@ -4,7 +4,7 @@
 //! rules for reading, writing and closing:
 //! - reads go through the worker's shared scratch buffer straight into the codec, so
 //!   a connection keeps no input buffer of its own, only an incomplete line;
-//! - output is written in batches; when more than [`MAX_PENDING`] bytes are unsent,
+//! - output is written in batches; when more than `--max-pending` bytes are unsent,
 //!   reading pauses until the client drains it (back-pressure, memory bounded);
 //! - a connection gets at most [`READS_PER_TURN`] reads per turn, so one fast sender
 //!   cannot starve the other clients of its worker;
@@ -22,8 +22,6 @@ use crate::codec::Codec;
 use crate::config::Serving;
 use crate::listeners::Stream;
 
-/// Unsent output above which the connection stops reading.
-pub const MAX_PENDING: usize = 1 << 20;
 /// Reads a connection may do before the others get their turn.
 pub const READS_PER_TURN: usize = 16;
 /// Unsent output that triggers a write in the middle of a read burst.
@@ -58,6 +56,25 @@ pub enum Turn {
     Close,
 }
 
+/// A connection's counters, or the difference between two readings of them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    pub served: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl std::ops::Sub for Traffic {
+    type Output = Traffic;
+    fn sub(self, earlier: Traffic) -> Traffic {
+        Traffic {
+            served: self.served - earlier.served,
+            bytes_in: self.bytes_in - earlier.bytes_in,
+            bytes_out: self.bytes_out - earlier.bytes_out,
+        }
+    }
+}
+
 pub struct Connection {
     stream: Stream,
     codec: Codec,
@@ -67,7 +84,13 @@ pub struct Connection {
     /// Input may be waiting (edge-triggered readiness not yet consumed).
     readable: bool,
     last_active: Instant,
+    /// When the incomplete line now buffered began (for --line-timeout).
+    line_started: Option<Instant>,
     bytes_in: u64,
+    bytes_out: u64,
+    max_pending: usize,
+    line_timeout: Option<Duration>,
+    idle_timeout: Option<Duration>,
     /// Set when the worker stops: the end of the grace this connection gets.
     stopping_grace: Option<Instant>,
 }
@@ -82,7 +105,12 @@ impl Connection {
             state: State::Open,
             readable: true,
             last_active: now,
+            line_started: None,
             bytes_in: 0,
+            bytes_out: 0,
+            max_pending: serving.max_pending,
+            line_timeout: serving.line_timeout,
+            idle_timeout: serving.idle_timeout,
             stopping_grace: None,
         }
     }
@@ -104,6 +132,15 @@ impl Connection {
         }
     }
 
+    /// Lines answered, bytes read and bytes written so far.
+    pub fn traffic(&self) -> Traffic {
+        Traffic {
+            served: self.codec.replies(),
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+        }
+    }
+
     fn pending(&self) -> usize {
         self.out.len() - self.written
     }
@@ -122,7 +159,7 @@ impl Connection {
             return Ok(self.discard_input(scratch, now >= until));
         }
         let mut reads = 0;
-        while self.readable && self.state == State::Open && self.pending() < MAX_PENDING {
+        while self.readable && self.state == State::Open && self.pending() < self.max_pending {
             if reads == READS_PER_TURN {
                 break;
             }
@@ -145,6 +182,10 @@ impl Connection {
                             client_closed: false,
                         };
                     }
+                    self.line_started = match self.codec.pending_len() {
+                        0 => None,
+                        _ => self.line_started.or(Some(now)),
+                    };
                     if self.pending() >= WRITE_AT {
                         self.write_out(now)?;
                     }
@@ -180,7 +221,8 @@ impl Connection {
                 _ => {}
             }
         }
-        let more_input = self.readable && self.state == State::Open && self.pending() < MAX_PENDING;
+        let more_input =
+            self.readable && self.state == State::Open && self.pending() < self.max_pending;
         Ok(if more_input { Turn::Again } else { Turn::Wait })
     }
 
@@ -201,6 +243,7 @@ impl Connection {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     self.written += n;
+                    self.bytes_out += n as u64;
                     self.last_active = now;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
@@ -234,12 +277,20 @@ impl Connection {
 
     /// Called about once a second: whether a time limit calls for a turn now (the
     /// connection then closes, finishes or gives up lingering as its state says).
-    pub fn is_overdue(&mut self, now: Instant, idle_timeout: Option<Duration>) -> Option<Turn> {
+    pub fn is_overdue(&mut self, now: Instant) -> Option<Turn> {
+        let exceeded = |since: Instant, limit: Option<Duration>| {
+            limit.is_some_and(|limit| now.duration_since(since) >= limit)
+        };
         match self.state {
             State::Lingering { until } if now >= until => Some(Turn::Close),
             State::Lingering { .. } => None,
-            _ if idle_timeout
-                .is_some_and(|limit| now.duration_since(self.last_active) >= limit) =>
+            _ if exceeded(self.last_active, self.idle_timeout) => Some(Turn::Close),
+            // A line trickling in a byte at a time (slowloris) is not idle, but it
+            // must end some time.
+            State::Open
+                if self
+                    .line_started
+                    .is_some_and(|start| exceeded(start, self.line_timeout)) =>
             {
                 Some(Turn::Close)
             }

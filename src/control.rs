@@ -9,6 +9,7 @@
 //! | master → worker | `g` | graceful stop: drain the accept queue, answer, close, exit 0 |
 //! | master → worker | `q` | quick stop: exit at once |
 //! | worker → master | `r` | ready: the listeners are in the worker's poll set |
+//! | worker → master | `m` | replace me: this worker reached --max-requests |
 //!
 //! End of file means the other side is gone: for a worker, that the master died,
 //! which it treats as a graceful stop.
@@ -28,6 +29,7 @@ pub enum Command {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Report {
     Ready,
+    ReplaceMe,
 }
 
 /// What a read from the channel found.
@@ -66,15 +68,21 @@ impl MasterEnd {
     }
 
     pub fn receive(&self) -> Received<Report> {
-        receive(&self.0, |byte| (byte == b'r').then_some(Report::Ready))
+        receive(&self.0, |byte| match byte {
+            b'r' => Some(Report::Ready),
+            b'm' => Some(Report::ReplaceMe),
+            _ => None,
+        })
     }
 }
 
 impl WorkerEnd {
     pub fn send(&self, report: Report) -> io::Result<()> {
-        match report {
-            Report::Ready => (&self.0).write_all(b"r"),
-        }
+        let byte = match report {
+            Report::Ready => b'r',
+            Report::ReplaceMe => b'm',
+        };
+        (&self.0).write_all(&[byte])
     }
 
     pub fn receive(&self) -> Received<Command> {

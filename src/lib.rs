@@ -17,6 +17,8 @@
 //! | [`title`] | the process title seen in `ps` and the comm name |
 //! | [`logging`] | log lines that say who speaks and with which pid |
 //! | [`pidfile`] | the pid file |
+//! | [`scoreboard`] | the shared memory where workers publish heartbeat and counters |
+//! | [`privileges`] | resolving `--user`/`--group` and dropping to them in workers |
 
 pub mod codec;
 pub mod config;
@@ -26,7 +28,9 @@ pub mod listeners;
 pub mod logging;
 pub mod master;
 pub mod pidfile;
+pub mod privileges;
 pub mod process;
+pub mod scoreboard;
 pub mod signals;
 pub mod title;
 pub mod worker;

@@ -10,13 +10,14 @@ use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, BorrowedFd};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::config::ListenAddr;
+use crate::privileges::Identity;
 
 /// A bound, listening, non-blocking socket.
 #[derive(Debug)]
@@ -119,6 +120,29 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
         Ok(_) => Err(io::Error::from(io::ErrorKind::AddrInUse)),
         Err(_) => std::fs::remove_file(path),
     }
+}
+
+/// Gives unix sockets their mode (--socket-mode) and, when workers run as another
+/// user, that user as owner, so the clients meant to connect can.
+pub fn set_socket_access(
+    listeners: &[Listener],
+    mode: u32,
+    owner: Option<Identity>,
+) -> Result<(), String> {
+    for listener in listeners {
+        let Listener::Unix(_, path) = listener else {
+            continue;
+        };
+        let fail =
+            |what: &str, e: io::Error| format!("cannot {what} {}: {}", path.display(), plain(&e));
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| fail("set the mode of", e))?;
+        if let Some(owner) = owner {
+            std::os::unix::fs::chown(path, Some(owner.uid.as_raw()), Some(owner.gid.as_raw()))
+                .map_err(|e| fail("set the owner of", e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Removes the socket files of unix listeners. Called by the master at its exit.

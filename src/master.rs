@@ -26,8 +26,11 @@ use crate::config::Config;
 use crate::control::{self, Command, MasterEnd, Report};
 use crate::listeners::{self, Listener};
 use crate::pidfile::{self, PidFile};
+use crate::privileges::{self, Identity};
 use crate::process::{self, Blocked, Forked};
+use crate::scoreboard::{self, CELLS, Scoreboard};
 use crate::signals::{self, SignalSet};
+use crate::worker::Who;
 use crate::{logging, title, worker};
 
 /// The signals the master handles; see the table in README.md and raasd(8).
@@ -48,6 +51,15 @@ const SIGNALS_HANDLED: [libc::c_int; 10] = [
 const QUICK_STOP_TIMEOUT: Duration = Duration::from_secs(2);
 /// After a failed fork, how long before trying again.
 const FORK_RETRY: Duration = Duration::from_secs(1);
+/// A worker that dies sooner than this after its start is crash-looping: the
+/// respawn delay of its slot starts at BACKOFF_FIRST and doubles up to BACKOFF_MAX,
+/// and is forgotten once a worker of the slot has lived BACKOFF_RESET.
+const CRASH_WINDOW: Duration = Duration::from_secs(1);
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const BACKOFF_RESET: Duration = Duration::from_secs(10);
+/// How often workers' resident memory is sampled for --max-worker-memory.
+const MEMORY_SAMPLE: Duration = Duration::from_secs(2);
 
 /// Starts raasd with `config`; `args` are the original arguments. Returns the exit
 /// status: 0 after a stop, 1 when start-up failed.
@@ -67,6 +79,12 @@ struct WorkerProcess {
     pid: Pid,
     slot: usize,
     generation: u64,
+    /// Its scoreboard cell.
+    cell: usize,
+    spawned_at: Instant,
+    /// It asked to be replaced (--max-requests) or outgrew --max-worker-memory: a
+    /// successor is spawned, and it retires once that one accepts.
+    replace: bool,
     channel: MasterEnd,
     channel_open: bool,
     /// It reported that its listeners are in its poll set.
@@ -98,6 +116,23 @@ pub struct Master {
     stopping: Option<Stopping>,
     all_accepting_announced: bool,
     fork_retry_at: Option<Instant>,
+    scoreboard: Scoreboard,
+    identity: Option<Identity>,
+    /// Respawn delay per slot (crash-loop backoff).
+    backoff: Vec<Backoff>,
+    /// When the previous pass of the loop ran, to notice that the master itself
+    /// was stopped or the machine suspended.
+    last_pass_ms: u64,
+    next_memory_sample: Instant,
+    system: sysinfo::System,
+    random: u64,
+    title: String,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Backoff {
+    delay: Duration,
+    not_before: Option<Instant>,
 }
 
 impl Master {
@@ -105,8 +140,15 @@ impl Master {
         if let Some(path) = &config.pid {
             pidfile::check_not_running(path)?;
         }
+        let identity = privileges::resolve(config.user.as_deref(), config.group.as_deref())?;
+        let scoreboard =
+            Scoreboard::new().map_err(|e| format!("cannot map the scoreboard: {e}"))?;
         let listeners =
             listeners::bind_all(&config.listen, config.backlog).map_err(|e| e.to_string())?;
+        if let Err(e) = listeners::set_socket_access(&listeners, config.socket_mode, identity) {
+            listeners::remove_socket_files(&listeners);
+            return Err(e);
+        }
         let addresses: Vec<String> = listeners.iter().map(Listener::local_addr).collect();
         let fail = |what: String| {
             listeners::remove_socket_files(&listeners);
@@ -125,7 +167,16 @@ impl Master {
         for address in &addresses {
             info!("listening on {address}");
         }
-        let master = Master {
+        let mut master = Master {
+            scoreboard,
+            identity,
+            backoff: Vec::new(),
+            last_pass_ms: scoreboard::monotonic_ms(),
+            next_memory_sample: Instant::now() + MEMORY_SAMPLE,
+            system: sysinfo::System::new()
+                .map_err(|e| format!("cannot read process information: {e}"))?,
+            random: seed(),
+            title: String::new(),
             target: config.workers.resolve(),
             config,
             args,
@@ -152,7 +203,10 @@ impl Master {
                 break;
             }
             self.maintain_worker_count();
+            self.murder_lazy_workers();
+            self.replace_bloated_workers();
             self.kill_workers_past_deadline();
+            self.show_title();
             self.sleep_until_woken();
         }
         if let Some(pid_file) = &self.pid_file {
@@ -182,6 +236,19 @@ impl Master {
             let gone = self.workers.swap_remove(at);
             if gone.retiring || self.stopping.is_some() {
                 info!("worker[{}] pid {pid} exited ({how})", gone.slot);
+                continue;
+            }
+            let lived = gone.spawned_at.elapsed();
+            let backoff = self.backoff_of(gone.slot);
+            if lived < CRASH_WINDOW {
+                backoff.delay = (backoff.delay * 2).clamp(BACKOFF_FIRST, BACKOFF_MAX);
+                backoff.not_before = Some(Instant::now() + backoff.delay);
+                warn!(
+                    "worker[{}] pid {pid} exited unexpectedly ({how}) {} ms after its start; respawning in {} ms",
+                    gone.slot,
+                    lived.as_millis(),
+                    backoff.delay.as_millis()
+                );
             } else {
                 warn!(
                     "worker[{}] pid {pid} exited unexpectedly ({how}); respawning",
@@ -235,18 +302,26 @@ impl Master {
         if self.stopping.is_some() {
             return;
         }
+        let now = Instant::now();
         for slot in 0..self.target {
-            if self.current_worker(slot).is_none() && !self.spawn_worker(slot) {
+            if self.current_worker(slot).is_some() {
+                continue;
+            }
+            if self.backoff_of(slot).not_before.is_some_and(|at| now < at) {
+                continue;
+            }
+            if !self.spawn_worker(slot) {
                 break;
             }
         }
+        self.forget_backoff_of_healthy_slots(now);
         let retire: Vec<Pid> = self
             .workers
             .iter()
             .filter(|w| !w.retiring)
             .filter(|w| {
                 w.slot >= self.target
-                    || (w.generation < self.generation
+                    || ((w.generation < self.generation || w.replace)
                         && self.current_worker(w.slot).is_some_and(|c| c.accepting))
             })
             .map(|w| w.pid)
@@ -264,9 +339,9 @@ impl Master {
 
     /// The worker of the current generation serving `slot`, if any.
     fn current_worker(&self, slot: usize) -> Option<&WorkerProcess> {
-        self.workers
-            .iter()
-            .find(|w| w.slot == slot && w.generation == self.generation && !w.retiring)
+        self.workers.iter().find(|w| {
+            w.slot == slot && w.generation == self.generation && !w.retiring && !w.replace
+        })
     }
 
     fn retire(&mut self, pid: Pid) {
@@ -282,24 +357,37 @@ impl Master {
         if self.fork_retry_at.is_some_and(|at| Instant::now() < at) {
             return false;
         }
+        let Some(cell) = (0..CELLS).find(|&c| self.workers.iter().all(|w| w.cell != c)) else {
+            error!("no free scoreboard cell for worker[{slot}]");
+            return false;
+        };
+        self.scoreboard.cell(cell).claim(0, self.generation);
+        let max_requests = self.next_max_requests();
         let forked = control::channel().and_then(|(master_end, worker_end)| {
             Ok(match process::fork()? {
                 Forked::Parent(pid) => (pid, master_end),
                 Forked::Child(blocked) => {
                     drop(master_end);
-                    self.become_worker(slot, worker_end, blocked)
+                    self.become_worker(slot, cell, max_requests, worker_end, blocked)
                 }
             })
         });
         match forked {
             Ok((pid, channel)) => {
                 info!("spawned worker[{slot}] pid {pid}");
+                self.scoreboard
+                    .cell(cell)
+                    .pid
+                    .store(pid.as_raw() as u64, std::sync::atomic::Ordering::Relaxed);
                 self.fork_retry_at = None;
                 self.all_accepting_announced = false;
                 self.workers.push(WorkerProcess {
                     pid,
                     slot,
                     generation: self.generation,
+                    cell,
+                    spawned_at: Instant::now(),
+                    replace: false,
                     channel,
                     channel_open: true,
                     accepting: false,
@@ -316,7 +404,14 @@ impl Master {
     }
 
     /// In the child after fork: shed everything of the master's, then serve.
-    fn become_worker(&mut self, slot: usize, channel: control::WorkerEnd, blocked: Blocked) -> ! {
+    fn become_worker(
+        &mut self,
+        slot: usize,
+        cell: usize,
+        max_requests: Option<u64>,
+        channel: control::WorkerEnd,
+        blocked: Blocked,
+    ) -> ! {
         logging::become_worker(slot);
         // Siblings' channels must close here, or a worker would keep the master's
         // end of another worker's channel open and hide the master's death from it.
@@ -324,10 +419,25 @@ impl Master {
         if let Some(signals) = self.signals.take() {
             signals.uninstall();
         }
-        title::set(&format!("raasd worker[{slot}]"));
+        title::set(&format!("raasd worker[{slot}] gen {}", self.generation));
         title::set_comm("raasd-worker");
+        if let Some(identity) = &self.identity {
+            if let Err(e) = identity.assume() {
+                error!("cannot drop privileges: {e}");
+                std::process::exit(1);
+            }
+        }
         let listeners = std::mem::take(&mut self.listeners);
-        let code = worker::run(listeners, channel, self.config.serving(), blocked);
+        let who = Who {
+            slot,
+            generation: self.generation,
+        };
+        let serving = crate::config::Serving {
+            max_requests,
+            ..self.config.serving()
+        };
+        let cell = self.scoreboard.cell(cell);
+        let code = worker::run(who, listeners, channel, serving, cell, blocked);
         std::process::exit(code)
     }
 
@@ -385,7 +495,19 @@ impl Master {
         let now = Instant::now();
         let deadline = match &self.stopping {
             Some(s) if !s.killed => Some(s.deadline),
-            _ => self.fork_retry_at,
+            Some(_) => None,
+            None => {
+                let checks = [
+                    self.fork_retry_at,
+                    self.backoff.iter().filter_map(|b| b.not_before).min(),
+                    (self.config.timeout > 0).then(|| now + self.config.serving().heartbeat),
+                    (self.config.max_worker_memory > 0).then_some(self.next_memory_sample),
+                    (!self.all_accepting_announced
+                        || self.backoff.iter().any(|b| b.delay > Duration::ZERO))
+                    .then(|| now + Duration::from_secs(1)),
+                ];
+                checks.into_iter().flatten().min()
+            }
         };
         let timeout = match deadline {
             Some(at) => {
@@ -425,17 +547,154 @@ impl Master {
                 w.accepting = true;
                 debug!("worker[{}] pid {} accepting", w.slot, w.pid);
             }
+            if received.messages.contains(&Report::ReplaceMe) && !w.replace && !w.retiring {
+                info!(
+                    "worker[{}] pid {} reached --max-requests; replacing it",
+                    w.slot, w.pid
+                );
+                w.replace = true;
+            }
             if received.closed {
                 w.channel_open = false;
             }
         }
     }
 
-    fn show_title(&self) {
-        title::set(&format!(
-            "raasd master -w {} {}",
+    /// `raasd master gen 2 -w 3 127.0.0.1:2200: 3/3 workers`, rewritten only when it changes.
+    fn show_title(&mut self) {
+        let accepting = (0..self.target)
+            .filter(|&slot| self.current_worker(slot).is_some_and(|w| w.accepting))
+            .count();
+        let state = if self.stopping.is_some() {
+            " (stopping)"
+        } else {
+            ""
+        };
+        let text = format!(
+            "raasd master gen {} -w {} {}: {accepting}/{} workers{state}",
+            self.generation,
             self.target,
-            self.addresses.join(" ")
-        ));
+            self.addresses.join(" "),
+            self.target
+        );
+        if text != self.title {
+            title::set(&text);
+            self.title = text;
+        }
     }
+
+    fn backoff_of(&mut self, slot: usize) -> &mut Backoff {
+        if self.backoff.len() <= slot {
+            self.backoff.resize(slot + 1, Backoff::default());
+        }
+        &mut self.backoff[slot]
+    }
+
+    fn forget_backoff_of_healthy_slots(&mut self, now: Instant) {
+        for slot in 0..self.backoff.len() {
+            if self.backoff[slot].delay == Duration::ZERO {
+                continue;
+            }
+            let healthy = self
+                .current_worker(slot)
+                .is_some_and(|w| now.duration_since(w.spawned_at) >= BACKOFF_RESET);
+            if healthy {
+                info!(
+                    "worker[{slot}] has lived {}s: its respawn delay is reset",
+                    BACKOFF_RESET.as_secs()
+                );
+                self.backoff[slot] = Backoff::default();
+            }
+        }
+    }
+
+    /// Kills workers whose heartbeat is older than --timeout: stuck in a loop,
+    /// stopped, wedged. Reaping then respawns them.
+    fn murder_lazy_workers(&mut self) {
+        let now_ms = scoreboard::monotonic_ms();
+        let since_last_pass = now_ms.saturating_sub(self.last_pass_ms);
+        self.last_pass_ms = now_ms;
+        let timeout_ms = self.config.timeout * 1000;
+        if timeout_ms == 0 {
+            return;
+        }
+        if since_last_pass > timeout_ms {
+            // The master itself did not run for a while (stopped, or the machine was
+            // suspended): workers had no chance to be seen beating. Skip one check.
+            info!("the master was held up {since_last_pass} ms; skipping one heartbeat check");
+            return;
+        }
+        for w in &self.workers {
+            let age = self.scoreboard.cell(w.cell).heartbeat_age_ms(now_ms);
+            if age > timeout_ms {
+                warn!(
+                    "worker[{}] pid {} missed its heartbeat: last beat {age} ms ago (timeout {}s); killing it",
+                    w.slot, w.pid, self.config.timeout
+                );
+                let _ = kill(w.pid, Signal::SIGKILL);
+            }
+        }
+    }
+
+    /// --max-worker-memory: a worker over the limit is replaced gracefully.
+    fn replace_bloated_workers(&mut self) {
+        let limit = self.config.max_worker_memory * 1024 * 1024;
+        let now = Instant::now();
+        if limit == 0 || self.stopping.is_some() || now < self.next_memory_sample {
+            return;
+        }
+        self.next_memory_sample = now + MEMORY_SAMPLE;
+        let pid_of = |w: &WorkerProcess| sysinfo::Pid::from_u32(w.pid.as_raw() as u32);
+        let pids: Vec<sysinfo::Pid> = self.workers.iter().map(pid_of).collect();
+        self.system.refresh_processes_specifics(
+            sysinfo::ProcessesToUpdate::Some(&pids),
+            true,
+            sysinfo::ProcessRefreshKind::nothing().with_memory(),
+        );
+        for w in &mut self.workers {
+            if w.replace || w.retiring {
+                continue;
+            }
+            let Some(process) = self.system.process(pid_of(w)) else {
+                continue;
+            };
+            if process.memory() > limit {
+                info!(
+                    "worker[{}] pid {} uses {} MiB (limit {} MiB); replacing it",
+                    w.slot,
+                    w.pid,
+                    process.memory() / (1024 * 1024),
+                    self.config.max_worker_memory
+                );
+                w.replace = true;
+            }
+        }
+    }
+
+    /// This worker's --max-requests, with gunicorn's jitter: N + random(0..=J).
+    fn next_max_requests(&mut self) -> Option<u64> {
+        let base = self.config.max_requests;
+        if base == 0 {
+            return None;
+        }
+        // xorshift64: plenty for spreading restarts, and no dependency.
+        self.random ^= self.random << 13;
+        self.random ^= self.random >> 7;
+        self.random ^= self.random << 17;
+        let jitter = self.config.max_requests_jitter;
+        Some(
+            base + if jitter == 0 {
+                0
+            } else {
+                self.random % (jitter + 1)
+            },
+        )
+    }
+}
+
+fn seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    (nanos ^ u64::from(std::process::id()).rotate_left(32)) | 1
 }

@@ -21,20 +21,22 @@ use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
 use crate::config::Serving;
-use crate::connection::{Connection, Turn};
+use crate::connection::{Connection, Traffic, Turn};
 use crate::control::{Command, Report, WorkerEnd};
 use crate::listeners::Listener;
 use crate::process::Blocked;
+use crate::scoreboard::{Cell, Counters, monotonic_ms};
 use crate::signals::SignalSet;
+use crate::title;
 
 const CONTROL: u64 = u64::MAX;
 const SIGNALS: u64 = u64::MAX - 1;
 /// Listener i has token LISTENERS - i; connection k has token k.
 const LISTENERS: u64 = u64::MAX - 2;
-/// How often idle connections are looked for.
-const TICK: Duration = Duration::from_secs(1);
 /// How long accepting pauses when the process is out of file descriptors.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// How long a worker whose master died may take to finish.
+const ORPHAN_DRAIN: Duration = Duration::from_millis(800);
 const SCRATCH: usize = 64 * 1024;
 const EVENTS: usize = 256;
 
@@ -48,12 +50,14 @@ pub const SIGNALS_HANDLED: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGQUIT, lib
 /// Signals are blocked on entry (see [`crate::process`]); they are released once this
 /// worker's own handlers are installed, so none is lost or taken by the master's.
 pub fn run(
+    who: Who,
     listeners: Vec<Listener>,
     control: WorkerEnd,
     serving: Serving,
+    cell: &Cell,
     blocked: Blocked,
 ) -> i32 {
-    match Worker::new(listeners, control, serving, blocked).and_then(Worker::serve) {
+    match Worker::new(who, listeners, control, serving, cell, blocked).and_then(Worker::serve) {
         Ok(()) => 0,
         Err(e) => {
             log::error!("worker failed: {e}");
@@ -62,7 +66,20 @@ pub fn run(
     }
 }
 
-struct Worker {
+/// Which worker this is, for its title.
+#[derive(Debug, Clone, Copy)]
+pub struct Who {
+    pub slot: usize,
+    pub generation: u64,
+}
+
+struct Worker<'a> {
+    who: Who,
+    cell: &'a Cell,
+    /// Totals over every connection this worker has served.
+    traffic: Traffic,
+    accepted: u64,
+    replacement_requested: bool,
     epoll: Epoll,
     listeners: Vec<Listener>,
     control: Option<WorkerEnd>,
@@ -79,17 +96,22 @@ struct Worker {
     scratch: Vec<u8>,
     /// Set once stopping: the moment the worker exits even with clients left.
     stop_deadline: Option<Instant>,
+    /// The listeners are in the poll set.
+    accepting: bool,
     accept_paused_until: Option<Instant>,
     last_fd_warning: Option<Instant>,
+    title_shown: Option<Instant>,
 }
 
-impl Worker {
+impl<'a> Worker<'a> {
     fn new(
+        who: Who,
         listeners: Vec<Listener>,
         control: WorkerEnd,
         serving: Serving,
+        cell: &'a Cell,
         blocked: Blocked,
-    ) -> io::Result<Worker> {
+    ) -> io::Result<Worker<'a>> {
         // If the master dies without closing our channel (it cannot, but a kernel
         // backstop costs nothing), TERM makes this worker stop gracefully.
         let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM);
@@ -101,7 +123,12 @@ impl Worker {
             EpollEvent::new(EpollFlags::EPOLLIN, CONTROL),
         )?;
         epoll.add(signals.fd(), EpollEvent::new(EpollFlags::EPOLLIN, SIGNALS))?;
-        let worker = Worker {
+        let mut worker = Worker {
+            who,
+            cell,
+            traffic: Traffic::default(),
+            accepted: 0,
+            replacement_requested: false,
             epoll,
             listeners,
             control: Some(control),
@@ -114,10 +141,12 @@ impl Worker {
             serving,
             scratch: vec![0; SCRATCH],
             stop_deadline: None,
+            accepting: false,
             accept_paused_until: None,
             last_fd_warning: None,
+            title_shown: None,
         };
-        worker.watch_listeners()?;
+        worker.update_accepting(Instant::now())?;
         Ok(worker)
     }
 
@@ -127,7 +156,8 @@ impl Worker {
         }
         info!("accepting connections");
         let mut events = vec![EpollEvent::empty(); EVENTS];
-        let mut next_tick = Instant::now() + TICK;
+        let mut next_tick = Instant::now() + self.serving.heartbeat;
+        self.show_progress();
         loop {
             let timeout = if self.again.is_empty() {
                 next_tick.saturating_duration_since(Instant::now())
@@ -147,8 +177,10 @@ impl Worker {
                 self.serve_connection(index, now);
             }
             if now >= next_tick {
+                self.cell.beat(monotonic_ms());
                 self.enforce_time_limits(now)?;
-                next_tick = now + TICK;
+                self.show_progress();
+                next_tick = now + self.serving.heartbeat;
             }
             self.free.append(&mut self.released);
             if let Some(deadline) = self.stop_deadline {
@@ -171,10 +203,10 @@ impl Worker {
                     if signal == libc::SIGINT {
                         quick_exit();
                     }
-                    self.stop(now, crate::signals::name(signal));
+                    self.stop(now, crate::signals::name(signal))?;
                 }
             }
-            CONTROL => self.obey_master(now),
+            CONTROL => self.obey_master(now)?,
             token if token > LISTENERS - self.listeners.len() as u64 => {
                 self.accept_from((LISTENERS - token) as usize, now)?;
             }
@@ -197,15 +229,15 @@ impl Worker {
         Ok(())
     }
 
-    fn obey_master(&mut self, now: Instant) {
+    fn obey_master(&mut self, now: Instant) -> io::Result<()> {
         let Some(control) = &self.control else {
-            return;
+            return Ok(());
         };
         let received = control.receive();
         for command in received.messages {
             match command {
                 Command::QuickStop => quick_exit(),
-                Command::GracefulStop => self.stop(now, "the master's request"),
+                Command::GracefulStop => self.stop(now, "the master's request")?,
             }
         }
         if received.closed {
@@ -214,31 +246,40 @@ impl Worker {
                 let _ = self.epoll.delete(control.as_fd());
             }
             warn!("the master is gone");
-            self.stop(now, "the master's death");
-        }
-    }
-
-    fn watch_listeners(&self) -> io::Result<()> {
-        for (i, listener) in self.listeners.iter().enumerate() {
-            let event = EpollEvent::new(
-                EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE,
-                LISTENERS - i as u64,
-            );
-            self.epoll.add(listener.as_fd(), event)?;
+            self.stop(now, "the master's death")?;
+            // Orphans must not hold the port for long: answer what was read, then go.
+            self.stop_deadline = self.stop_deadline.map(|d| d.min(now + ORPHAN_DRAIN));
         }
         Ok(())
     }
 
-    fn unwatch_listeners(&self) {
-        for listener in &self.listeners {
-            let _ = self.epoll.delete(listener.as_fd());
+    /// Puts the listeners in the poll set or takes them out, as accepting now calls
+    /// for: not while stopping, not while out of descriptors (a listener that stays
+    /// readable would spin the loop), not at --max-conns (so siblings accept instead).
+    fn update_accepting(&mut self, now: Instant) -> io::Result<()> {
+        if self.accept_paused_until.is_some_and(|until| now >= until) {
+            self.accept_paused_until = None;
         }
+        let wanted = self.stop_deadline.is_none()
+            && self.accept_paused_until.is_none()
+            && self.open < self.serving.max_conns;
+        if wanted != self.accepting {
+            self.accepting = wanted;
+            for (which, listener) in self.listeners.iter().enumerate() {
+                if wanted {
+                    self.epoll.add(listener.as_fd(), listener_interest(which))?;
+                } else {
+                    let _ = self.epoll.delete(listener.as_fd());
+                }
+            }
+        }
+        Ok(())
     }
 
-    /// Accepts until the queue is empty.
+    /// Accepts until the queue is empty or this worker is full.
     fn accept_from(&mut self, which: usize, now: Instant) -> io::Result<()> {
         let mut accepted = 0;
-        loop {
+        while self.open < self.serving.max_conns {
             match self.listeners[which].accept() {
                 Ok(stream) => {
                     self.add_connection(Connection::new(stream, &self.serving, now))?;
@@ -257,7 +298,7 @@ impl Worker {
                     ) =>
                 {
                     self.pause_accepting(now, &e);
-                    return Ok(());
+                    break;
                 }
                 Err(e) => {
                     warn!("accept failed: {e}");
@@ -265,21 +306,17 @@ impl Worker {
                 }
             }
         }
-        if accepted > 0 && self.stop_deadline.is_none() {
+        self.accepted += accepted;
+        self.update_accepting(now)?;
+        if accepted > 0 && self.accepting {
             // To the back of the wait queue: the next connection wakes a sibling.
             let listener = &self.listeners[which];
             self.epoll.delete(listener.as_fd())?;
-            let event = EpollEvent::new(
-                EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE,
-                LISTENERS - which as u64,
-            );
-            self.epoll.add(listener.as_fd(), event)?;
+            self.epoll.add(listener.as_fd(), listener_interest(which))?;
         }
         Ok(())
     }
 
-    /// Out of descriptors: a listener that stays readable would spin this loop, so
-    /// take the listeners out of the poll set for a moment.
     fn pause_accepting(&mut self, now: Instant, error: &io::Error) {
         if self
             .last_fd_warning
@@ -287,9 +324,6 @@ impl Worker {
         {
             warn!("cannot accept: {error}; pausing accepts for {ACCEPT_PAUSE:?}");
             self.last_fd_warning = Some(now);
-        }
-        if self.accept_paused_until.is_none() {
-            self.unwatch_listeners();
         }
         self.accept_paused_until = Some(now + ACCEPT_PAUSE);
     }
@@ -329,11 +363,59 @@ impl Worker {
         let Some(connection) = self.connections[index].as_mut() else {
             return;
         };
-        match connection.serve(&mut self.scratch, now) {
+        let before = connection.traffic();
+        let turn = connection.serve(&mut self.scratch, now);
+        let traffic = connection.traffic() - before;
+        self.count(traffic);
+        match turn {
             Turn::Wait => {}
             Turn::Again => self.again.push(index),
             Turn::Close => self.close(index),
         }
+    }
+
+    fn count(&mut self, traffic: Traffic) {
+        self.traffic.served += traffic.served;
+        self.traffic.bytes_in += traffic.bytes_in;
+        self.traffic.bytes_out += traffic.bytes_out;
+        let limit_reached = self
+            .serving
+            .max_requests
+            .is_some_and(|max| self.traffic.served >= max);
+        if limit_reached && !self.replacement_requested {
+            self.replacement_requested = true;
+            info!(
+                "served {} requests; asking to be replaced",
+                self.traffic.served
+            );
+            if let Some(control) = &self.control {
+                let _ = control.send(Report::ReplaceMe);
+            }
+        }
+    }
+
+    /// Publishes the counters for the master and shows them in the title: memory
+    /// writes only, no system call.
+    fn show_progress(&mut self) {
+        self.cell.publish(&Counters {
+            connections: self.open as u64,
+            accepted: self.accepted,
+            served: self.traffic.served,
+            bytes_in: self.traffic.bytes_in,
+            bytes_out: self.traffic.bytes_out,
+        });
+        let now = Instant::now();
+        if self
+            .title_shown
+            .is_some_and(|at| now.duration_since(at) < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.title_shown = Some(now);
+        title::set(&format!(
+            "raasd worker[{}] gen {}: {} conns, {} served",
+            self.who.slot, self.who.generation, self.open, self.traffic.served
+        ));
     }
 
     fn close(&mut self, index: usize) {
@@ -341,19 +423,19 @@ impl Worker {
         if self.connections[index].take().is_some() {
             self.open -= 1;
             self.released.push(index);
+            if !self.accepting && self.open + 1 == self.serving.max_conns {
+                let _ = self.update_accepting(Instant::now());
+            }
         }
     }
 
     fn enforce_time_limits(&mut self, now: Instant) -> io::Result<()> {
-        if self.accept_paused_until.is_some_and(|until| now >= until) {
-            self.accept_paused_until = None;
-            self.watch_listeners()?;
-        }
+        self.update_accepting(now)?;
         for index in 0..self.connections.len() {
             let Some(connection) = self.connections[index].as_mut() else {
                 continue;
             };
-            match connection.is_overdue(now, self.serving.idle_timeout) {
+            match connection.is_overdue(now) {
                 Some(Turn::Close) => self.close(index),
                 Some(_) => self.serve_connection(index, now),
                 None => {}
@@ -364,9 +446,9 @@ impl Worker {
 
     /// Graceful stop: take what waits in the accept queue, close the listeners, then
     /// answer every client what it has sent and close it.
-    fn stop(&mut self, now: Instant, why: &str) {
+    fn stop(&mut self, now: Instant, why: &str) -> io::Result<()> {
         if self.stop_deadline.is_some() {
-            return;
+            return Ok(());
         }
         info!("stopping gracefully on {why}");
         self.stop_deadline = Some(now + self.serving.graceful_timeout);
@@ -375,7 +457,7 @@ impl Worker {
                 warn!("draining the accept queue: {e}");
             }
         }
-        self.unwatch_listeners();
+        self.update_accepting(now)?;
         self.listeners.clear();
         for index in 0..self.connections.len() {
             if let Some(connection) = self.connections[index].as_mut() {
@@ -383,7 +465,15 @@ impl Worker {
                 self.serve_connection(index, now);
             }
         }
+        Ok(())
     }
+}
+
+fn listener_interest(which: usize) -> EpollEvent {
+    EpollEvent::new(
+        EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE,
+        LISTENERS - which as u64,
+    )
 }
 
 fn epoll_timeout(timeout: Duration) -> EpollTimeout {
