@@ -1,10 +1,14 @@
-//! The command line and the settings it yields.
+//! The command line, the config file, and the settings they yield.
 //!
-//! Owns parsing and validation of every option, so that a bad value is a clap usage
-//! error (exit status 2) before anything is bound or forked. It does not bind, resolve
-//! at run time or touch processes: the types here are plain data the master and the
-//! workers read.
+//! Owns parsing and validation of every option, so that a bad value is an error
+//! (exit status 2) before anything is bound or forked. The config file (TOML) has one
+//! key per long option, of the same name; the command line overrides the file. Both
+//! go through the very same clap parsers: each file key is checked on its own (so
+//! every bad key is reported, not only the first), then file and command line are
+//! parsed together. Reloading (HUP) calls [`load`] again with the original arguments.
+//! This module does not bind, resolve at run time or touch processes.
 
+use std::ffi::OsString;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::num::NonZeroUsize;
@@ -12,8 +16,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use clap::Parser;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use log::LevelFilter;
 
 use crate::codec::Unit;
@@ -25,6 +30,18 @@ use crate::codec::Unit;
 #[derive(Parser, Debug, Clone)]
 #[command(name = "raasd", version, max_term_width = 100)]
 pub struct Config {
+    /// Config file (TOML, one key per long option; the command line wins).
+    #[arg(short = 'c', long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Check the configuration, print it in full and exit: 0 when valid, 2 otherwise.
+    #[arg(long)]
+    pub check_config: bool,
+
+    /// Append logs to this file instead of stderr; reopened on SIGUSR1.
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+
     /// Worker processes: a number, or "auto" for one per CPU.
     #[arg(short = 'w', long, value_name = "N|auto", default_value = "auto")]
     pub workers: WorkerCount,
@@ -134,6 +151,162 @@ impl Config {
             max_requests: None,
             heartbeat: heartbeat_interval(self.timeout),
         }
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug)]
+pub enum LoadError {
+    /// The command line itself is wrong (or asked for --help): clap reports it.
+    CommandLine(clap::Error),
+    /// The config file is unreadable or has bad keys: one message per problem.
+    File(Vec<String>),
+}
+
+/// Options that make sense on the command line only.
+const COMMAND_LINE_ONLY: [&str; 4] = ["config", "check-config", "help", "version"];
+
+/// Parses `args` (argv, program name first), then the config file it names.
+pub fn load(args: &[OsString]) -> Result<Config, LoadError> {
+    let matches = Config::command()
+        .try_get_matches_from(args)
+        .map_err(LoadError::CommandLine)?;
+    let on_command_line = Config::from_arg_matches(&matches).map_err(LoadError::CommandLine)?;
+    let Some(path) = &on_command_line.config else {
+        return Ok(on_command_line);
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        LoadError::File(vec![format!(
+            "cannot read config file {}: {}",
+            path.display(),
+            crate::listeners::plain(&e)
+        )])
+    })?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        LoadError::File(vec![format!("{}: {}", path.display(), e.message())])
+    })?;
+
+    let mut errors = Vec::new();
+    let mut merged: Vec<OsString> = vec![args.first().cloned().unwrap_or_else(|| "raasd".into())];
+    for (key, value) in &table {
+        let Some(id) = file_key_id(key) else {
+            errors.push(format!("{}: unknown key '{key}'", path.display()));
+            continue;
+        };
+        let values = match option_values(key, value) {
+            Ok(values) => values,
+            Err(why) => {
+                errors.push(format!("{}: key '{key}': {why}", path.display()));
+                continue;
+            }
+        };
+        let as_args: Vec<OsString> = values
+            .iter()
+            .flat_map(|v| [format!("--{key}").into(), v.into()])
+            .collect();
+        let alone = std::iter::once(OsString::from("raasd")).chain(as_args.iter().cloned());
+        if let Err(e) = Config::try_parse_from(alone) {
+            errors.push(format!(
+                "{}: key '{key}': {}",
+                path.display(),
+                clap_reason(&e)
+            ));
+            continue;
+        }
+        if matches.value_source(&id) != Some(ValueSource::CommandLine) {
+            merged.extend(as_args);
+        }
+    }
+    if !errors.is_empty() {
+        return Err(LoadError::File(errors));
+    }
+    merged.extend(args.iter().skip(1).cloned());
+    Config::try_parse_from(merged).map_err(LoadError::CommandLine)
+}
+
+/// The clap argument id of a config file key, when the key names an option.
+fn file_key_id(key: &str) -> Option<String> {
+    if COMMAND_LINE_ONLY.contains(&key) {
+        return None;
+    }
+    Config::command()
+        .get_arguments()
+        .find(|arg| arg.get_long() == Some(key))
+        .map(|arg| arg.get_id().to_string())
+}
+
+/// A TOML value as the option value(s) it stands for.
+fn option_values(key: &str, value: &toml::Value) -> Result<Vec<String>, String> {
+    match value {
+        toml::Value::String(s) => Ok(vec![s.clone()]),
+        // `socket-mode = 0o660` arrives as the number 432.
+        toml::Value::Integer(i) if key == "socket-mode" => Ok(vec![format!("{i:o}")]),
+        toml::Value::Integer(i) => Ok(vec![i.to_string()]),
+        toml::Value::Array(items) if key == "listen" => items
+            .iter()
+            .map(|item| match item {
+                toml::Value::String(s) => Ok(s.clone()),
+                other => Err(format!(
+                    "expected addresses as strings, found {}",
+                    other.type_str()
+                )),
+            })
+            .collect(),
+        other => Err(format!(
+            "expected a string or a number, found {}",
+            other.type_str()
+        )),
+    }
+}
+
+/// The reason in a clap error, without its "error: " and usage lines.
+fn clap_reason(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default();
+    first.strip_prefix("error: ").unwrap_or(first).to_string()
+}
+
+impl Config {
+    /// The configuration in full, as a config file: what --check-config prints.
+    pub fn to_toml(&self) -> String {
+        let quoted = |s: &str| format!("{s:?}");
+        let optional = |key: &str, value: Option<String>| match value {
+            Some(v) => format!("{key} = {}\n", quoted(&v)),
+            None => format!("# {key} = (not set)\n"),
+        };
+        let workers = match self.workers {
+            WorkerCount::Auto => "\"auto\"".to_string(),
+            WorkerCount::Fixed(n) => n.to_string(),
+        };
+        let listen: Vec<String> = self.listen.iter().map(|a| quoted(&a.to_string())).collect();
+        let mut out = String::new();
+        out += &format!("workers = {workers}\n");
+        out += &format!("listen = [{}]\n", listen.join(", "));
+        out += &format!("backlog = {}\n", self.backlog);
+        out += &format!("graceful-timeout = {}\n", self.graceful_timeout);
+        out += &format!("max-line = {}\n", self.max_line);
+        out += &format!("idle-timeout = {}\n", self.idle_timeout);
+        out += &format!("unit = {}\n", quoted(self.unit.name()));
+        out += &format!("timeout = {}\n", self.timeout);
+        out += &format!("line-timeout = {}\n", self.line_timeout);
+        out += &format!("max-pending = {}\n", self.max_pending);
+        out += &format!("max-conns = {}\n", self.max_conns);
+        out += &format!("max-requests = {}\n", self.max_requests);
+        out += &format!("max-requests-jitter = {}\n", self.max_requests_jitter);
+        out += &format!("max-worker-memory = {}\n", self.max_worker_memory);
+        out += &optional("user", self.user.clone());
+        out += &optional("group", self.group.clone());
+        out += &format!("socket-mode = \"{:04o}\"\n", self.socket_mode);
+        out += &optional("pid", self.pid.as_ref().map(|p| p.display().to_string()));
+        out += &optional(
+            "log-file",
+            self.log_file.as_ref().map(|p| p.display().to_string()),
+        );
+        out += &optional(
+            "log-level",
+            self.log_level.map(|l| l.to_string().to_lowercase()),
+        );
+        out
     }
 }
 

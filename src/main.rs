@@ -1,11 +1,24 @@
-//! The `raasd` binary: parse the command line, then run the master.
+//! The `raasd` binary: load the configuration, then run the master.
 
-use clap::Parser;
+use raasd::config::{self, LoadError};
 
 fn main() {
-    // Parse first: once the process title overwrites the argv area, the original
-    // arguments are gone, and a binary upgrade needs them.
+    // Collected first: once the process title overwrites the argv area, the original
+    // arguments are gone, and reloads and binary upgrades need them.
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let config = raasd::config::Config::parse_from(&args);
+    let config = match config::load(&args) {
+        Ok(config) => config,
+        Err(LoadError::CommandLine(e)) => e.exit(),
+        Err(LoadError::File(errors)) => {
+            for error in errors {
+                eprintln!("raasd: {error}");
+            }
+            std::process::exit(2);
+        }
+    };
+    if config.check_config {
+        print!("{}", config.to_toml());
+        std::process::exit(0);
+    }
     std::process::exit(raasd::master::run(config, args));
 }

@@ -421,11 +421,9 @@ impl Master {
         }
         title::set(&format!("raasd worker[{slot}] gen {}", self.generation));
         title::set_comm("raasd-worker");
-        if let Some(identity) = &self.identity {
-            if let Err(e) = identity.assume() {
-                error!("cannot drop privileges: {e}");
-                std::process::exit(1);
-            }
+        if let Some(Err(e)) = self.identity.map(|identity| identity.assume()) {
+            error!("cannot drop privileges: {e}");
+            std::process::exit(1);
         }
         let listeners = std::mem::take(&mut self.listeners);
         let who = Who {
