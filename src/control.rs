@@ -8,6 +8,7 @@
 //! |---|---|---|
 //! | master → worker | `g` | graceful stop: drain the accept queue, answer, close, exit 0 |
 //! | master → worker | `q` | quick stop: exit at once |
+//! | master → worker | `o` | reopen the log file (USR1) |
 //! | worker → master | `r` | ready: the listeners are in the worker's poll set |
 //! | worker → master | `m` | replace me: this worker reached --max-requests |
 //!
@@ -23,6 +24,7 @@ use std::os::unix::net::UnixStream;
 pub enum Command {
     GracefulStop,
     QuickStop,
+    ReopenLogs,
 }
 
 /// What a worker tells the master.
@@ -63,6 +65,7 @@ impl MasterEnd {
         let byte = match command {
             Command::GracefulStop => b'g',
             Command::QuickStop => b'q',
+            Command::ReopenLogs => b'o',
         };
         (&self.0).write_all(&[byte])
     }
@@ -89,6 +92,7 @@ impl WorkerEnd {
         receive(&self.0, |byte| match byte {
             b'g' => Some(Command::GracefulStop),
             b'q' => Some(Command::QuickStop),
+            b'o' => Some(Command::ReopenLogs),
             _ => None,
         })
     }

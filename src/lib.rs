@@ -18,6 +18,7 @@
 //! | [`logging`] | log lines that say who speaks and with which pid |
 //! | [`pidfile`] | the pid file |
 //! | [`scoreboard`] | the shared memory where workers publish heartbeat and counters |
+//! | [`upgrade`] | the binary upgrade hand-over: successor, readiness pipe, inherited sockets |
 //! | [`privileges`] | resolving `--user`/`--group` and dropping to them in workers |
 
 pub mod codec;
@@ -33,4 +34,5 @@ pub mod process;
 pub mod scoreboard;
 pub mod signals;
 pub mod title;
+pub mod upgrade;
 pub mod worker;

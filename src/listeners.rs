@@ -5,11 +5,19 @@
 //! A `Listener` is inherited by every worker across fork; it never unlinks a unix
 //! socket path on drop, because workers drop their copies while the master still
 //! serves: only the master removes socket files, once, at exit.
+//!
+//! Listeners can also arrive already bound, by descriptor: from the previous master
+//! during a binary upgrade (`RAASD_LISTEN_FDS`, `fd=address` pairs separated by `;`,
+//! the address as configured) or from systemd socket activation (`LISTEN_PID`,
+//! `LISTEN_FDS`, `LISTEN_FDNAMES`). Adopting one never binds, so no connection is
+//! refused while the socket changes hands.
 
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+
+use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -56,15 +64,47 @@ pub fn plain(err: &io::Error) -> String {
     }
 }
 
-/// Binds every address, or reports the first that fails; sockets bound before the
-/// failure are closed (and their unix paths removed) as the partial list drops.
-pub fn bind_all(addrs: &[ListenAddr], backlog: u32) -> Result<Vec<Listener>, BindError> {
-    let mut bound = Vec::with_capacity(addrs.len());
+/// A listener and the address it was configured as (which, for port 0, differs
+/// from the address bound). Reloads match addresses by the configured form.
+#[derive(Debug)]
+pub struct Configured {
+    pub addr: ListenAddr,
+    pub listener: Listener,
+}
+
+/// The environment variable naming the listen sockets a new master inherits.
+pub const INHERITED_FDS: &str = "RAASD_LISTEN_FDS";
+
+/// Opens a listener for every address: the one in `inherited` with that address when
+/// there is one, else a new bind. On failure, sockets bound here are closed and
+/// their unix paths removed; inherited ones go back to `inherited`.
+pub fn open_all(
+    addrs: &[ListenAddr],
+    backlog: u32,
+    inherited: &mut Vec<Configured>,
+) -> Result<Vec<Configured>, BindError> {
+    let mut opened: Vec<(Configured, bool)> = Vec::with_capacity(addrs.len());
     for addr in addrs {
+        if let Some(at) = inherited.iter().position(|c| &c.addr == addr) {
+            opened.push((inherited.swap_remove(at), false));
+            continue;
+        }
         match bind(addr, backlog) {
-            Ok(listener) => bound.push(listener),
+            Ok(listener) => opened.push((
+                Configured {
+                    addr: addr.clone(),
+                    listener,
+                },
+                true,
+            )),
             Err(cause) => {
-                remove_socket_files(&bound);
+                for (configured, bound_here) in opened {
+                    if bound_here {
+                        remove_socket_files([&configured.listener]);
+                    } else {
+                        inherited.push(configured);
+                    }
+                }
                 return Err(BindError {
                     addr: addr.clone(),
                     cause: plain(&cause),
@@ -72,7 +112,102 @@ pub fn bind_all(addrs: &[ListenAddr], backlog: u32) -> Result<Vec<Listener>, Bin
             }
         }
     }
-    Ok(bound)
+    Ok(opened
+        .into_iter()
+        .map(|(configured, _)| configured)
+        .collect())
+}
+
+/// Binds every address, or reports the first that fails.
+pub fn bind_all(addrs: &[ListenAddr], backlog: u32) -> Result<Vec<Listener>, BindError> {
+    let opened = open_all(addrs, backlog, &mut Vec::new())?;
+    Ok(opened.into_iter().map(|c| c.listener).collect())
+}
+
+/// Where inherited listeners came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inheritance {
+    /// None were passed: bind everything.
+    Nothing,
+    /// A previous raasd master handed them over for an upgrade.
+    Upgrade,
+    /// systemd socket activation: serve exactly these.
+    Systemd,
+}
+
+/// Adopts the listen sockets passed to this process, if any.
+pub fn inherited() -> Result<(Inheritance, Vec<Configured>), String> {
+    if let Ok(spec) = std::env::var(INHERITED_FDS) {
+        let mut adopted = Vec::new();
+        for pair in spec.split(';').filter(|p| !p.is_empty()) {
+            let (fd, addr) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("{INHERITED_FDS}: '{pair}' is not fd=address"))?;
+            let fd: RawFd = fd
+                .parse()
+                .map_err(|_| format!("{INHERITED_FDS}: bad descriptor '{fd}'"))?;
+            let addr: ListenAddr = addr.parse().map_err(|e| format!("{INHERITED_FDS}: {e}"))?;
+            let listener = adopt(fd, &addr)
+                .map_err(|e| format!("cannot adopt inherited {addr} (fd {fd}): {}", plain(&e)))?;
+            adopted.push(Configured { addr, listener });
+        }
+        return Ok((Inheritance::Upgrade, adopted));
+    }
+    let fds = sd_notify::listen_fds().map_err(|e| format!("socket activation: {e}"))?;
+    if fds.len() == 0 {
+        return Ok((Inheritance::Nothing, Vec::new()));
+    }
+    let mut adopted = Vec::new();
+    for fd in fds {
+        let listener = adopt(fd, &ListenAddr::Tcp(([0, 0, 0, 0], 0).into()))
+            .map_err(|e| format!("socket activation: cannot adopt fd {fd}: {}", plain(&e)))?;
+        let addr = match &listener {
+            Listener::Unix(_, path) => ListenAddr::Unix(path.clone()),
+            Listener::Tcp(l) => ListenAddr::Tcp(l.local_addr().map_err(|e| e.to_string())?),
+        };
+        adopted.push(Configured { addr, listener });
+    }
+    Ok((Inheritance::Systemd, adopted))
+}
+
+/// Takes ownership of a listening stream socket passed by descriptor number.
+fn adopt(fd: RawFd, addr: &ListenAddr) -> io::Result<Listener> {
+    let owned = crate::process::take_inherited_fd(fd)?;
+    if !nix::sys::socket::getsockopt(&owned, nix::sys::socket::sockopt::AcceptConn)? {
+        return Err(io::Error::other("not a listening socket"));
+    }
+    let socket = Socket::from(owned);
+    socket.set_nonblocking(true)?;
+    let local = socket.local_addr()?;
+    if local.is_unix() {
+        let path = match (local.as_pathname(), addr) {
+            (Some(path), _) => path.to_path_buf(),
+            (None, ListenAddr::Unix(path)) => path.clone(),
+            (None, _) => PathBuf::new(),
+        };
+        Ok(Listener::Unix(
+            UnixListener::from(OwnedFd::from(socket)),
+            path,
+        ))
+    } else {
+        Ok(Listener::Tcp(socket.into()))
+    }
+}
+
+/// Lets the listeners survive exec (for a binary upgrade), or makes them
+/// close-on-exec again; returns the `RAASD_LISTEN_FDS` value naming them.
+pub fn set_inheritable(listeners: &[Configured], inheritable: bool) -> io::Result<String> {
+    let flags = if inheritable {
+        FdFlag::empty()
+    } else {
+        FdFlag::FD_CLOEXEC
+    };
+    let mut spec = Vec::with_capacity(listeners.len());
+    for c in listeners {
+        fcntl(c.listener.as_fd(), FcntlArg::F_SETFD(flags))?;
+        spec.push(format!("{}={}", c.listener.as_fd().as_raw_fd(), c.addr));
+    }
+    Ok(spec.join(";"))
 }
 
 fn bind(addr: &ListenAddr, backlog: u32) -> io::Result<Listener> {
@@ -97,7 +232,7 @@ fn bind(addr: &ListenAddr, backlog: u32) -> io::Result<Listener> {
             socket.listen(backlog)?;
             socket.set_nonblocking(true)?;
             Ok(Listener::Unix(
-                UnixListener::from(std::os::fd::OwnedFd::from(socket)),
+                UnixListener::from(OwnedFd::from(socket)),
                 path.clone(),
             ))
         }
@@ -124,8 +259,8 @@ fn remove_stale_socket(path: &Path) -> io::Result<()> {
 
 /// Gives unix sockets their mode (--socket-mode) and, when workers run as another
 /// user, that user as owner, so the clients meant to connect can.
-pub fn set_socket_access(
-    listeners: &[Listener],
+pub fn set_socket_access<'a>(
+    listeners: impl IntoIterator<Item = &'a Listener>,
     mode: u32,
     owner: Option<Identity>,
 ) -> Result<(), String> {
@@ -146,7 +281,7 @@ pub fn set_socket_access(
 }
 
 /// Removes the socket files of unix listeners. Called by the master at its exit.
-pub fn remove_socket_files(listeners: &[Listener]) {
+pub fn remove_socket_files<'a>(listeners: impl IntoIterator<Item = &'a Listener>) {
     for listener in listeners {
         if let Listener::Unix(_, path) = listener {
             let _ = std::fs::remove_file(path);

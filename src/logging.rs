@@ -1,12 +1,17 @@
 //! Log lines that say who speaks.
 //!
-//! Owns the logger set-up and the line format,
+//! Owns the logger set-up, the line format,
 //! `[2026-11-23T16:27:57.123Z INFO  worker[2] pid=4242] accepting connections`,
-//! written to stderr in one write per line so that the lines of the master and its
-//! workers, which share stderr, never interleave mid-line. A forked worker calls
-//! [`become_worker`] so its lines name its slot.
+//! and the log destination: stderr, or `--log-file` opened in append mode and
+//! reopened on demand (USR1, after logrotate moved it). Every line is one write, so
+//! the lines of the master and its workers, which share the destination, never
+//! interleave mid-line. A forked worker calls [`become_worker`] so its lines name
+//! its slot.
 
-use std::io::Write;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use log::LevelFilter;
@@ -16,16 +21,26 @@ const MASTER: usize = usize::MAX;
 /// The worker slot of this process, or MASTER.
 static SPEAKER: AtomicUsize = AtomicUsize::new(MASTER);
 
-/// Starts logging: `level` when given, else RUST_LOG, else info.
-pub fn init(level: Option<LevelFilter>) {
-    let mut builder = match level {
-        Some(level) => {
-            let mut b = env_logger::Builder::new();
-            b.filter_level(level);
-            b
+/// The log file and its path, when logging to a file.
+static LOG_FILE: Mutex<Option<(PathBuf, File)>> = Mutex::new(None);
+
+/// Starts logging to `file` (or stderr): `level` when given, else RUST_LOG, else info.
+pub fn init(level: Option<LevelFilter>, file: Option<&Path>) -> Result<(), String> {
+    let target = match file {
+        Some(path) => {
+            let opened = open(path)?;
+            *LOG_FILE.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((path.to_path_buf(), opened));
+            env_logger::Target::Pipe(Box::new(FileWriter))
         }
-        None => env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")),
+        None => env_logger::Target::Stderr,
     };
+    let mut builder =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if level.is_some() {
+        // The level is then set by set_level, which a reload may call again.
+        builder.filter_level(LevelFilter::Trace);
+    }
     builder
         .format(|buf, record| {
             writeln!(
@@ -38,8 +53,58 @@ pub fn init(level: Option<LevelFilter>) {
                 record.args()
             )
         })
-        .target(env_logger::Target::Stderr)
-        .init();
+        .target(target)
+        .try_init()
+        .map_err(|e| e.to_string())?;
+    set_level(level);
+    Ok(())
+}
+
+/// Applies `--log-level` (None leaves RUST_LOG's choice as it is).
+pub fn set_level(level: Option<LevelFilter>) {
+    if let Some(level) = level {
+        log::set_max_level(level);
+    }
+}
+
+/// Reopens the log file at its path (USR1): after a rotation, lines go to the new
+/// file. Nothing to do when logging to stderr.
+pub fn reopen() -> Result<(), String> {
+    let mut guard = LOG_FILE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((path, file)) = guard.as_mut() {
+        *file = open(path)?;
+    }
+    Ok(())
+}
+
+fn open(path: &Path) -> Result<File, String> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| {
+            format!(
+                "cannot open log file {}: {}",
+                path.display(),
+                crate::listeners::plain(&e)
+            )
+        })
+}
+
+/// Writes whole records to the current log file.
+struct FileWriter;
+
+impl Write for FileWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match LOG_FILE.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            Some((_, file)) => file.write(buf),
+            None => io::stderr().write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// From now on this process's lines say `worker[slot]`.

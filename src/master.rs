@@ -22,16 +22,20 @@ use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
-use crate::config::Config;
+use crate::config::{self, Config, LoadError, MAX_WORKERS};
 use crate::control::{self, Command, MasterEnd, Report};
-use crate::listeners::{self, Listener};
+use crate::listeners;
+use crate::listeners::{Configured, Inheritance};
 use crate::pidfile::{self, PidFile};
 use crate::privileges::{self, Identity};
 use crate::process::{self, Blocked, Forked};
 use crate::scoreboard::{self, CELLS, Scoreboard};
 use crate::signals::{self, SignalSet};
+use crate::upgrade::{self, Predecessor, Readiness, Successor};
 use crate::worker::Who;
 use crate::{logging, title, worker};
+use sd_notify::NotifyState;
+use std::path::PathBuf;
 
 /// The signals the master handles; see the table in README.md and raasd(8).
 const SIGNALS_HANDLED: [libc::c_int; 10] = [
@@ -47,6 +51,8 @@ const SIGNALS_HANDLED: [libc::c_int; 10] = [
     libc::SIGWINCH,
 ];
 
+/// How long a successor master may take to be ready before the upgrade is rolled back.
+const UPGRADE_DEADLINE: Duration = Duration::from_secs(30);
 /// How long a quick stop waits for workers to exit before it kills them.
 const QUICK_STOP_TIMEOUT: Duration = Duration::from_secs(2);
 /// After a failed fork, how long before trying again.
@@ -64,7 +70,10 @@ const MEMORY_SAMPLE: Duration = Duration::from_secs(2);
 /// Starts raasd with `config`; `args` are the original arguments. Returns the exit
 /// status: 0 after a stop, 1 when start-up failed.
 pub fn run(config: Config, args: Vec<OsString>) -> i32 {
-    logging::init(config.log_level);
+    if let Err(e) = logging::init(config.log_level, config.log_file.as_deref()) {
+        eprintln!("raasd: {e}");
+        return 1;
+    }
     match Master::start(config, args) {
         Ok(master) => master.supervise(),
         Err(message) => {
@@ -102,9 +111,21 @@ struct Stopping {
 pub struct Master {
     config: Config,
     /// The command line as given, kept for a re-exec (the title overwrote argv).
-    #[allow(dead_code)]
     args: Vec<OsString>,
-    listeners: Vec<Listener>,
+    /// The binary this master was started from, resolved at start: USR2 executes
+    /// whatever is installed at that path then.
+    exe: PathBuf,
+    listeners: Vec<Configured>,
+    /// Socket activation fixes the listeners: reloads leave them alone.
+    inheritance: Inheritance,
+    /// A new master started by USR2, not yet ready.
+    successor: Option<(Successor, Instant)>,
+    /// This master was started by USR2: the old master waits to hear it is ready.
+    predecessor: Option<Predecessor>,
+    /// A successor took over: stop without removing what it now owns.
+    handing_over: bool,
+    /// systemd has been told READY=1 for the current configuration.
+    systemd_ready: bool,
     addresses: Vec<String>,
     signals: Option<SignalSet>,
     pid_file: Option<PidFile>,
@@ -137,33 +158,60 @@ struct Backoff {
 
 impl Master {
     fn start(config: Config, args: Vec<OsString>) -> Result<Master, String> {
-        if let Some(path) = &config.pid {
+        let predecessor = Predecessor::from_environment()?;
+        if let (Some(path), None) = (&config.pid, &predecessor) {
             pidfile::check_not_running(path)?;
         }
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
         let identity = privileges::resolve(config.user.as_deref(), config.group.as_deref())?;
         let scoreboard =
             Scoreboard::new().map_err(|e| format!("cannot map the scoreboard: {e}"))?;
-        let listeners =
-            listeners::bind_all(&config.listen, config.backlog).map_err(|e| e.to_string())?;
-        if let Err(e) = listeners::set_socket_access(&listeners, config.socket_mode, identity) {
-            listeners::remove_socket_files(&listeners);
+        let (inheritance, mut inherited) = listeners::inherited()?;
+        let listeners = if inheritance == Inheritance::Systemd {
+            info!(
+                "socket activation: serving the {} sockets systemd passed; --listen is not used",
+                inherited.len()
+            );
+            std::mem::take(&mut inherited)
+        } else {
+            listeners::open_all(&config.listen, config.backlog, &mut inherited)
+                .map_err(|e| e.to_string())?
+        };
+        for unused in inherited {
+            info!("closing inherited {}: no longer configured", unused.addr);
+        }
+        let owned_files = |l: &[Configured]| {
+            if inheritance == Inheritance::Nothing {
+                listeners::remove_socket_files(l.iter().map(|c| &c.listener));
+            }
+        };
+        if let Err(e) = listeners::set_socket_access(
+            listeners.iter().map(|c| &c.listener),
+            config.socket_mode,
+            identity,
+        ) {
+            owned_files(&listeners);
             return Err(e);
         }
-        let addresses: Vec<String> = listeners.iter().map(Listener::local_addr).collect();
-        let fail = |what: String| {
-            listeners::remove_socket_files(&listeners);
-            what
-        };
-        let signals = SignalSet::install(&SIGNALS_HANDLED)
-            .map_err(|e| fail(format!("cannot install signal handlers: {e}")))?;
-        let pid_file = match &config.pid {
-            Some(path) => Some(PidFile::write(path, std::process::id()).map_err(fail)?),
-            None => None,
+        let signals = SignalSet::install(&SIGNALS_HANDLED).map_err(|e| {
+            owned_files(&listeners);
+            format!("cannot install signal handlers: {e}")
+        })?;
+        // A master started by an upgrade writes the pid file once it serves; until
+        // then the file is the old master's (renamed .oldbin) and a rollback needs
+        // the name free.
+        let pid_file = match (&config.pid, &predecessor) {
+            (Some(path), None) => Some(
+                PidFile::write(path, std::process::id())
+                    .inspect_err(|_| owned_files(&listeners))?,
+            ),
+            _ => None,
         };
         if let Err(e) = title::init() {
             warn!("process titles unavailable: {e}");
         }
         title::set_comm("raasd-master");
+        let addresses: Vec<String> = listeners.iter().map(|c| c.listener.local_addr()).collect();
         for address in &addresses {
             info!("listening on {address}");
         }
@@ -180,12 +228,18 @@ impl Master {
             target: config.workers.resolve(),
             config,
             args,
+            exe,
             listeners,
+            inheritance,
+            successor: None,
+            predecessor,
+            handing_over: false,
+            systemd_ready: false,
             addresses,
             signals: Some(signals),
             pid_file,
             workers: Vec::new(),
-            generation: 1,
+            generation: upgrade::starting_generation(),
             stopping: None,
             all_accepting_announced: false,
             fork_retry_at: None,
@@ -202,6 +256,7 @@ impl Master {
             if self.stopping.is_some() && self.workers.is_empty() {
                 break;
             }
+            self.follow_upgrade();
             self.maintain_worker_count();
             self.murder_lazy_workers();
             self.replace_bloated_workers();
@@ -230,6 +285,10 @@ impl Master {
                     return;
                 }
             };
+            if self.successor.as_ref().is_some_and(|(s, _)| s.pid == pid) {
+                self.roll_back_upgrade(&format!("the new master exited ({how})"));
+                continue;
+            }
             let Some(at) = self.workers.iter().position(|w| w.pid == pid) else {
                 continue;
             };
@@ -265,14 +324,16 @@ impl Master {
             match signal {
                 libc::SIGTERM | libc::SIGQUIT => self.stop(false, signal),
                 libc::SIGINT => self.stop(true, signal),
-                libc::SIGHUP => self.rotate_workers(),
-                libc::SIGTTIN => self.resize(self.target.saturating_add(times)),
-                libc::SIGTTOU => self.resize(self.target.saturating_sub(times).max(1)),
+                libc::SIGHUP => self.reload(),
+                libc::SIGUSR2 => self.start_upgrade(),
+                libc::SIGWINCH => self.resize(0),
+                libc::SIGUSR1 => self.reopen_logs(),
+                libc::SIGTTIN => self.resize(self.target.saturating_add(times).min(MAX_WORKERS)),
+                libc::SIGTTOU if self.target > 0 => {
+                    self.resize(self.target.saturating_sub(times).max(1))
+                }
                 libc::SIGCHLD => {} // reaped at the top of the loop
-                other => warn!(
-                    "{} is not supported by this version; ignored",
-                    signals::name(other)
-                ),
+                _ => {}
             }
         }
     }
@@ -287,14 +348,193 @@ impl Master {
         self.show_title();
     }
 
-    /// HUP: a fresh generation of workers replaces the current one, slot by slot.
+    /// A fresh generation of workers replaces the current one, slot by slot.
     fn rotate_workers(&mut self) {
-        if self.stopping.is_some() {
-            return;
-        }
         self.generation += 1;
         self.all_accepting_announced = false;
         info!("rotating workers: generation {} starting", self.generation);
+    }
+
+    /// HUP: re-reads the configuration (the file and the original command line),
+    /// applies it and rotates the workers onto it. An invalid configuration, or a
+    /// new address that cannot be bound, changes nothing.
+    fn reload(&mut self) {
+        if self.stopping.is_some() {
+            return;
+        }
+        notify_systemd(&[NotifyState::Reloading]);
+        self.systemd_ready = false;
+        let config = match config::load(&self.args) {
+            Ok(config) => config,
+            Err(LoadError::CommandLine(e)) => return self.reload_failed(&e.to_string()),
+            Err(LoadError::File(errors)) => return self.reload_failed(&errors.join("; ")),
+        };
+        let identity = match privileges::resolve(config.user.as_deref(), config.group.as_deref()) {
+            Ok(identity) => identity,
+            Err(e) => return self.reload_failed(&e),
+        };
+        if config.pid != self.config.pid || config.log_file != self.config.log_file {
+            warn!("reload: a changed pid or log-file takes effect at the next start or upgrade");
+        }
+        if self.inheritance == Inheritance::Systemd {
+            if config.listen != self.config.listen {
+                warn!("reload: listen addresses come from systemd; the listen setting is not used");
+            }
+        } else if let Err(e) = self.rebind(&config, identity) {
+            return self.reload_failed(&e);
+        }
+        logging::set_level(config.log_level);
+        self.identity = identity;
+        self.target = config.workers.resolve();
+        self.config = config;
+        info!("configuration reloaded");
+        self.rotate_workers();
+    }
+
+    fn reload_failed(&mut self, why: &str) {
+        error!("reload failed, the running configuration stays: {why}");
+        self.all_accepting_announced = false;
+    }
+
+    /// Makes the listeners match `config`: kept addresses keep their very socket (no
+    /// queued connection is lost), new ones are bound, removed ones are closed here
+    /// (old workers keep their copies until they retire).
+    fn rebind(&mut self, config: &Config, identity: Option<Identity>) -> Result<(), String> {
+        let mut current = std::mem::take(&mut self.listeners);
+        let opened = match listeners::open_all(&config.listen, config.backlog, &mut current) {
+            Ok(opened) => opened,
+            Err(e) => {
+                self.listeners = current;
+                return Err(e.to_string());
+            }
+        };
+        let fresh: Vec<&Configured> = opened
+            .iter()
+            .filter(|c| !self.config.listen.contains(&c.addr))
+            .collect();
+        if let Err(e) = listeners::set_socket_access(
+            fresh.iter().map(|c| &c.listener),
+            config.socket_mode,
+            identity,
+        ) {
+            warn!("reload: {e}");
+        }
+        for removed in &current {
+            info!("no longer listening on {}", removed.listener.local_addr());
+        }
+        listeners::remove_socket_files(current.iter().map(|c| &c.listener));
+        for added in &fresh {
+            info!("listening on {}", added.listener.local_addr());
+        }
+        self.listeners = opened;
+        self.addresses = self
+            .listeners
+            .iter()
+            .map(|c| c.listener.local_addr())
+            .collect();
+        Ok(())
+    }
+
+    /// USR1: the master and every worker reopen the log file.
+    fn reopen_logs(&mut self) {
+        match logging::reopen() {
+            Ok(()) => info!("log file reopened"),
+            Err(e) => error!("{e}; still logging to the old file"),
+        }
+        for w in &self.workers {
+            let _ = w.channel.send(Command::ReopenLogs);
+        }
+    }
+
+    /// USR2: starts the binary installed at our path as a new master, handing it
+    /// the listeners. It takes over once ready; if it fails, nothing changes here.
+    fn start_upgrade(&mut self) {
+        if self.stopping.is_some() || self.successor.is_some() || self.predecessor.is_some() {
+            warn!("SIGUSR2 ignored: an upgrade or a stop is already under way");
+            return;
+        }
+        if let Some(Err(e)) = self.pid_file.as_mut().map(PidFile::rename_to_oldbin) {
+            error!("upgrade aborted: {e}");
+            return;
+        }
+        match upgrade::start_successor(&self.exe, &self.args, &self.listeners, self.generation + 1)
+        {
+            Ok(successor) => {
+                info!(
+                    "upgrade: started {} as pid {}",
+                    self.exe.display(),
+                    successor.pid
+                );
+                self.successor = Some((successor, Instant::now() + UPGRADE_DEADLINE));
+                self.title.clear();
+            }
+            Err(e) => self.roll_back_upgrade(&format!("cannot start {}: {e}", self.exe.display())),
+        }
+    }
+
+    /// The successor is ready: it owns the sockets and the pid file now. Retire.
+    fn hand_over(&mut self) {
+        let Some((successor, _)) = self.successor.take() else {
+            return;
+        };
+        info!(
+            "upgrade: new master pid {} is ready; retiring",
+            successor.pid
+        );
+        notify_systemd(&[NotifyState::MainPid(successor.pid.as_raw() as u32)]);
+        if let Some(pid_file) = self.pid_file.take() {
+            pid_file.remove();
+        }
+        self.handing_over = true;
+        self.stop(false, libc::SIGUSR2);
+    }
+
+    fn roll_back_upgrade(&mut self, why: &str) {
+        if let Some((successor, _)) = self.successor.take() {
+            let _ = kill(successor.pid, Signal::SIGTERM);
+        }
+        error!("upgrade failed, rolling back: {why}");
+        if let Some(Err(e)) = self.pid_file.as_mut().map(PidFile::rename_back) {
+            error!("{e}");
+        }
+        self.title.clear();
+    }
+
+    /// Watches the successor of an upgrade: ready, dead or late.
+    fn follow_upgrade(&mut self) {
+        let Some((successor, deadline)) = &self.successor else {
+            return;
+        };
+        match successor.readiness() {
+            Readiness::Ready => self.hand_over(),
+            Readiness::Failed => {
+                self.roll_back_upgrade("the new master exited before it was ready")
+            }
+            Readiness::NotYet if Instant::now() >= *deadline => self.roll_back_upgrade(&format!(
+                "the new master was not ready within {}s",
+                UPGRADE_DEADLINE.as_secs()
+            )),
+            Readiness::NotYet => {}
+        }
+    }
+
+    /// Everything serves: tell whoever waits for it.
+    fn announce_ready(&mut self) {
+        if let Some(predecessor) = self.predecessor.take() {
+            if let Some(path) = &self.config.pid {
+                match PidFile::write(path, std::process::id()) {
+                    Ok(pid_file) => self.pid_file = Some(pid_file),
+                    Err(e) => error!("{e}"),
+                }
+            }
+            if let Err(e) = predecessor.announce_ready() {
+                warn!("cannot tell the old master that this one is ready: {e}");
+            }
+        }
+        if !self.systemd_ready {
+            self.systemd_ready = true;
+            notify_systemd(&[NotifyState::Ready]);
+        }
     }
 
     /// Spawns what is missing, then retires what is surplus or replaced.
@@ -331,9 +571,10 @@ impl Master {
         }
         let all_accepting =
             (0..self.target).all(|slot| self.current_worker(slot).is_some_and(|w| w.accepting));
-        if all_accepting && !self.all_accepting_announced {
+        if all_accepting && !self.all_accepting_announced && self.target > 0 {
             self.all_accepting_announced = true;
             info!("all {} workers accepting", self.target);
+            self.announce_ready();
         }
     }
 
@@ -425,7 +666,12 @@ impl Master {
             error!("cannot drop privileges: {e}");
             std::process::exit(1);
         }
-        let listeners = std::mem::take(&mut self.listeners);
+        self.successor = None;
+        self.predecessor = None;
+        let listeners = std::mem::take(&mut self.listeners)
+            .into_iter()
+            .map(|c| c.listener)
+            .collect();
         let who = Who {
             slot,
             generation: self.generation,
@@ -460,9 +706,20 @@ impl Master {
             w.retiring = true;
             let _ = w.channel.send(command);
         }
+        notify_systemd(&[NotifyState::Stopping]);
+        if let Some((successor, _)) = self.successor.take() {
+            info!(
+                "stopping: the upgrade to pid {} is abandoned",
+                successor.pid
+            );
+            let _ = kill(successor.pid, Signal::SIGTERM);
+        }
         // Our copies of the listen sockets go now: once the workers have drained the
-        // accept queue and closed theirs, the port refuses connections.
-        listeners::remove_socket_files(&self.listeners);
+        // accept queue and closed theirs, the port refuses connections. After a hand
+        // over, the sockets (and their files) are the new master's.
+        if !self.handing_over && self.inheritance != Inheritance::Systemd {
+            listeners::remove_socket_files(self.listeners.iter().map(|c| &c.listener));
+        }
         self.listeners.clear();
         self.stopping = Some(Stopping {
             quick,
@@ -500,6 +757,7 @@ impl Master {
                     self.backoff.iter().filter_map(|b| b.not_before).min(),
                     (self.config.timeout > 0).then(|| now + self.config.serving().heartbeat),
                     (self.config.max_worker_memory > 0).then_some(self.next_memory_sample),
+                    self.successor.as_ref().map(|(_, deadline)| *deadline),
                     (!self.all_accepting_announced
                         || self.backoff.iter().any(|b| b.delay > Duration::ZERO))
                     .then(|| now + Duration::from_secs(1)),
@@ -520,6 +778,10 @@ impl Master {
             .collect();
         let mut fds = Vec::with_capacity(listening.len() + 1);
         fds.push(PollFd::new(signals.fd(), PollFlags::POLLIN));
+        if let Some((successor, _)) = &self.successor {
+            fds.push(PollFd::new(successor.fd(), PollFlags::POLLIN));
+        }
+        let first_worker = fds.len();
         fds.extend(
             listening
                 .iter()
@@ -531,7 +793,7 @@ impl Master {
             }
             return;
         }
-        let woke: Vec<usize> = fds[1..]
+        let woke: Vec<usize> = fds[first_worker..]
             .iter()
             .zip(&listening)
             .filter(|(fd, _)| fd.any().unwrap_or(false))
@@ -563,7 +825,9 @@ impl Master {
         let accepting = (0..self.target)
             .filter(|&slot| self.current_worker(slot).is_some_and(|w| w.accepting))
             .count();
-        let state = if self.stopping.is_some() {
+        let state = if self.successor.is_some() || self.handing_over {
+            " (old)"
+        } else if self.stopping.is_some() {
             " (stopping)"
         } else {
             ""
@@ -695,4 +959,11 @@ fn seed() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
     (nanos ^ u64::from(std::process::id()).rotate_left(32)) | 1
+}
+
+/// Tells systemd (when it started us with NOTIFY_SOCKET) how the service is doing.
+fn notify_systemd(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        warn!("cannot notify systemd: {e}");
+    }
 }

@@ -17,6 +17,8 @@ use crate::listeners::plain;
 pub struct PidFile {
     path: PathBuf,
     pid: u32,
+    /// Set while renamed to .oldbin: the name to go back to.
+    original: Option<PathBuf>,
 }
 
 /// Fails when `path` names a running raasd other than this process.
@@ -58,7 +60,42 @@ impl PidFile {
         Ok(PidFile {
             path: path.to_path_buf(),
             pid,
+            original: None,
         })
+    }
+
+    /// During an upgrade: FILE becomes FILE.oldbin, leaving FILE to the new master.
+    pub fn rename_to_oldbin(&mut self) -> Result<(), String> {
+        let mut oldbin = self.path.as_os_str().to_owned();
+        oldbin.push(".oldbin");
+        let oldbin = PathBuf::from(oldbin);
+        fs::rename(&self.path, &oldbin).map_err(|e| {
+            format!(
+                "cannot rename pid file {} to {}: {}",
+                self.path.display(),
+                oldbin.display(),
+                plain(&e)
+            )
+        })?;
+        self.original = Some(std::mem::replace(&mut self.path, oldbin));
+        Ok(())
+    }
+
+    /// After a failed upgrade: FILE.oldbin goes back to FILE.
+    pub fn rename_back(&mut self) -> Result<(), String> {
+        let Some(original) = self.original.take() else {
+            return Ok(());
+        };
+        fs::rename(&self.path, &original).map_err(|e| {
+            format!(
+                "cannot rename pid file {} back to {}: {}",
+                self.path.display(),
+                original.display(),
+                plain(&e)
+            )
+        })?;
+        self.path = original;
+        Ok(())
     }
 
     /// Removes the file if it still holds our pid (a successor may have replaced it).

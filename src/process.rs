@@ -1,4 +1,5 @@
-//! fork, done the one safe way for a process with signal handlers.
+//! Process plumbing: fork, done the one safe way for a process with signal handlers,
+//! and taking ownership of descriptors inherited across exec.
 //!
 //! Owns the `fork` call. Every signal is blocked across it, so that nothing is
 //! delivered to the child before it has replaced its parent's signal set; the parent
@@ -7,6 +8,7 @@
 //! a threaded process may inherit locks held by threads that do not exist in it.
 
 use std::io;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 
 use nix::sys::signal::{SigSet, SigmaskHow, sigprocmask};
 use nix::unistd::{ForkResult, Pid};
@@ -57,6 +59,30 @@ pub fn fork() -> io::Result<Forked> {
             Err(errno.into())
         }
     }
+}
+
+/// Takes ownership of a descriptor this process inherited by number (named in an
+/// environment variable by whoever started it).
+pub fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
+    if fd < 3 {
+        return Err(io::Error::other(format!(
+            "descriptor {fd} is a standard stream"
+        )));
+    }
+    // SAFETY: F_GETFD only reads the descriptor's flags; it fails with EBADF when the
+    // number is not open, which is checked before ownership is claimed.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor is open (checked above) and was handed to this process to
+    // own by its parent or systemd; callers take each number once, so it gets exactly
+    // one owner, and nothing else in raasd uses inherited numbers.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    nix::fcntl::fcntl(
+        &owned,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )?;
+    Ok(owned)
 }
 
 fn thread_count() -> io::Result<usize> {

@@ -238,6 +238,11 @@ impl<'a> Worker<'a> {
             match command {
                 Command::QuickStop => quick_exit(),
                 Command::GracefulStop => self.stop(now, "the master's request")?,
+                Command::ReopenLogs => {
+                    if let Err(e) = crate::logging::reopen() {
+                        warn!("{e}; still logging to the old file");
+                    }
+                }
             }
         }
         if received.closed {

@@ -1,0 +1,122 @@
+//! The mechanism of a binary upgrade (USR2): starting a successor master and hearing
+//! that it is ready.
+//!
+//! Owns the hand-over protocol between an old master and the new one it executes:
+//! the listen sockets pass by descriptor (close-on-exec cleared on exactly those,
+//! named in `RAASD_LISTEN_FDS`), readiness comes back as one byte on a socketpair
+//! whose write end is named in `RAASD_READY_FD`, and the generation count carries on
+//! through `RAASD_GENERATION`. The policy (when to upgrade, the pid file renames, the
+//! rollback) belongs to the master.
+
+use std::ffi::OsString;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
+
+use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+use nix::unistd::Pid;
+
+use crate::listeners::{self, Configured};
+
+pub const READY_FD: &str = "RAASD_READY_FD";
+pub const GENERATION: &str = "RAASD_GENERATION";
+
+/// A new master, started by this one, not yet known to be ready.
+pub struct Successor {
+    pub pid: Pid,
+    ready: UnixStream,
+}
+
+/// What the successor's readiness pipe says.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Readiness {
+    NotYet,
+    Ready,
+    /// Closed without saying ready: the successor died or gave up.
+    Failed,
+}
+
+/// Executes `exe` with the original arguments, handing over the listeners.
+pub fn start_successor(
+    exe: &Path,
+    args: &[OsString],
+    listeners: &[Configured],
+    generation: u64,
+) -> io::Result<Successor> {
+    let (ready, ready_for_child) = UnixStream::pair()?;
+    ready.set_nonblocking(true)?;
+    fcntl(&ready_for_child, FcntlArg::F_SETFD(FdFlag::empty()))?;
+    let spec = listeners::set_inheritable(listeners, true)?;
+    let spawned = Command::new(exe)
+        .args(args.iter().skip(1))
+        .env(listeners::INHERITED_FDS, spec)
+        .env(READY_FD, ready_for_child.as_raw_fd().to_string())
+        .env(GENERATION, generation.to_string())
+        // Socket activation was ours; the successor inherits raasd's own hand-over.
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_FDNAMES")
+        .spawn();
+    // Whatever happened, no later child may inherit these.
+    let _ = listeners::set_inheritable(listeners, false);
+    drop(ready_for_child);
+    let child = spawned?;
+    Ok(Successor {
+        pid: Pid::from_raw(child.id() as i32),
+        ready,
+    })
+}
+
+impl Successor {
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.ready.as_fd()
+    }
+
+    pub fn readiness(&self) -> Readiness {
+        let mut byte = [0u8; 1];
+        match (&self.ready).read(&mut byte) {
+            Ok(1) => Readiness::Ready,
+            Ok(_) => Readiness::Failed,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Readiness::NotYet,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Readiness::NotYet,
+            Err(_) => Readiness::Failed,
+        }
+    }
+}
+
+/// In a master started by an upgrade: the channel to tell the old master it is ready.
+pub struct Predecessor {
+    ready: UnixStream,
+}
+
+impl Predecessor {
+    /// The old master's readiness pipe, when this master was started by an upgrade.
+    pub fn from_environment() -> Result<Option<Predecessor>, String> {
+        let Ok(value) = std::env::var(READY_FD) else {
+            return Ok(None);
+        };
+        let fd: RawFd = value
+            .parse()
+            .map_err(|_| format!("{READY_FD}: bad descriptor '{value}'"))?;
+        let owned = crate::process::take_inherited_fd(fd)
+            .map_err(|e| format!("{READY_FD}: descriptor {fd}: {e}"))?;
+        Ok(Some(Predecessor {
+            ready: UnixStream::from(owned),
+        }))
+    }
+
+    /// Tells the old master that this one serves; consumes the channel.
+    pub fn announce_ready(self) -> io::Result<()> {
+        (&self.ready).write_all(b"R")
+    }
+}
+
+/// The generation this master starts at: one more than its predecessor's.
+pub fn starting_generation() -> u64 {
+    std::env::var(GENERATION)
+        .ok()
+        .and_then(|g| g.parse().ok())
+        .unwrap_or(1)
+}
