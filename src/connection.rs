@@ -83,6 +83,8 @@ pub struct Connection {
     state: State,
     /// Input may be waiting (edge-triggered readiness not yet consumed).
     readable: bool,
+    /// The socket reported end of file or an error: read until a read says so.
+    hung_up: bool,
     last_active: Instant,
     /// When the incomplete line now buffered began (for --line-timeout).
     line_started: Option<Instant>,
@@ -104,6 +106,7 @@ impl Connection {
             written: 0,
             state: State::Open,
             readable: true,
+            hung_up: false,
             last_active: now,
             line_started: None,
             bytes_in: 0,
@@ -119,9 +122,11 @@ impl Connection {
         &self.stream
     }
 
-    /// The socket reported input, end of file or an error: a read will tell which.
-    pub fn mark_readable(&mut self) {
+    /// The socket reported input; `hung_up` when it also reported the peer's end of
+    /// file or an error, which only a read to the end will tell.
+    pub fn mark_readable(&mut self, hung_up: bool) {
         self.readable = true;
+        self.hung_up |= hung_up;
     }
 
     /// The worker is stopping: answer what has arrived, then finish.
@@ -189,15 +194,13 @@ impl Connection {
                     if self.pending() >= WRITE_AT {
                         self.write_out(now)?;
                     }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.readable = false;
-                    if self.stop_is_due(now) {
-                        self.state = State::Finishing {
-                            client_closed: false,
-                        };
+                    // A short read emptied the socket: edge-triggered readiness will
+                    // report the next input, so the read that would say EAGAIN is saved.
+                    if n < scratch.len() && !self.hung_up {
+                        self.drained(now);
                     }
                 }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.drained(now),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
@@ -224,6 +227,16 @@ impl Connection {
         let more_input =
             self.readable && self.state == State::Open && self.pending() < self.max_pending;
         Ok(if more_input { Turn::Again } else { Turn::Wait })
+    }
+
+    /// No input waits: wait for the next edge, or finish if stopping.
+    fn drained(&mut self, now: Instant) {
+        self.readable = false;
+        if self.stop_is_due(now) {
+            self.state = State::Finishing {
+                client_closed: false,
+            };
+        }
     }
 
     /// While stopping: finish once nothing is half-received, or the grace is over.

@@ -91,6 +91,7 @@ struct Worker<'a> {
     released: Vec<usize>,
     /// Connections that used up their turn with input still waiting.
     again: Vec<usize>,
+    again_spare: Vec<usize>,
     open: usize,
     serving: Serving,
     scratch: Vec<u8>,
@@ -137,6 +138,7 @@ impl<'a> Worker<'a> {
             free: Vec::new(),
             released: Vec::new(),
             again: Vec::new(),
+            again_spare: Vec::new(),
             open: 0,
             serving,
             scratch: vec![0; SCRATCH],
@@ -173,9 +175,13 @@ impl<'a> Worker<'a> {
             for event in &events[..ready] {
                 self.dispatch(event, now)?;
             }
-            for index in std::mem::take(&mut self.again) {
+            // Swapped with a spare list, so no allocation per pass.
+            let mut again =
+                std::mem::replace(&mut self.again, std::mem::take(&mut self.again_spare));
+            for index in again.drain(..) {
                 self.serve_connection(index, now);
             }
+            self.again_spare = again;
             if now >= next_tick {
                 self.cell.beat(monotonic_ms());
                 self.enforce_time_limits(now)?;
@@ -214,13 +220,10 @@ impl<'a> Worker<'a> {
                 let index = index as usize;
                 if let Some(Some(connection)) = self.connections.get_mut(index) {
                     let flags = event.events();
-                    if flags.intersects(
-                        EpollFlags::EPOLLIN
-                            | EpollFlags::EPOLLRDHUP
-                            | EpollFlags::EPOLLHUP
-                            | EpollFlags::EPOLLERR,
-                    ) {
-                        connection.mark_readable();
+                    let hung_up =
+                        EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR;
+                    if flags.intersects(EpollFlags::EPOLLIN | hung_up) {
+                        connection.mark_readable(flags.intersects(hung_up));
                     }
                     self.serve_connection(index, now);
                 }
