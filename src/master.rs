@@ -293,6 +293,7 @@ impl Master {
                 continue;
             };
             let gone = self.workers.swap_remove(at);
+            self.scoreboard.cell(gone.cell).release();
             if gone.retiring || self.stopping.is_some() {
                 info!("worker[{}] pid {pid} exited ({how})", gone.slot);
                 continue;
@@ -603,6 +604,8 @@ impl Master {
             return false;
         };
         self.scoreboard.cell(cell).claim(0, self.generation);
+        let in_use = &self.scoreboard.header().cells_in_use;
+        in_use.fetch_max(cell as u64 + 1, std::sync::atomic::Ordering::Relaxed);
         let max_requests = self.next_max_requests();
         let forked = control::channel().and_then(|(master_end, worker_end)| {
             Ok(match process::fork()? {
@@ -680,8 +683,14 @@ impl Master {
             max_requests,
             ..self.config.serving()
         };
-        let cell = self.scoreboard.cell(cell);
-        let code = worker::run(who, listeners, channel, serving, cell, blocked);
+        let code = worker::run(
+            who,
+            listeners,
+            channel,
+            serving,
+            (&self.scoreboard, cell),
+            blocked,
+        );
         std::process::exit(code)
     }
 

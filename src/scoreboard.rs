@@ -6,6 +6,10 @@
 //! worker writes only its cell, with relaxed atomic stores, and the master only reads.
 //! No locks: every field is an independent counter or stamp.
 //!
+//! A header before the cells says how many cells are in use, so a worker can look at
+//! its serving siblings' connection counts (to step back from accepting when it holds
+//! well above its fair share) without scanning the whole map.
+//!
 //! The map reserves [`CELLS`] cells up front (twice the largest worker count, since a
 //! rotation briefly runs two workers per slot). Reserving is not using: the kernel
 //! backs a page only when it is first touched, so the resident size follows the
@@ -28,6 +32,8 @@ pub const CELLS: usize = 2 * MAX_WORKERS;
 #[derive(Default)]
 pub struct Cell {
     pub pid: AtomicU64,
+    /// 1 while the worker accepts connections (from start until it stops).
+    pub serving: AtomicU64,
     pub generation: AtomicU64,
     /// Milliseconds on the monotonic clock (shared by all processes) of the last beat.
     pub heartbeat_ms: AtomicU64,
@@ -53,9 +59,17 @@ impl Cell {
     /// worker slow to start is timed from its spawn.
     pub fn claim(&self, pid: u64, generation: u64) {
         self.pid.store(pid, Relaxed);
+        self.serving.store(0, Relaxed);
         self.generation.store(generation, Relaxed);
         self.heartbeat_ms.store(monotonic_ms(), Relaxed);
         self.publish(&Counters::default());
+    }
+
+    /// Called by the master when the worker is gone.
+    pub fn release(&self) {
+        self.pid.store(0, Relaxed);
+        self.serving.store(0, Relaxed);
+        self.connections.store(0, Relaxed);
     }
 
     pub fn beat(&self, now_ms: u64) {
@@ -86,15 +100,25 @@ impl Cell {
     }
 }
 
-pub struct Scoreboard {
-    cells: NonNull<Cell>,
+/// What precedes the cells.
+#[repr(C, align(64))]
+#[derive(Default)]
+pub struct Header {
+    /// One past the highest cell index the master has handed out.
+    pub cells_in_use: AtomicU64,
 }
+
+pub struct Scoreboard {
+    map: NonNull<Header>,
+}
+
+const MAP_LEN: usize = size_of::<Header>() + CELLS * size_of::<Cell>();
 
 impl Scoreboard {
     pub fn new() -> io::Result<Scoreboard> {
-        let length = NonZeroUsize::new(CELLS * size_of::<Cell>()).expect("CELLS > 0");
+        let length = NonZeroUsize::new(MAP_LEN).expect("the map is not empty");
         // SAFETY: a new anonymous mapping overlaps nothing Rust owns; it is zero-filled
-        // and page-aligned, and an all-zero Cell (atomics only) is valid. MAP_SHARED
+        // and page-aligned, and an all-zero Header or Cell (atomics only) is valid. MAP_SHARED
         // makes the workers' stores visible to the master after fork; every access
         // goes through atomics, so concurrent use from several processes is sound.
         let map = unsafe {
@@ -105,13 +129,30 @@ impl Scoreboard {
                 MapFlags::MAP_SHARED,
             )
         }?;
-        Ok(Scoreboard { cells: map.cast() })
+        Ok(Scoreboard { map: map.cast() })
+    }
+
+    pub fn header(&self) -> &Header {
+        // SAFETY: the header is at the start of the mapping, which lives as long as self.
+        unsafe { self.map.as_ref() }
     }
 
     pub fn cell(&self, index: usize) -> &Cell {
         assert!(index < CELLS, "scoreboard cell {index} out of range");
-        // SAFETY: index is within the mapping, which lives as long as self.
-        unsafe { self.cells.add(index).as_ref() }
+        // SAFETY: the cells follow the header (both 64-byte aligned) and index is in
+        // range, so the cell lies within the mapping, which lives as long as self.
+        unsafe { self.map.add(1).cast::<Cell>().add(index).as_ref() }
+    }
+
+    /// Connections held by serving workers, and how many workers serve.
+    pub fn serving_load(&self) -> (u64, u64) {
+        let in_use = (self.header().cells_in_use.load(Relaxed) as usize).min(CELLS);
+        (0..in_use)
+            .map(|i| self.cell(i))
+            .filter(|cell| cell.serving.load(Relaxed) == 1)
+            .fold((0, 0), |(conns, workers), cell| {
+                (conns + cell.connections.load(Relaxed), workers + 1)
+            })
     }
 }
 
@@ -119,7 +160,7 @@ impl Drop for Scoreboard {
     fn drop(&mut self) {
         // SAFETY: the mapping was made by `new` with this length and no reference into
         // it outlives self (`cell` borrows self).
-        let _ = unsafe { munmap(self.cells.cast(), CELLS * size_of::<Cell>()) };
+        let _ = unsafe { munmap(self.map.cast(), MAP_LEN) };
     }
 }
 
@@ -148,5 +189,10 @@ mod tests {
         assert_eq!(board.cell(3).counters().served, 3);
         assert_eq!(board.cell(4).counters(), Counters::default());
         assert!(board.cell(3).heartbeat_age_ms(monotonic_ms()) < 1000);
+        board.header().cells_in_use.store(5, Relaxed);
+        board.cell(3).serving.store(1, Relaxed);
+        board.cell(4).serving.store(1, Relaxed);
+        assert_eq!(board.serving_load(), (1, 2));
+        board.cell(CELLS - 1).claim(1, 1);
     }
 }

@@ -14,6 +14,7 @@
 
 use std::io;
 use std::os::fd::AsFd;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
@@ -25,7 +26,7 @@ use crate::connection::{Connection, Traffic, Turn};
 use crate::control::{Command, Report, WorkerEnd};
 use crate::listeners::Listener;
 use crate::process::Blocked;
-use crate::scoreboard::{Cell, Counters, monotonic_ms};
+use crate::scoreboard::{Cell, Counters, Scoreboard, monotonic_ms};
 use crate::signals::SignalSet;
 use crate::title;
 
@@ -33,6 +34,8 @@ const CONTROL: u64 = u64::MAX;
 const SIGNALS: u64 = u64::MAX - 1;
 /// Listener i has token LISTENERS - i; connection k has token k.
 const LISTENERS: u64 = u64::MAX - 2;
+/// How long a worker holding well above its share of connections stops accepting.
+const STEP_BACK: Duration = Duration::from_millis(10);
 /// How long accepting pauses when the process is out of file descriptors.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// How long a worker whose master died may take to finish.
@@ -54,10 +57,12 @@ pub fn run(
     listeners: Vec<Listener>,
     control: WorkerEnd,
     serving: Serving,
-    cell: &Cell,
+    (board, cell): (&Scoreboard, usize),
     blocked: Blocked,
 ) -> i32 {
-    match Worker::new(who, listeners, control, serving, cell, blocked).and_then(Worker::serve) {
+    match Worker::new(who, listeners, control, serving, (board, cell), blocked)
+        .and_then(Worker::serve)
+    {
         Ok(()) => 0,
         Err(e) => {
             log::error!("worker failed: {e}");
@@ -75,6 +80,7 @@ pub struct Who {
 
 struct Worker<'a> {
     who: Who,
+    board: &'a Scoreboard,
     cell: &'a Cell,
     /// Totals over every connection this worker has served.
     traffic: Traffic,
@@ -110,9 +116,10 @@ impl<'a> Worker<'a> {
         listeners: Vec<Listener>,
         control: WorkerEnd,
         serving: Serving,
-        cell: &'a Cell,
+        (board, cell): (&'a Scoreboard, usize),
         blocked: Blocked,
     ) -> io::Result<Worker<'a>> {
+        let cell = board.cell(cell);
         // If the master dies without closing our channel (it cannot, but a kernel
         // backstop costs nothing), TERM makes this worker stop gracefully.
         let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM);
@@ -126,6 +133,7 @@ impl<'a> Worker<'a> {
         epoll.add(signals.fd(), EpollEvent::new(EpollFlags::EPOLLIN, SIGNALS))?;
         let mut worker = Worker {
             who,
+            board,
             cell,
             traffic: Traffic::default(),
             accepted: 0,
@@ -161,8 +169,11 @@ impl<'a> Worker<'a> {
         let mut next_tick = Instant::now() + self.serving.heartbeat;
         self.show_progress();
         loop {
+            let wake_at = self
+                .accept_paused_until
+                .map_or(next_tick, |t| t.min(next_tick));
             let timeout = if self.again.is_empty() {
-                next_tick.saturating_duration_since(Instant::now())
+                wake_at.saturating_duration_since(Instant::now())
             } else {
                 Duration::ZERO
             };
@@ -182,6 +193,9 @@ impl<'a> Worker<'a> {
                 self.serve_connection(index, now);
             }
             self.again_spare = again;
+            if self.accept_paused_until.is_some_and(|until| now >= until) {
+                self.update_accepting(now)?;
+            }
             if now >= next_tick {
                 self.cell.beat(monotonic_ms());
                 self.enforce_time_limits(now)?;
@@ -268,9 +282,10 @@ impl<'a> Worker<'a> {
         if self.accept_paused_until.is_some_and(|until| now >= until) {
             self.accept_paused_until = None;
         }
-        let wanted = self.stop_deadline.is_none()
-            && self.accept_paused_until.is_none()
-            && self.open < self.serving.max_conns;
+        let in_service = self.stop_deadline.is_none();
+        self.cell.serving.store(u64::from(in_service), Relaxed);
+        let wanted =
+            in_service && self.accept_paused_until.is_none() && self.open < self.serving.max_conns;
         if wanted != self.accepting {
             self.accepting = wanted;
             for (which, listener) in self.listeners.iter().enumerate() {
@@ -315,6 +330,10 @@ impl<'a> Worker<'a> {
             }
         }
         self.accepted += accepted;
+        if accepted > 0 && self.holds_more_than_its_share() {
+            // Let the siblings take the next connections for a moment.
+            self.accept_paused_until = Some(now + STEP_BACK);
+        }
         self.update_accepting(now)?;
         if accepted > 0 && self.accepting {
             // To the back of the wait queue: the next connection wakes a sibling.
@@ -323,6 +342,17 @@ impl<'a> Worker<'a> {
             self.epoll.add(listener.as_fd(), listener_interest(which))?;
         }
         Ok(())
+    }
+
+    /// EPOLLEXCLUSIVE wakes a sleeping worker before a busy one, so under load one
+    /// worker can collect far more connections than its siblings; it then steps back.
+    fn holds_more_than_its_share(&self) -> bool {
+        let (connections, workers) = self.board.serving_load();
+        if workers < 2 {
+            return false;
+        }
+        let share = connections / workers;
+        self.open as u64 > share + (share / 8).max(2)
     }
 
     fn pause_accepting(&mut self, now: Instant, error: &io::Error) {
@@ -363,6 +393,7 @@ impl<'a> Worker<'a> {
             slot.as_mut().expect("just set").stop(Instant::now());
         }
         self.open += 1;
+        self.cell.connections.store(self.open as u64, Relaxed);
         debug!("accepted a connection ({} open)", self.open);
         Ok(())
     }
@@ -430,6 +461,7 @@ impl<'a> Worker<'a> {
         // Closing the socket removes it from the epoll set: it is never duplicated.
         if self.connections[index].take().is_some() {
             self.open -= 1;
+            self.cell.connections.store(self.open as u64, Relaxed);
             self.released.push(index);
             if !self.accepting && self.open + 1 == self.serving.max_conns {
                 let _ = self.update_accepting(Instant::now());

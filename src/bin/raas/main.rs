@@ -89,10 +89,7 @@ fn main() -> ExitCode {
             }
             bench::run(args)
         }
-        None => pipe::run(
-            &cli.pipe.addr,
-            Duration::from_secs_f64(cli.pipe.retry_for),
-        ),
+        None => pipe::run(&cli.pipe.addr, Duration::from_secs_f64(cli.pipe.retry_for)),
     };
     if ok {
         ExitCode::SUCCESS

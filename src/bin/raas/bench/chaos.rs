@@ -70,18 +70,18 @@ pub fn run(
             }
             thread::sleep((due - now).min(Duration::from_millis(50)));
         }
+        // The phase moves first: on a busy machine this thread may not run again
+        // for milliseconds after the kill, and the server's reaction belongs to the
+        // new phase.
+        shared.phase.store(i + 1, Ordering::SeqCst);
+        let at = start.elapsed();
         let error = kill(Pid::from_raw(pid), signal.0)
             .err()
             .map(|e| format!("sending SIG{} to pid {pid}: {e}", signal.name()));
         if let Some(e) = &error {
             eprintln!("raas bench: {e}");
         }
-        marks.push(Mark {
-            signal,
-            at: start.elapsed(),
-            error,
-        });
-        shared.phase.store(i + 1, Ordering::SeqCst);
+        marks.push(Mark { signal, at, error });
     }
     marks
 }
@@ -92,8 +92,14 @@ mod tests {
 
     #[test]
     fn parses_signal_names() {
-        assert_eq!("HUP".parse::<ChaosSignal>(), Ok(ChaosSignal(Signal::SIGHUP)));
-        assert_eq!("sigttin".parse::<ChaosSignal>(), Ok(ChaosSignal(Signal::SIGTTIN)));
+        assert_eq!(
+            "HUP".parse::<ChaosSignal>(),
+            Ok(ChaosSignal(Signal::SIGHUP))
+        );
+        assert_eq!(
+            "sigttin".parse::<ChaosSignal>(),
+            Ok(ChaosSignal(Signal::SIGTTIN))
+        );
         assert_eq!(ChaosSignal(Signal::SIGTTOU).name(), "TTOU");
         assert!("NOPE".parse::<ChaosSignal>().is_err());
     }

@@ -97,7 +97,9 @@ struct Req {
 enum Conn {
     /// No socket: waiting for its timer to connect.
     Closed,
-    Connecting { since: Instant },
+    Connecting {
+        since: Instant,
+    },
     Open,
 }
 
@@ -220,12 +222,7 @@ impl Engine<'_> {
         let mut events = vec![EpollEvent::empty(); EVENTS];
         let mut next_scan = self.now + SCAN_EVERY;
         loop {
-            self.now = Instant::now();
-            self.phase = self
-                .shared
-                .phase
-                .load(Ordering::Relaxed)
-                .min(self.plan.phases - 1);
+            self.tick();
             if self.stopping_since.is_none() && !self.active() {
                 self.stopping_since = Some(self.now);
             }
@@ -253,12 +250,15 @@ impl Engine<'_> {
                 Ok(n) => n,
                 Err(Errno::EINTR) => continue,
                 Err(e) => {
-                    self.stats.other(self.phase, format!("waiting for events: {e}"));
+                    self.stats
+                        .other(self.phase, format!("waiting for events: {e}"));
                     self.abandon_all();
                     break;
                 }
             };
-            self.now = Instant::now();
+            // Events are counted in the phase they were seen in, even if the chaos
+            // thread moved it while this thread was waiting.
+            self.tick();
             for ev in &events[..n] {
                 let data = ev.data();
                 let (i, generation) = ((data & 0xffff_ffff) as usize, (data >> 32) as u32);
@@ -268,6 +268,16 @@ impl Engine<'_> {
             }
         }
         self.publish();
+    }
+
+    /// Reads the clock and the chaos phase.
+    fn tick(&mut self) {
+        self.now = Instant::now();
+        self.phase = self
+            .shared
+            .phase
+            .load(Ordering::Relaxed)
+            .min(self.plan.phases - 1);
     }
 
     /// Requests may still be issued (the budget is only taken when issuing).
@@ -308,7 +318,10 @@ impl Engine<'_> {
             until = until.min(d);
         }
         // Rounded up, so a timer is not polled for in a busy loop just before it is due.
-        let ms = until.saturating_duration_since(self.now).as_micros().div_ceil(1000);
+        let ms = until
+            .saturating_duration_since(self.now)
+            .as_micros()
+            .div_ceil(1000);
         ms.min(SCAN_EVERY.as_millis()) as u16
     }
 
@@ -399,7 +412,9 @@ impl Engine<'_> {
 
     fn count_failure(&mut self, kind: Failure, n: u64, err: &io::Error) {
         if kind == Failure::Other {
-            self.stats.first_other.get_or_insert_with(|| err.to_string());
+            self.stats
+                .first_other
+                .get_or_insert_with(|| err.to_string());
         }
         self.stats.fail(self.phase, kind, n);
     }
@@ -416,7 +431,10 @@ impl Engine<'_> {
     fn on_event(&mut self, i: usize, flags: EpollFlags) {
         match self.slots[i].conn {
             Conn::Connecting { .. } => {
-                let socket = self.slots[i].socket.as_ref().expect("connecting slot has a socket");
+                let socket = self.slots[i]
+                    .socket
+                    .as_ref()
+                    .expect("connecting slot has a socket");
                 match socket.take_error() {
                     Ok(None) if flags.contains(EpollFlags::EPOLLOUT) => self.on_open(i),
                     Ok(None) => {}
@@ -425,13 +443,12 @@ impl Engine<'_> {
             }
             Conn::Open => {
                 let generation = self.slots[i].generation;
-                if flags.intersects(
-                    EpollFlags::EPOLLIN
-                        | EpollFlags::EPOLLRDHUP
-                        | EpollFlags::EPOLLHUP
-                        | EpollFlags::EPOLLERR,
-                ) {
-                    self.on_readable(i);
+                let closing =
+                    EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR;
+                if flags.intersects(EpollFlags::EPOLLIN | closing) {
+                    // A close that had already arrived raises no later edge: the
+                    // short-read shortcut would miss it, so read to the end.
+                    self.on_readable(i, flags.intersects(closing));
                 }
                 let slot = &self.slots[i];
                 if flags.contains(EpollFlags::EPOLLOUT)
@@ -509,7 +526,9 @@ impl Engine<'_> {
         slot.written = 0;
     }
 
-    fn on_readable(&mut self, i: usize) {
+    /// Reads and matches replies; `to_the_end` reads until EOF or EAGAIN instead of
+    /// stopping at a short read.
+    fn on_readable(&mut self, i: usize, to_the_end: bool) {
         loop {
             let slot = &mut self.slots[i];
             let Some(socket) = slot.socket.as_ref() else {
@@ -527,7 +546,7 @@ impl Engine<'_> {
                         self.close(i);
                         return self.retry_later(i);
                     }
-                    if n < self.scratch.len() {
+                    if n < self.scratch.len() && !to_the_end {
                         break; // drained: the next arrival raises a new edge
                     }
                 }
@@ -555,8 +574,14 @@ impl Engine<'_> {
         let fresh = &scratch[..n];
         let used_before = slot.replies_on_conn;
         let unsolicited = if slot.partial.is_empty() {
-            let (used, replies, unsolicited) =
-                match_replies(&mut slot.inflight, fresh, &plan.payloads, stats, *now, *phase);
+            let (used, replies, unsolicited) = match_replies(
+                &mut slot.inflight,
+                fresh,
+                &plan.payloads,
+                stats,
+                *now,
+                *phase,
+            );
             slot.partial.extend_from_slice(&fresh[used..]);
             slot.replies_on_conn += replies;
             unsolicited
@@ -631,7 +656,11 @@ impl Engine<'_> {
             self.stats.reconnect(self.phase);
             // Straight back, unless the connection was closed without answering
             // anything: then pause, so a server that only closes is not spun on.
-            let delay = if fruitless { RETRY_DELAY } else { Duration::ZERO };
+            let delay = if fruitless {
+                RETRY_DELAY
+            } else {
+                Duration::ZERO
+            };
             self.schedule(i, self.now + delay);
         } else {
             self.finish(i);
@@ -801,10 +830,17 @@ mod tests {
         let t = stats.total();
         assert_eq!((t.replies, t.mismatch), (1, 1));
         assert_eq!(inflight.len(), 1);
-        let (used, replies, _) =
-            match_replies(&mut inflight, payloads.reply(2), &payloads, &mut stats, now, 0);
+        let (used, replies, _) = match_replies(
+            &mut inflight,
+            payloads.reply(2),
+            &payloads,
+            &mut stats,
+            now,
+            0,
+        );
         assert_eq!((used, replies), (6, 1));
-        let (_, _, unsolicited) = match_replies(&mut inflight, b"x\n", &payloads, &mut stats, now, 0);
+        let (_, _, unsolicited) =
+            match_replies(&mut inflight, b"x\n", &payloads, &mut stats, now, 0);
         assert!(unsolicited);
     }
 

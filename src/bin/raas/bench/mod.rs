@@ -114,8 +114,12 @@ pub struct BenchArgs {
     chaos: Option<i32>,
 
     /// Signals to send, in order, one per --chaos-interval.
-    #[arg(long, value_name = "SIG,...", value_delimiter = ',',
-          default_value = "HUP,TTIN,TTIN,TTOU,HUP")]
+    #[arg(
+        long,
+        value_name = "SIG,...",
+        value_delimiter = ',',
+        default_value = "HUP,TTIN,TTIN,TTOU,HUP"
+    )]
     chaos_script: Vec<ChaosSignal>,
 
     /// Seconds between two chaos signals (and before the first).
@@ -166,7 +170,11 @@ impl BenchArgs {
         self.addr_pos
             .clone()
             .or_else(|| self.addr_opt.clone())
-            .unwrap_or_else(|| "127.0.0.1:2200".parse().expect("the default address parses"))
+            .unwrap_or_else(|| {
+                "127.0.0.1:2200"
+                    .parse()
+                    .expect("the default address parses")
+            })
     }
 
     /// How long requests are sent for, if bounded in time.
@@ -273,10 +281,7 @@ pub fn run(args: BenchArgs) -> bool {
     } else {
         print!("{}", summary.to_text());
     }
-    let signals_failed = marks
-        .iter()
-        .flatten()
-        .any(|m| m.error.is_some());
+    let signals_failed = marks.iter().flatten().any(|m| m.error.is_some());
     summary.replies > 0 && summary.error_total == 0 && !signals_failed
 }
 
@@ -290,10 +295,14 @@ fn progress_bar(duration: Option<Duration>, requests: Option<u64>) -> ProgressBa
             d.as_millis() as u64,
             "{spinner} [{elapsed_precise}] {wide_bar} {msg}",
         ),
-        (None, Some(n)) => (n, "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}"),
+        (None, Some(n)) => (
+            n,
+            "{spinner} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}",
+        ),
         (None, None) => (0, "{spinner} [{elapsed_precise}] {msg}"),
     };
-    let style = ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar());
+    let style =
+        ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar());
     ProgressBar::new(len).with_style(style)
 }
 

@@ -8,21 +8,21 @@ use crate::rng::Rng;
 /// Text units of the `--unicode` mix. Several are one grapheme made of many code
 /// points, which a reversal by code points would break apart.
 const UNICODE_UNITS: &[&str] = &[
-    "e\u{301}",                                            // e + combining acute
-    "a\u{308}\u{304}",                                     // a + two combining marks
-    "\u{1F1EB}\u{1F1F7}",                                  // flag: France
-    "\u{1F1EF}\u{1F1F5}",                                  // flag: Japan
+    "e\u{301}",                                                     // e + combining acute
+    "a\u{308}\u{304}",                                              // a + two combining marks
+    "\u{1F1EB}\u{1F1F7}",                                           // flag: France
+    "\u{1F1EF}\u{1F1F5}",                                           // flag: Japan
     "\u{1F468}\u{200D}\u{1F469}\u{200D}\u{1F467}\u{200D}\u{1F466}", // family, ZWJ
-    "\u{1F469}\u{1F3FD}\u{200D}\u{1F4BB}",                 // technologist, skin tone, ZWJ
-    "\u{1F3F3}\u{FE0F}\u{200D}\u{1F308}",                  // rainbow flag, ZWJ
-    "\u{915}\u{94D}\u{937}\u{93F}",                        // Devanagari conjunct
-    "\u{D55C}",                                            // Hangul syllable
-    "\u{1100}\u{1161}\u{11A8}",                            // Hangul jamo sequence
-    "\u{6F22}",                                            // CJK ideograph
-    "\u{E9}",                                              // precomposed é
-    "\u{3B1}",                                             // Greek alpha
-    "\u{5D0}",                                             // Hebrew alef
-    "\u{E01}\u{E33}",                                      // Thai with sara am
+    "\u{1F469}\u{1F3FD}\u{200D}\u{1F4BB}",                          // technologist, skin tone, ZWJ
+    "\u{1F3F3}\u{FE0F}\u{200D}\u{1F308}",                           // rainbow flag, ZWJ
+    "\u{915}\u{94D}\u{937}\u{93F}",                                 // Devanagari conjunct
+    "\u{D55C}",                                                     // Hangul syllable
+    "\u{1100}\u{1161}\u{11A8}",                                     // Hangul jamo sequence
+    "\u{6F22}",                                                     // CJK ideograph
+    "\u{E9}",                                                       // precomposed é
+    "\u{3B1}",                                                      // Greek alpha
+    "\u{5D0}",                                                      // Hebrew alef
+    "\u{E01}\u{E33}",                                               // Thai with sara am
 ];
 
 pub struct Payloads {
@@ -111,7 +111,9 @@ mod tests {
         let p = Payloads::generate(20, 200, true, Unit::Graphemes);
         let joined: Vec<u8> = (0..p.len()).flat_map(|i| p.request(i).to_vec()).collect();
         let text = String::from_utf8(joined).unwrap();
-        assert!(text.contains('\u{200D}') || text.contains('\u{301}') || text.contains('\u{1F1EB}'));
+        assert!(
+            text.contains('\u{200D}') || text.contains('\u{301}') || text.contains('\u{1F1EB}')
+        );
         // Reversal by graphemes differs from reversal by chars on such text.
         let by_chars = Payloads::generate(1, 0, false, Unit::Chars);
         assert_eq!(by_chars.reply(0), b"\n");

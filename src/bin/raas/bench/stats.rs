@@ -84,7 +84,8 @@ impl Stats {
     pub fn reply(&mut self, phase: usize, latency_us: u64) {
         self.phases[phase].replies += 1;
         self.replies += 1;
-        self.latency_us.saturating_record(latency_us.clamp(1, MAX_LATENCY_US));
+        self.latency_us
+            .saturating_record(latency_us.clamp(1, MAX_LATENCY_US));
     }
 
     pub fn fail(&mut self, phase: usize, kind: Failure, n: u64) {
