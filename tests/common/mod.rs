@@ -1,0 +1,734 @@
+//! Shared helpers of the integration tests: a guard around one real `raasd` process
+//! tree, readers of /proc, and a small line client.
+//!
+//! Every process a test starts is stopped by [`Server`]'s `Drop`, by pid, even when the
+//! test panics; a panicking test also prints the server's captured log.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_raasd");
+
+/// Default deadline for things that should happen "soon" (start-up, exit, ...).
+pub const SOON: Duration = Duration::from_secs(10);
+
+/// How long a client read may block before the test gives up on it.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------------------------------
+// Polling
+// ---------------------------------------------------------------------------------------
+
+/// Polls `cond` every 10 ms until it is true or `deadline` has passed; returns whether
+/// it became true.
+pub fn poll_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Polls `cond` until it is true; panics with "timed out after Xs waiting for <what>".
+pub fn wait_until(what: &str, deadline: Duration, cond: impl FnMut() -> bool) {
+    if !poll_until(deadline, cond) {
+        panic!(
+            "timed out after {:.1}s waiting for {what}",
+            deadline.as_secs_f64()
+        );
+    }
+}
+
+/// Checks that `cond` holds at every poll for the whole of `window` (for "nothing
+/// happens" assertions, which need a time window by nature); panics naming `what`.
+pub fn assert_stays(what: &str, window: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < window {
+        assert!(
+            cond(),
+            "{what} stopped holding after {:.2}s",
+            start.elapsed().as_secs_f64()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    assert!(cond(), "{what} stopped holding at the end of the window");
+}
+
+/// Locks a mutex, poisoned or not (a panicking test must still be cleaned up).
+fn lk<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+// ---------------------------------------------------------------------------------------
+// /proc
+// ---------------------------------------------------------------------------------------
+
+/// The fields of /proc/PID/stat after the comm field (which is in parentheses and may
+/// hold spaces): index 0 is the state, 1 the ppid, 19 the start time.
+fn stat_fields(pid: i32) -> Option<Vec<String>> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// The state letter of a process (R, S, D, T, Z, ...), or None when it does not exist.
+pub fn proc_state(pid: i32) -> Option<char> {
+    stat_fields(pid)?.first()?.chars().next()
+}
+
+/// The parent pid of a process.
+pub fn proc_ppid(pid: i32) -> Option<i32> {
+    stat_fields(pid)?.get(1)?.parse().ok()
+}
+
+/// The start time of a process (clock ticks since boot): with the pid, it names one
+/// process for sure, whatever pid reuse happens.
+pub fn proc_starttime(pid: i32) -> Option<u64> {
+    stat_fields(pid)?.get(19)?.parse().ok()
+}
+
+/// /proc/PID/comm without its newline.
+pub fn proc_comm(pid: i32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim_end_matches('\n').to_owned())
+}
+
+/// True when the process exists and is not a zombie.
+pub fn alive(pid: i32) -> bool {
+    matches!(proc_state(pid), Some(s) if s != 'Z')
+}
+
+/// The process title: /proc/PID/cmdline up to its first NUL, trimmed.
+pub fn cmdline_title(pid: i32) -> Option<String> {
+    let bytes = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    Some(String::from_utf8_lossy(&bytes[..end]).trim().to_owned())
+}
+
+/// True when the process sleeps in epoll_wait (per /proc/PID/wchan; where the kernel
+/// does not show wchan, a sleeping process counts).
+pub fn sleeps_in_epoll_wait(pid: i32) -> bool {
+    if proc_state(pid) != Some('S') {
+        return false;
+    }
+    match fs::read_to_string(format!("/proc/{pid}/wchan")) {
+        Ok(w) if !w.is_empty() && w != "0" => w.contains("epoll"),
+        _ => true,
+    }
+}
+
+/// The pids of every process whose parent is `pid` (zombies included).
+pub fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if proc_ppid(child) == Some(pid) {
+            out.push(child);
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// Entries of /proc/PID/fd that are sockets.
+pub fn socket_fd_count(pid: i32) -> usize {
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return 0;
+    };
+    dir.flatten()
+        .filter(|e| {
+            fs::read_link(e.path())
+                .map(|l| l.to_string_lossy().starts_with("socket:"))
+                .unwrap_or(false)
+        })
+        .count()
+}
+
+/// The slot of a worker title `raasd worker[N]...`.
+pub fn worker_slot(title: &str) -> Option<usize> {
+    let rest = title.strip_prefix("raasd worker[")?;
+    rest[..rest.find(']')?].parse().ok()
+}
+
+// ---------------------------------------------------------------------------------------
+// The server guard
+// ---------------------------------------------------------------------------------------
+
+/// One worker process as seen in /proc.
+#[derive(Debug, Clone)]
+pub struct Worker {
+    pub pid: i32,
+    pub slot: usize,
+    /// The title as read (it is live: it carries counters that change).
+    pub title: String,
+}
+
+/// A worker is the same worker when its pid and slot are (its title's counters move).
+impl PartialEq for Worker {
+    fn eq(&self, other: &Worker) -> bool {
+        (self.pid, self.slot) == (other.pid, other.slot)
+    }
+}
+
+impl Eq for Worker {}
+
+/// The fixed part of a live process title: without the `: status` suffix and the
+/// ` gen N` generation, so `raasd worker[0] gen 2: 3 conns, 15 served` gives
+/// `raasd worker[0]` and `raasd master gen 1 -w 3 127.0.0.1:80: 3/3 workers` gives
+/// `raasd master -w 3 127.0.0.1:80`.
+pub fn title_core(title: &str) -> String {
+    let head = title.split_once(": ").map_or(title, |(h, _)| h);
+    let words: Vec<&str> = head.split(' ').collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < words.len() {
+        if words[i] == "gen" && words.get(i + 1).is_some_and(|n| n.parse::<u64>().is_ok()) {
+            i += 2;
+            continue;
+        }
+        out.push(words[i]);
+        i += 1;
+    }
+    out.join(" ")
+}
+
+#[derive(Default)]
+struct Output {
+    lines: Mutex<Vec<String>>,
+    closed: AtomicBool,
+}
+
+fn capture(stream: impl Read + Send + 'static, out: Arc<Output>) {
+    thread::spawn(move || {
+        let mut reader = BufReader::new(stream);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match reader.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&buf);
+                    let line = line.trim_end_matches(['\n', '\r']).to_owned();
+                    lk(&out.lines).push(line);
+                }
+            }
+        }
+        out.closed.store(true, Ordering::SeqCst);
+    });
+}
+
+/// A running `raasd` (master and its workers), stopped by pid when dropped.
+pub struct Server {
+    child: Mutex<Child>,
+    pid: i32,
+    status: Mutex<Option<ExitStatus>>,
+    stderr: Arc<Output>,
+    stdout: Arc<Output>,
+    /// Every worker (pid, start time) a test has seen, to stop it even if orphaned.
+    seen: Mutex<Vec<(i32, u64)>>,
+    args: Vec<String>,
+}
+
+impl Server {
+    /// Starts `raasd` with exactly `args` (nothing is added; tests pass
+    /// `-l 127.0.0.1:0`). RUST_LOG is removed from its environment so that the
+    /// documented default level (info) applies.
+    pub fn start(args: &[&str]) -> Server {
+        Server::start_with_env(args, &[])
+    }
+
+    /// Like [`Server::start`], with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+        let stderr = Arc::new(Output::default());
+        let stdout = Arc::new(Output::default());
+        capture(child.stderr.take().unwrap(), stderr.clone());
+        capture(child.stdout.take().unwrap(), stdout.clone());
+        Server {
+            pid: child.id() as i32,
+            child: Mutex::new(child),
+            status: Mutex::new(None),
+            stderr,
+            stdout,
+            seen: Mutex::new(Vec::new()),
+            args: args.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// The master's pid.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// The captured stderr lines so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        lk(&self.stderr.lines).clone()
+    }
+
+    /// The captured stderr so far, one line each.
+    pub fn log(&self) -> String {
+        self.log_lines().join("\n")
+    }
+
+    /// The captured stdout so far.
+    pub fn stdout(&self) -> String {
+        lk(&self.stdout.lines).join("\n")
+    }
+
+    /// How many captured stderr lines contain `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        lk(&self.stderr.lines)
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// The exit status if the master has exited (and reaps it then).
+    pub fn try_status(&self) -> Option<ExitStatus> {
+        let mut status = lk(&self.status);
+        if status.is_none() {
+            *status = lk(&self.child).try_wait().ok().flatten();
+        }
+        *status
+    }
+
+    /// Waits for the `n`th stderr line containing `needle` and returns it. Fails early
+    /// if the master has exited and its output is closed without such a line.
+    pub fn wait_for_log_nth(&self, needle: &str, n: usize, deadline: Duration) -> String {
+        let start = Instant::now();
+        loop {
+            // Read `closed` before the lines: if it was set, the lines are complete.
+            let complete = self.stderr.closed.load(Ordering::SeqCst);
+            let found = lk(&self.stderr.lines)
+                .iter()
+                .filter(|l| l.contains(needle))
+                .nth(n - 1)
+                .cloned();
+            if let Some(line) = found {
+                return line;
+            }
+            if complete && self.try_status().is_some() {
+                panic!(
+                    "raasd exited ({:?}) without logging {n} line(s) containing {needle:?}",
+                    self.try_status()
+                );
+            }
+            if start.elapsed() >= deadline {
+                panic!(
+                    "timed out after {:.1}s waiting for {n} log line(s) containing {needle:?}",
+                    deadline.as_secs_f64()
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for a stderr line containing `needle` and returns it.
+    pub fn wait_for_log(&self, needle: &str, deadline: Duration) -> String {
+        self.wait_for_log_nth(needle, 1, deadline)
+    }
+
+    /// Every address of a `listening on ` line, as written (unix ones as `unix:PATH`),
+    /// once the first one is there.
+    pub fn listen_addrs(&self) -> Vec<String> {
+        self.wait_for_log("listening on ", SOON);
+        self.log_lines()
+            .iter()
+            .filter_map(|l| {
+                l.split_once("listening on ")
+                    .map(|(_, a)| a.trim().to_owned())
+            })
+            .collect()
+    }
+
+    /// The address of the first TCP `listening on` line.
+    pub fn addr(&self) -> SocketAddr {
+        let line = self.wait_for_log("listening on ", SOON);
+        let text = line.split_once("listening on ").unwrap().1.trim();
+        text.parse().unwrap_or_else(|e| {
+            panic!("cannot parse the address {text:?} of log line {line:?}: {e}")
+        })
+    }
+
+    fn remember(&self, pid: i32) {
+        if let Some(start) = proc_starttime(pid) {
+            let mut seen = lk(&self.seen);
+            if !seen.contains(&(pid, start)) {
+                seen.push((pid, start));
+            }
+        }
+    }
+
+    /// The live worker children of the master (title `raasd worker[N]...`, not zombies),
+    /// sorted by slot then pid.
+    pub fn workers(&self) -> Vec<Worker> {
+        let mut out = Vec::new();
+        for pid in children_of(self.pid) {
+            if !alive(pid) {
+                continue;
+            }
+            let Some(title) = cmdline_title(pid) else {
+                continue;
+            };
+            let Some(slot) = worker_slot(&title) else {
+                continue;
+            };
+            self.remember(pid);
+            out.push(Worker { pid, slot, title });
+        }
+        out.sort_by_key(|w| (w.slot, w.pid));
+        out
+    }
+
+    /// Waits until there are exactly `n` live workers in slots 0..n and returns them.
+    pub fn wait_workers(&self, n: usize) -> Vec<Worker> {
+        let mut last = Vec::new();
+        let ok = poll_until(SOON, || {
+            last = self.workers();
+            last.len() == n && last.iter().map(|w| w.slot).eq(0..n)
+        });
+        assert!(
+            ok,
+            "timed out waiting for {n} workers in slots 0..{n}; last seen: {last:?}"
+        );
+        last
+    }
+
+    /// Sends a signal to the master.
+    pub fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.pid), sig)
+            .unwrap_or_else(|e| panic!("kill({}, {sig:?}): {e}", self.pid));
+    }
+
+    /// Waits for the master to exit and returns its status.
+    pub fn wait_exit(&self, deadline: Duration) -> ExitStatus {
+        let mut status = None;
+        let ok = poll_until(deadline, || {
+            status = self.try_status();
+            status.is_some()
+        });
+        assert!(
+            ok,
+            "timed out after {:.1}s waiting for the master (pid {}) to exit",
+            deadline.as_secs_f64(),
+            self.pid
+        );
+        status.unwrap()
+    }
+
+    /// Waits until both output pipes are closed: the master and every process that
+    /// inherited them (its workers) are gone or have closed them. Then the captured
+    /// output is complete.
+    pub fn wait_output_closed(&self, deadline: Duration) {
+        wait_until(
+            "raasd's stdout and stderr to be closed by every process",
+            deadline,
+            || {
+                self.stderr.closed.load(Ordering::SeqCst)
+                    && self.stdout.closed.load(Ordering::SeqCst)
+            },
+        );
+    }
+
+    fn kill_everything(&self) {
+        let sigkill = |pid: i32| {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        };
+        if self.try_status().is_none() {
+            // Freeze the master so that it cannot fork a replacement between the scan of
+            // its children and their killing.
+            let _ = kill(Pid::from_raw(self.pid), Signal::SIGSTOP);
+            poll_until(Duration::from_secs(1), || {
+                matches!(proc_state(self.pid), None | Some('T' | 't' | 'Z'))
+            });
+            for child in children_of(self.pid) {
+                sigkill(child);
+            }
+            sigkill(self.pid);
+            let _ = lk(&self.child).wait();
+        }
+        // Workers seen earlier that were orphaned (the same process: same start time).
+        for &(pid, start) in lk(&self.seen).iter() {
+            if proc_starttime(pid) == Some(start) {
+                sigkill(pid);
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill_everything();
+        if thread::panicking() {
+            // Give the reader threads a moment to take the last lines in.
+            poll_until(Duration::from_millis(500), || {
+                self.stderr.closed.load(Ordering::SeqCst)
+            });
+            eprintln!(
+                "---- raasd {:?} (master pid {}) stderr ----",
+                self.args, self.pid
+            );
+            for line in lk(&self.stderr.lines).iter() {
+                eprintln!("{line}");
+            }
+            let out = self.stdout();
+            if !out.is_empty() {
+                eprintln!("---- raasd stdout ----\n{out}");
+            }
+            eprintln!("---- end of raasd output ----");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Clients
+// ---------------------------------------------------------------------------------------
+
+/// A line client over any stream (TCP or unix).
+pub struct LineClient<S: Read + Write> {
+    inner: BufReader<S>,
+}
+
+impl LineClient<TcpStream> {
+    /// Connects over TCP with read and write timeouts of [`READ_TIMEOUT`].
+    pub fn connect(addr: SocketAddr) -> io::Result<Self> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(READ_TIMEOUT))?;
+        stream.set_write_timeout(Some(READ_TIMEOUT))?;
+        stream.set_nodelay(true)?;
+        Ok(LineClient::new(stream))
+    }
+
+    /// Closes the write side: the server sees EOF.
+    pub fn shutdown_write(&self) {
+        self.inner
+            .get_ref()
+            .shutdown(Shutdown::Write)
+            .expect("shutdown(Write)");
+    }
+}
+
+impl<S: Read + Write> LineClient<S> {
+    pub fn new(stream: S) -> Self {
+        LineClient {
+            inner: BufReader::with_capacity(64 * 1024, stream),
+        }
+    }
+
+    pub fn stream(&self) -> &S {
+        self.inner.get_ref()
+    }
+
+    /// Writes raw bytes.
+    pub fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.inner.get_mut().write_all(bytes)
+    }
+
+    /// Writes `line` and a `\n`.
+    pub fn send_line(&mut self, line: &str) -> io::Result<()> {
+        let mut buf = Vec::with_capacity(line.len() + 1);
+        buf.extend_from_slice(line.as_bytes());
+        buf.push(b'\n');
+        self.send(&buf)
+    }
+
+    /// Reads one reply with its terminator; Ok(None) at EOF. A partial line before EOF
+    /// is returned as it is (without a terminator).
+    pub fn read_reply(&mut self) -> io::Result<Option<Vec<u8>>> {
+        let mut buf = Vec::new();
+        match self.inner.read_until(b'\n', &mut buf)? {
+            0 => Ok(None),
+            _ => Ok(Some(buf)),
+        }
+    }
+
+    /// Reads one `\n`-terminated reply and returns it without the `\n`; panics on EOF,
+    /// error, or a missing terminator.
+    pub fn read_line(&mut self) -> String {
+        match self.read_reply() {
+            Ok(Some(mut r)) => {
+                assert_eq!(r.pop(), Some(b'\n'), "reply without a newline: {r:?}");
+                String::from_utf8(r).expect("reply is UTF-8")
+            }
+            Ok(None) => panic!("EOF where a reply was expected"),
+            Err(e) => panic!("reading a reply: {e}"),
+        }
+    }
+
+    /// Sends one line and returns its reply (without `\n`).
+    pub fn roundtrip(&mut self, line: &str) -> String {
+        self.send_line(line).expect("sending a line");
+        self.read_line()
+    }
+
+    /// Reads everything up to EOF (the server must close).
+    pub fn read_to_eof(&mut self) -> io::Result<Vec<u8>> {
+        let mut rest = Vec::new();
+        self.inner.read_to_end(&mut rest)?;
+        Ok(rest)
+    }
+
+    /// Asserts the next read is EOF (no more bytes, no error).
+    pub fn expect_eof(&mut self) {
+        match self.read_to_eof() {
+            Ok(rest) if rest.is_empty() => {}
+            Ok(rest) => panic!(
+                "expected EOF, got {} more bytes: {:?}",
+                rest.len(),
+                String::from_utf8_lossy(&rest)
+            ),
+            Err(e) => panic!("expected EOF, got an error: {e}"),
+        }
+    }
+}
+
+/// Connects, sends one line, returns the reply (without `\n`).
+pub fn roundtrip(addr: SocketAddr, line: &str) -> String {
+    let mut c = LineClient::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    c.roundtrip(line)
+}
+
+/// Connects, writes every line (pipelined), half-closes, and reads replies to EOF.
+/// Returns the replies without their `\n`.
+pub fn send_lines(addr: SocketAddr, lines: &[String]) -> Vec<String> {
+    let mut c = LineClient::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    let mut buf = Vec::new();
+    for l in lines {
+        buf.extend_from_slice(l.as_bytes());
+        buf.push(b'\n');
+    }
+    c.send(&buf).expect("sending lines");
+    c.shutdown_write();
+    let mut replies = Vec::new();
+    while let Some(mut r) = c.read_reply().expect("reading replies") {
+        assert_eq!(r.pop(), Some(b'\n'), "reply without a newline: {r:?}");
+        replies.push(String::from_utf8(r).expect("reply is UTF-8"));
+    }
+    replies
+}
+
+/// Expected reply for an ASCII line.
+pub fn reverse_ascii(s: &str) -> String {
+    assert!(s.is_ascii());
+    s.chars().rev().collect()
+}
+
+/// Expected reply for valid UTF-8 with the default unit: extended grapheme clusters in
+/// reverse order (an oracle independent of the server's codec).
+pub fn reverse_graphemes(s: &str) -> String {
+    use unicode_segmentation::UnicodeSegmentation;
+    s.graphemes(true).rev().collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// Misc
+// ---------------------------------------------------------------------------------------
+
+/// A fresh path in the temp dir, unique per test process and call; nothing is created.
+pub fn temp_path(tag: &str) -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    std::env::temp_dir().join(format!(
+        "raasd-test-{}-{tag}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ))
+}
+
+/// Removes a file when dropped (test clean-up of temp files).
+pub struct RemoveOnDrop(pub PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+pub fn exists(p: &Path) -> bool {
+    fs::symlink_metadata(p).is_ok()
+}
+
+/// Seconds since the epoch of an RFC 3339 UTC time `YYYY-MM-DDTHH:MM:SS[.fff]Z`.
+pub fn parse_rfc3339_utc(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 20 || !s.ends_with('Z') {
+        return None;
+    }
+    if b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let frac = &s[19..s.len() - 1];
+    if !(frac.is_empty()
+        || (frac.starts_with('.')
+            && frac[1..].bytes().all(|c| c.is_ascii_digit())
+            && frac.len() > 1))
+    {
+        return None;
+    }
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    // Days from civil (Howard Hinnant's algorithm).
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86_400 + h * 3600 + mi * 60 + sec)
+}
+
+pub fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A set of pids, for readable assertions.
+pub fn pid_set(ws: &[Worker]) -> BTreeSet<i32> {
+    ws.iter().map(|w| w.pid).collect()
+}

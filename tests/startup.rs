@@ -1,0 +1,275 @@
+//! Start-up: usage errors (exit 2), runtime errors (exit 1, one `raasd: ...` line, no
+//! process left), `--help`, and the pid file.
+
+mod common;
+
+use std::fs;
+use std::net::TcpListener;
+use std::process::ExitStatus;
+
+use common::*;
+use nix::sys::signal::Signal;
+
+/// Runs raasd expecting it to exit by itself; returns its status and its stderr, once
+/// every process holding its output (any forked child included) is gone.
+fn run_to_exit(args: &[&str]) -> (ExitStatus, Server) {
+    let s = Server::start(args);
+    let status = s.wait_exit(SOON);
+    s.wait_output_closed(SOON);
+    (status, s)
+}
+
+fn assert_usage_error(args: &[&str], mentions: &str) {
+    let (status, s) = run_to_exit(args);
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "raasd {args:?}: {status:?}\n{}",
+        s.log()
+    );
+    let err = s.log();
+    assert!(
+        err.contains(mentions),
+        "raasd {args:?}: stderr should mention {mentions:?}:\n{err}"
+    );
+    assert!(
+        s.stdout().is_empty(),
+        "raasd {args:?}: usage errors go to stderr, stdout has:\n{}",
+        s.stdout()
+    );
+}
+
+#[test]
+fn port_in_use_is_one_line_and_exit_1() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let port = taken.local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let (status, s) = run_to_exit(&["-w", "2", "-l", &listen]);
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    assert_eq!(
+        s.log(),
+        format!("raasd: cannot listen on 127.0.0.1:{port}: address already in use"),
+        "stderr must be exactly that one line"
+    );
+    // run_to_exit also waited for stderr to be closed by every process: no forked
+    // child is left holding it.
+}
+
+#[test]
+fn port_in_use_as_second_listener_leaves_nothing_behind() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let port = taken.local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let (status, s) = run_to_exit(&["-w", "2", "-l", "127.0.0.1:0", "-l", &listen]);
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    let want = format!("raasd: cannot listen on 127.0.0.1:{port}: address already in use");
+    assert!(
+        s.log_lines().last() == Some(&want),
+        "last stderr line should be {want:?}:\n{}",
+        s.log()
+    );
+}
+
+#[test]
+fn unknown_flag_is_a_usage_error() {
+    assert_usage_error(&["--frobnicate", "-l", "127.0.0.1:0"], "--frobnicate");
+}
+
+#[test]
+fn zero_workers_is_a_usage_error() {
+    assert_usage_error(&["-w", "0", "-l", "127.0.0.1:0"], "0");
+    assert_usage_error(&["--workers", "0", "-l", "127.0.0.1:0"], "--workers");
+}
+
+#[test]
+fn bad_values_are_usage_errors() {
+    for (args, mentions) in [
+        (&["-w", "many"][..], "many"),
+        (&["-w", "-3"][..], "-3"),
+        (&["--unit", "words"][..], "words"),
+        (&["--max-line", "0"][..], "--max-line"),
+        (&["--max-line", "lots"][..], "lots"),
+        (&["--idle-timeout", "-1"][..], "-1"),
+        (&["--graceful-timeout", "soon"][..], "soon"),
+        (&["-b", "0"][..], "0"),
+        (&["--log-level", "loud"][..], "loud"),
+    ] {
+        let mut all = args.to_vec();
+        all.extend(["-l", "127.0.0.1:0"]);
+        assert_usage_error(&all, mentions);
+    }
+}
+
+#[test]
+fn a_bad_listen_address_is_refused_naming_it() {
+    for bad in ["nonsense", "unix:", "127.0.0.1:99999", "127.0.0.1"] {
+        let (status, s) = run_to_exit(&["-w", "1", "-l", bad]);
+        assert!(
+            matches!(status.code(), Some(1 | 2)),
+            "-l {bad}: exit status {status:?}"
+        );
+        let err = s.log();
+        let named = if bad == "127.0.0.1:99999" {
+            "99999"
+        } else {
+            bad
+        };
+        assert!(
+            err.contains(named),
+            "-l {bad}: stderr should name it:\n{err}"
+        );
+    }
+}
+
+#[test]
+fn an_unusable_unix_path_is_a_runtime_error() {
+    let dir = temp_path("no-such-dir");
+    let listen = format!("unix:{}/raasd.sock", dir.display());
+    let (status, s) = run_to_exit(&["-w", "1", "-l", &listen]);
+    assert_eq!(status.code(), Some(1), "{status:?}");
+    let lines = s.log_lines();
+    assert_eq!(lines.len(), 1, "one line on stderr:\n{}", s.log());
+    assert!(
+        lines[0].starts_with("raasd: ") && lines[0].contains(&listen[5..]),
+        "one `raasd: ...` line naming the path: {:?}",
+        lines[0]
+    );
+}
+
+#[test]
+fn help_lists_every_flag_with_its_default() {
+    let (status, s) = run_to_exit(&["--help"]);
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let help = s.stdout();
+    // Each flag, and the default it must show (None: no fixed default to show).
+    let flags: [(&str, Option<&str>, Option<&str>); 10] = [
+        ("--workers", Some("-w"), Some("auto")),
+        ("--listen", Some("-l"), Some("127.0.0.1:2200")),
+        ("--backlog", Some("-b"), Some("1024")),
+        ("--graceful-timeout", None, Some("30")),
+        ("--max-line", None, Some("65536")),
+        ("--idle-timeout", None, Some("60")),
+        ("--unit", None, Some("graphemes")),
+        ("--pid", None, None),
+        ("--log-level", None, Some("info")),
+        ("--help", Some("-h"), None),
+    ];
+    let lines: Vec<&str> = help.lines().collect();
+    for (long, short, default) in flags {
+        // The flag's block: from its line to the next line that starts another option.
+        let start = lines
+            .iter()
+            .position(|l| {
+                let t = l.trim_start();
+                t.starts_with('-') && t.split([',', ' ', '=']).any(|w| w == long)
+            })
+            .unwrap_or_else(|| panic!("--help does not list {long}:\n{help}"));
+        let end = lines[start + 1..]
+            .iter()
+            .position(|l| l.trim_start().starts_with('-'))
+            .map_or(lines.len(), |p| start + 1 + p);
+        let block = lines[start..end].join("\n");
+        if let Some(short) = short {
+            assert!(
+                lines[start].contains(&format!("{short},"))
+                    || lines[start].contains(&format!("{short} ")),
+                "--help shows {long} without {short}:\n{block}"
+            );
+        }
+        if let Some(default) = default {
+            assert!(
+                block.contains(default),
+                "--help does not show the default {default:?} of {long}:\n{block}"
+            );
+        }
+    }
+    for unit in ["graphemes", "chars", "bytes"] {
+        assert!(help.contains(unit), "--help names the unit {unit}");
+    }
+}
+
+#[test]
+fn pid_file_is_written_and_removed_and_a_live_one_refused() {
+    let pid_path = temp_path("raasd.pid");
+    let _cleanup = RemoveOnDrop(pid_path.clone());
+    let pid_arg = pid_path.to_str().unwrap();
+    let s = Server::start(&["-w", "1", "-l", "127.0.0.1:0", "--pid", pid_arg]);
+    let addr = s.addr();
+    let want = format!("{}\n", s.pid());
+    let mut content = None;
+    poll_until(SOON, || {
+        content = fs::read_to_string(&pid_path).ok();
+        content.as_deref() == Some(want.as_str())
+    });
+    assert_eq!(content.as_deref(), Some(want.as_str()), "pid file content");
+
+    // A second raasd with the same pid file is refused, and leaves the file alone.
+    let (status, second) = run_to_exit(&["-w", "1", "-l", "127.0.0.1:0", "--pid", pid_arg]);
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "second raasd: {status:?}\n{}",
+        second.log()
+    );
+    let err = second.log();
+    assert!(err.starts_with("raasd: "), "{err}");
+    assert!(
+        err.contains(pid_arg),
+        "the message names the pid file:\n{err}"
+    );
+    assert!(
+        err.contains(&s.pid().to_string()),
+        "the message names the running pid {}:\n{err}",
+        s.pid()
+    );
+    assert_eq!(
+        fs::read_to_string(&pid_path).ok().as_deref(),
+        Some(want.as_str()),
+        "the refused raasd must not touch the pid file"
+    );
+    assert_eq!(roundtrip(addr, "first one"), "eno tsrif");
+
+    s.signal(Signal::SIGTERM);
+    let status = s.wait_exit(SOON);
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(!exists(&pid_path), "the pid file is removed on exit");
+}
+
+#[test]
+fn a_stale_pid_file_is_replaced() {
+    let pid_path = temp_path("stale.pid");
+    let _cleanup = RemoveOnDrop(pid_path.clone());
+    // A pid that surely names no process: a child that has exited and been reaped.
+    let mut gone = std::process::Command::new("true")
+        .spawn()
+        .expect("spawn true");
+    let dead = gone.id();
+    gone.wait().expect("wait true");
+    assert_eq!(proc_state(dead as i32), None);
+    fs::write(&pid_path, format!("{dead}\n")).unwrap();
+
+    let pid_arg = pid_path.to_str().unwrap();
+    let s = Server::start(&["-w", "1", "-l", "127.0.0.1:0", "--pid", pid_arg]);
+    let addr = s.addr();
+    let want = format!("{}\n", s.pid());
+    wait_until("the stale pid file to be replaced", SOON, || {
+        fs::read_to_string(&pid_path).ok().as_deref() == Some(want.as_str())
+    });
+    assert_eq!(roundtrip(addr, "fresh"), "hserf");
+    s.signal(Signal::SIGQUIT);
+    assert_eq!(s.wait_exit(SOON).code(), Some(0));
+    assert!(!exists(&pid_path), "the pid file is removed on exit");
+}
+
+#[test]
+fn the_pid_file_is_removed_after_int_too() {
+    let pid_path = temp_path("int.pid");
+    let _cleanup = RemoveOnDrop(pid_path.clone());
+    let pid_arg = pid_path.to_str().unwrap();
+    let s = Server::start(&["-w", "2", "-l", "127.0.0.1:0", "--pid", pid_arg]);
+    s.addr();
+    wait_until("the pid file", SOON, || exists(&pid_path));
+    s.signal(Signal::SIGINT);
+    s.wait_exit(SOON);
+    assert!(!exists(&pid_path), "the pid file is removed on exit");
+}
