@@ -36,11 +36,20 @@ pub fn resolve(user: Option<&str>, group: Option<&str>) -> Result<Option<Identit
         ),
         None => user.as_ref().map(|u| u.gid),
     };
-    Ok(match (user, gid) {
-        (Some(user), Some(gid)) => Some(Identity { uid: user.uid, gid }),
-        (None, Some(gid)) => Some(Identity { uid: getuid(), gid }),
-        _ => None,
-    })
+    let identity = match (user, gid) {
+        (Some(user), Some(gid)) => Identity { uid: user.uid, gid },
+        (None, Some(gid)) => Identity { uid: getuid(), gid },
+        _ => return Ok(None),
+    };
+    // Only root may switch: say so at start, rather than let every worker die of it.
+    let switching = identity.uid != geteuid() || identity.gid != getegid();
+    if switching && !geteuid().is_root() {
+        return Err(format!(
+            "--user/--group: switching to uid {} gid {} needs raasd to start as root",
+            identity.uid, identity.gid
+        ));
+    }
+    Ok(Some(identity))
 }
 
 impl Identity {
