@@ -463,6 +463,76 @@ mod tests {
         assert!(WorkerCount::Auto.resolve() >= 1);
     }
 
+    fn temp_file(name: &str, text: &str) -> PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("raasd-config-{}-{name}.toml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn load_args(args: &[&str]) -> Result<Config, LoadError> {
+        let args: Vec<OsString> = args.iter().map(OsString::from).collect();
+        load(&args)
+    }
+
+    #[test]
+    fn the_example_config_has_every_key_with_its_default() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/raasd.toml");
+        let from_file = load_args(&["raasd", "-c", path]).unwrap();
+        let mut defaults = Config::parse_from(["raasd"]);
+        defaults.config = Some(path.into());
+        assert_eq!(from_file.to_toml(), defaults.to_toml());
+        let text = std::fs::read_to_string(path).unwrap();
+        for arg in Config::command().get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if !COMMAND_LINE_ONLY.contains(&long) {
+                assert!(
+                    text.contains(&format!("{long} = ")),
+                    "examples/raasd.toml lacks '{long}'"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_command_line_overrides_the_file() {
+        let path = temp_file(
+            "override",
+            "workers = 3\nbacklog = 7\nlisten = [\"127.0.0.1:1\", \"unix:/x\"]\n",
+        );
+        let path = path.to_str().unwrap();
+        let c = load_args(&["raasd", "-c", path, "-w", "5"]).unwrap();
+        assert_eq!((c.workers.resolve(), c.backlog, c.listen.len()), (5, 7, 2));
+        let c = load_args(&["raasd", "-c", path, "-l", "127.0.0.1:9"]).unwrap();
+        assert_eq!(c.listen, vec!["127.0.0.1:9".parse().unwrap()]);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn every_bad_key_is_reported_with_its_name() {
+        let path = temp_file(
+            "bad",
+            "workers = 0\nbogus = 1\nunit = \"words\"\nbacklog = 10\n",
+        );
+        let Err(LoadError::File(errors)) = load_args(&["raasd", "-c", path.to_str().unwrap()])
+        else {
+            panic!("a bad file must fail");
+        };
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        for key in ["'workers'", "'bogus'", "'unit'"] {
+            assert!(
+                errors.iter().any(|e| e.contains(key)),
+                "{key} in {errors:?}"
+            );
+        }
+        std::fs::remove_file(path).unwrap();
+        let Err(LoadError::File(errors)) = load_args(&["raasd", "-c", "/nonexistent/raasd.toml"])
+        else {
+            panic!("a missing file must fail");
+        };
+        assert!(errors[0].contains("cannot read config file"), "{errors:?}");
+    }
+
     #[test]
     fn defaults_are_the_documented_ones() {
         let c = Config::parse_from(["raasd"]);
