@@ -323,8 +323,8 @@ impl Master {
         for (signal, times) in signals.take() {
             debug!("received {} x{times}", signals::name(signal));
             match signal {
-                libc::SIGTERM | libc::SIGQUIT => self.stop(false, signal),
-                libc::SIGINT => self.stop(true, signal),
+                libc::SIGTERM | libc::SIGQUIT => self.stop(false, signals::name(signal)),
+                libc::SIGINT => self.stop(true, signals::name(signal)),
                 libc::SIGHUP => self.reload(),
                 libc::SIGUSR2 => self.start_upgrade(),
                 libc::SIGWINCH => self.resize(0),
@@ -487,7 +487,7 @@ impl Master {
             pid_file.remove();
         }
         self.handing_over = true;
-        self.stop(false, libc::SIGUSR2);
+        self.stop(false, "hand-over");
     }
 
     fn roll_back_upgrade(&mut self, why: &str) {
@@ -694,19 +694,19 @@ impl Master {
         std::process::exit(code)
     }
 
-    /// TERM/QUIT (graceful) or INT (quick).
-    fn stop(&mut self, quick: bool, signal: libc::c_int) {
+    /// TERM/QUIT or a hand-over (graceful), INT (quick).
+    fn stop(&mut self, quick: bool, why: &str) {
         if self.stopping.as_ref().is_some_and(|s| s.quick || !quick) {
             return;
         }
         let (command, timeout) = if quick {
-            info!("{}: quick stop", signals::name(signal));
+            info!("{why}: quick stop");
             (Command::QuickStop, QUICK_STOP_TIMEOUT)
         } else {
             let timeout = self.config.graceful_timeout();
             info!(
                 "{}: graceful stop, waiting up to {}s for workers",
-                signals::name(signal),
+                why,
                 timeout.as_secs()
             );
             (Command::GracefulStop, timeout)
