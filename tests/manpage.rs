@@ -1,0 +1,226 @@
+//! The man pages: both render with groff without a single warning, and each documents
+//! every long option its program's `--help` prints (and `raas`'s every subcommand).
+//!
+//! groff is required: CI installs it (`bash .ci/run`), and a missing groff fails here
+//! with a message saying so rather than skipping the check.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const RAASD_PAGE: &str = "man/raasd.8";
+const RAAS_PAGE: &str = "man/raas.1";
+
+fn page_path(page: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(page)
+}
+
+/// The page's source with roff's escaped dashes (`\-`) as plain dashes and without
+/// font changes or zero-width escapes, so that `\fB\-\-max\-line\fR` is found as
+/// `--max-line`.
+fn page_text(page: &str) -> String {
+    let path = page_path(page);
+    let source = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    plain_roff(&source)
+}
+
+/// `\-` becomes `-`; `\fX`, `\f(XX`, `\f[...]`, `\&` and `\%` go.
+fn plain_roff(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(at) = rest.find('\\') {
+        out.push_str(&rest[..at]);
+        let escape = &rest[at + 1..];
+        rest = if let Some(after) = escape.strip_prefix('\\') {
+            out.push_str("\\\\");
+            after
+        } else if let Some(after) = escape.strip_prefix('-') {
+            out.push('-');
+            after
+        } else if let Some(after) = escape.strip_prefix(['&', '%']) {
+            after
+        } else if let Some(font) = escape.strip_prefix('f') {
+            if let Some(name) = font.strip_prefix('(') {
+                name.get(2..).unwrap_or("")
+            } else if let Some(name) = font.strip_prefix('[') {
+                name.find(']').map_or("", |end| &name[end + 1..])
+            } else {
+                font.chars().next().map_or("", |c| &font[c.len_utf8()..])
+            }
+        } else {
+            out.push('\\');
+            escape
+        };
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Renders `page` with `groff -man -ww -z` (all warnings on, no output) and fails on
+/// any diagnostic or a non-zero exit.
+fn assert_renders_cleanly(page: &str) {
+    let path = page_path(page);
+    let output = match Command::new("groff")
+        .args(["-man", "-ww", "-z"])
+        .arg(&path)
+        .env("LC_ALL", "C")
+        .output()
+    {
+        Ok(output) => output,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+            "groff is not installed, so {page} cannot be checked: install it \
+             (Debian/Ubuntu: `apt-get install groff-base`, Fedora: `dnf install groff-base`, \
+             macOS: `brew install groff`); `bash .ci/run` installs it"
+        ),
+        Err(e) => panic!("cannot run groff: {e}"),
+    };
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stderr.trim().is_empty(),
+        "groff -man -ww -z {page}: {}\n{stderr}",
+        output.status
+    );
+}
+
+/// Runs `program args...` and returns its standard output, which must be a success.
+fn help_of(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .env("COLUMNS", "100")
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?}: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("help is UTF-8")
+}
+
+/// Every `--long-option` in `text`: a `--` not inside a word, then `[a-z-]+`.
+fn long_flags(text: &str) -> Vec<String> {
+    let bytes = text.as_bytes();
+    let mut flags = Vec::new();
+    let mut i = 0;
+    while i + 2 < bytes.len() {
+        let starts_flag = bytes[i] == b'-'
+            && bytes[i + 1] == b'-'
+            && bytes[i + 2].is_ascii_lowercase()
+            && (i == 0 || !is_flag_byte(bytes[i - 1]));
+        if !starts_flag {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        i += 2;
+        while i < bytes.len() && (bytes[i].is_ascii_lowercase() || bytes[i] == b'-') {
+            i += 1;
+        }
+        let flag = text[start..i].trim_end_matches('-').to_string();
+        if !flags.contains(&flag) {
+            flags.push(flag);
+        }
+    }
+    flags
+}
+
+fn is_flag_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+}
+
+/// Whether `flag` occurs in `text` as a whole option: `--max-requests` is not found
+/// inside `--max-requests-jitter`.
+fn mentions_flag(text: &str, flag: &str) -> bool {
+    text.match_indices(flag).any(|(at, _)| {
+        let before = text[..at].bytes().next_back();
+        let after = text[at + flag.len()..].bytes().next();
+        !before.is_some_and(is_flag_byte) && !after.is_some_and(is_flag_byte)
+    })
+}
+
+/// Subcommand names listed under `Commands:` in a clap help text (without `help`).
+fn subcommands(help: &str) -> Vec<String> {
+    help.lines()
+        .skip_while(|line| line.trim() != "Commands:")
+        .skip(1)
+        .take_while(|line| !line.trim().is_empty())
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| *name != "help")
+        .map(str::to_string)
+        .collect()
+}
+
+fn assert_documents_flags(page: &str, help: &str, source: &str) {
+    let text = page_text(page);
+    let flags = long_flags(help);
+    assert!(
+        flags.iter().any(|f| f == "--help"),
+        "no long options found in `{source}`:\n{help}"
+    );
+    let missing: Vec<&String> = flags
+        .iter()
+        .filter(|flag| !mentions_flag(&text, flag))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{page} does not document these options of `{source}`: {missing:?}"
+    );
+}
+
+#[test]
+fn flag_scanner_finds_whole_options() {
+    let help =
+        "  -w, --workers <N>\n      --max-requests-jitter <J>\n  x--y, a --b-\n --max-line\n";
+    assert_eq!(
+        long_flags(help),
+        ["--workers", "--max-requests-jitter", "--b", "--max-line"]
+    );
+    assert!(mentions_flag(
+        ".B --max-requests-jitter",
+        "--max-requests-jitter"
+    ));
+    assert!(!mentions_flag(".B --max-requests-jitter", "--max-requests"));
+    let roff =
+        plain_roff(".BI \\-\\-max\\-line \\fB\\-\\-max\\-requests\\fR, \\f(CWbench\\fP x\\e");
+    assert_eq!(roff, ".BI --max-line --max-requests, bench x\\e");
+    assert!(mentions_flag(&roff, "--max-requests"));
+    assert!(mentions_flag(&roff, "bench"));
+}
+
+#[test]
+fn raasd_page_renders_without_warnings() {
+    assert_renders_cleanly(RAASD_PAGE);
+}
+
+#[test]
+fn raas_page_renders_without_warnings() {
+    assert_renders_cleanly(RAAS_PAGE);
+}
+
+#[test]
+fn raasd_page_documents_every_option() {
+    let help = help_of(env!("CARGO_BIN_EXE_raasd"), &["--help"]);
+    assert_documents_flags(RAASD_PAGE, &help, "raasd --help");
+}
+
+#[test]
+fn raas_page_documents_every_option_and_subcommand() {
+    let raas = env!("CARGO_BIN_EXE_raas");
+    let help = help_of(raas, &["--help"]);
+    assert_documents_flags(RAAS_PAGE, &help, "raas --help");
+    let text = page_text(RAAS_PAGE);
+    let commands = subcommands(&help);
+    assert!(
+        commands.iter().any(|c| c == "bench"),
+        "`raas --help` lists no bench subcommand:\n{help}"
+    );
+    for command in commands {
+        assert!(
+            mentions_flag(&text, &command),
+            "{RAAS_PAGE} does not document the subcommand `raas {command}`"
+        );
+        let sub_help = help_of(raas, &[&command, "--help"]);
+        assert_documents_flags(RAAS_PAGE, &sub_help, &format!("raas {command} --help"));
+    }
+}
