@@ -173,6 +173,7 @@ pub fn load(args: &[OsString]) -> Result<Config, LoadError> {
         .map_err(LoadError::CommandLine)?;
     let on_command_line = Config::from_arg_matches(&matches).map_err(LoadError::CommandLine)?;
     let Some(path) = &on_command_line.config else {
+        reject_duplicate_listeners(&on_command_line)?;
         return Ok(on_command_line);
     };
     let text = std::fs::read_to_string(path).map_err(|e| {
@@ -221,7 +222,27 @@ pub fn load(args: &[OsString]) -> Result<Config, LoadError> {
         return Err(LoadError::File(errors));
     }
     merged.extend(args.iter().skip(1).cloned());
-    Config::try_parse_from(merged).map_err(LoadError::CommandLine)
+    let config = Config::try_parse_from(merged).map_err(LoadError::CommandLine)?;
+    reject_duplicate_listeners(&config)?;
+    Ok(config)
+}
+
+/// The same address twice is a mistake, not a request to bind twice (port 0 aside:
+/// each asks for a port of its own).
+fn reject_duplicate_listeners(config: &Config) -> Result<(), LoadError> {
+    let errors: Vec<String> = config
+        .listen
+        .iter()
+        .enumerate()
+        .filter(|(_, addr)| !matches!(addr, ListenAddr::Tcp(a) if a.port() == 0))
+        .filter(|(i, addr)| config.listen[..*i].contains(addr))
+        .map(|(_, addr)| format!("listen address {addr} is given twice"))
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(LoadError::File(errors))
+    }
 }
 
 /// The clap argument id of a config file key, when the key names an option.
@@ -531,6 +552,20 @@ mod tests {
             panic!("a missing file must fail");
         };
         assert!(errors[0].contains("cannot read config file"), "{errors:?}");
+    }
+
+    #[test]
+    fn an_address_given_twice_is_refused_but_port_0_twice_is_fine() {
+        let Err(LoadError::File(errors)) =
+            load_args(&["raasd", "-l", "127.0.0.1:5", "-l", "127.0.0.1:5"])
+        else {
+            panic!("a duplicate must fail");
+        };
+        assert_eq!(
+            errors,
+            vec!["listen address 127.0.0.1:5 is given twice".to_string()]
+        );
+        assert!(load_args(&["raasd", "-l", "127.0.0.1:0", "-l", "127.0.0.1:0"]).is_ok());
     }
 
     #[test]

@@ -181,14 +181,18 @@ impl Connection {
                     reads += 1;
                     self.bytes_in += n as u64;
                     self.last_active = now;
+                    let answered = self.codec.replies();
                     if self.codec.feed(&scratch[..n], &mut self.out).is_err() {
                         // The codec wrote the ERR line; the conversation is over.
                         self.state = State::Finishing {
                             client_closed: false,
                         };
                     }
+                    // The clock runs for the line now incomplete: it started in this
+                    // read if a line was completed here, else it started earlier.
                     self.line_started = match self.codec.pending_len() {
                         0 => None,
+                        _ if self.codec.replies() > answered => Some(now),
                         _ => self.line_started.or(Some(now)),
                     };
                     if self.pending() >= WRITE_AT {
@@ -299,13 +303,16 @@ impl Connection {
             State::Lingering { .. } => None,
             _ if exceeded(self.last_active, self.idle_timeout) => Some(Turn::Close),
             // A line trickling in a byte at a time (slowloris) is not idle, but it
-            // must end some time.
+            // must end some time: the replies owed are written, then it is closed.
             State::Open
                 if self
                     .line_started
                     .is_some_and(|start| exceeded(start, self.line_timeout)) =>
             {
-                Some(Turn::Close)
+                self.state = State::Finishing {
+                    client_closed: false,
+                };
+                Some(Turn::Again)
             }
             State::Open if self.stopping_grace.is_some_and(|end| now >= end) => {
                 self.readable = true;

@@ -151,7 +151,12 @@ pub fn inherited() -> Result<(Inheritance, Vec<Configured>), String> {
                 .map_err(|e| format!("cannot adopt inherited {addr} (fd {fd}): {}", plain(&e)))?;
             adopted.push(Configured { addr, listener });
         }
-        return Ok((Inheritance::Upgrade, adopted));
+        // Sockets systemd gave the first master stay the only ones after upgrades.
+        let how = match std::env::var(crate::upgrade::SOCKETS_FIXED) {
+            Ok(fixed) if fixed == "1" => Inheritance::Systemd,
+            _ => Inheritance::Upgrade,
+        };
+        return Ok((how, adopted));
     }
     let fds = sd_notify::listen_fds().map_err(|e| format!("socket activation: {e}"))?;
     if fds.len() == 0 {

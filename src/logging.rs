@@ -35,11 +35,22 @@ pub fn init(level: Option<LevelFilter>, file: Option<&Path>) -> Result<(), Strin
         }
         None => env_logger::Target::Stderr,
     };
-    let mut builder =
-        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
-    if level.is_some() {
-        // The level is then set by set_level, which a reload may call again.
-        builder.filter_level(LevelFilter::Trace);
+    // A plain level (from --log-level, or RUST_LOG=debug) is applied as the global
+    // maximum, which a reload can change either way; RUST_LOG with per-module
+    // directives is handed to env_logger and fixed for the life of the process.
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let plain_rust_log = rust_log
+        .as_deref()
+        .map_or(Some(LevelFilter::Info), |v| v.trim().parse().ok());
+    let mut builder = env_logger::Builder::new();
+    match plain_rust_log {
+        Some(base) => {
+            BASE_LEVEL.store(base as usize, Ordering::Relaxed);
+            builder.filter_level(LevelFilter::Trace);
+        }
+        None => {
+            builder.parse_filters(rust_log.as_deref().unwrap_or_default());
+        }
     }
     builder
         .format(|buf, record| {
@@ -60,12 +71,28 @@ pub fn init(level: Option<LevelFilter>, file: Option<&Path>) -> Result<(), Strin
     Ok(())
 }
 
-/// Applies `--log-level` (None leaves RUST_LOG's choice as it is).
+/// Applies `--log-level`, or, when it is not set, goes back to RUST_LOG's level
+/// (when RUST_LOG is a plain level; per-module directives stay as they are).
 pub fn set_level(level: Option<LevelFilter>) {
-    if let Some(level) = level {
+    let base = LEVELS.get(BASE_LEVEL.load(Ordering::Relaxed)).copied();
+    if let Some(level) = level.or(base) {
         log::set_max_level(level);
     }
 }
+
+/// LevelFilter by its number (`LevelFilter as usize`).
+const LEVELS: [LevelFilter; 6] = [
+    LevelFilter::Off,
+    LevelFilter::Error,
+    LevelFilter::Warn,
+    LevelFilter::Info,
+    LevelFilter::Debug,
+    LevelFilter::Trace,
+];
+
+/// The level RUST_LOG (or the default, info) gave, when it was a plain level;
+/// out of LEVELS' range when it was not.
+static BASE_LEVEL: AtomicUsize = AtomicUsize::new(usize::MAX);
 
 /// Reopens the log file at its path (USR1): after a rotation, lines go to the new
 /// file. Nothing to do when logging to stderr.

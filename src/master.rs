@@ -162,7 +162,8 @@ impl Master {
         if let (Some(path), None) = (&config.pid, &predecessor) {
             pidfile::check_not_running(path)?;
         }
-        let exe = std::env::current_exe().map_err(|e| format!("cannot find my own binary: {e}"))?;
+        let exe = upgrade::binary_path(args.first().map(OsString::as_os_str))
+            .map_err(|e| format!("cannot find my own binary: {e}"))?;
         let identity = privileges::resolve(config.user.as_deref(), config.group.as_deref())?;
         let scoreboard =
             Scoreboard::new().map_err(|e| format!("cannot map the scoreboard: {e}"))?;
@@ -251,8 +252,10 @@ impl Master {
     /// The master loop. Returns the exit status.
     fn supervise(mut self) -> i32 {
         loop {
-            self.reap_all_workers();
+            // Signals first: when a whole process group is signalled (Ctrl-C, systemd's
+            // control-group stop), the workers' exits must be read as part of the stop.
             self.handle_signals();
+            self.reap_all_workers();
             if self.stopping.is_some() && self.workers.is_empty() {
                 break;
             }
@@ -458,8 +461,15 @@ impl Master {
             error!("upgrade aborted: {e}");
             return;
         }
-        match upgrade::start_successor(&self.exe, &self.args, &self.listeners, self.generation + 1)
-        {
+        let sockets_fixed = self.inheritance == Inheritance::Systemd;
+        let generation = self.generation + 1;
+        match upgrade::start_successor(
+            &self.exe,
+            &self.args,
+            &self.listeners,
+            generation,
+            sockets_fixed,
+        ) {
             Ok(successor) => {
                 info!(
                     "upgrade: started {} as pid {}",
@@ -482,7 +492,12 @@ impl Master {
             "upgrade: new master pid {} is ready; retiring",
             successor.pid
         );
-        notify_systemd(&[NotifyState::MainPid(successor.pid.as_raw() as u32)]);
+        // systemd (NotifyAccess=main) hears only the main pid: name the successor
+        // and vouch for its readiness in one message, before leaving.
+        notify_systemd(&[
+            NotifyState::MainPid(successor.pid.as_raw() as u32),
+            NotifyState::Ready,
+        ]);
         if let Some(pid_file) = self.pid_file.take() {
             pid_file.remove();
         }
@@ -522,6 +537,8 @@ impl Master {
     /// Everything serves: tell whoever waits for it.
     fn announce_ready(&mut self) {
         if let Some(predecessor) = self.predecessor.take() {
+            // The old master, still systemd's main pid, reports our readiness for us.
+            self.systemd_ready = true;
             if let Some(path) = &self.config.pid {
                 match PidFile::write(path, std::process::id()) {
                     Ok(pid_file) => self.pid_file = Some(pid_file),
@@ -715,7 +732,9 @@ impl Master {
             w.retiring = true;
             let _ = w.channel.send(command);
         }
-        notify_systemd(&[NotifyState::Stopping]);
+        if !self.handing_over {
+            notify_systemd(&[NotifyState::Stopping]);
+        }
         if let Some((successor, _)) = self.successor.take() {
             info!(
                 "stopping: the upgrade to pid {} is abandoned",

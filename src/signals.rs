@@ -3,7 +3,9 @@
 //! Owns the only signal handlers raasd installs. A handler does two async-signal-safe
 //! things and nothing else: it adds one to the counter of its signal and writes a byte
 //! to a socketpair. The process's loop polls the read end and, awake, takes the counts.
-//! Counting (not just flagging) matters: twenty TTINs are twenty workers more.
+//! Counting (not just flagging) matters: every TTIN the kernel delivers is one worker
+//! more. (The kernel itself merges a signal sent again while the first is still
+//! pending, so signals sent back-to-back in the same instant may count once.)
 //!
 //! Invariant: after fork the child must `uninstall` the parent's set before it
 //! unblocks signals, or a signal meant for the child would be counted in memory it

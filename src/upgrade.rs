@@ -22,6 +22,8 @@ use crate::listeners::{self, Configured};
 
 pub const READY_FD: &str = "RAASD_READY_FD";
 pub const GENERATION: &str = "RAASD_GENERATION";
+/// Set when the listeners came from systemd: the successor serves exactly them too.
+pub const SOCKETS_FIXED: &str = "RAASD_SOCKETS_FIXED";
 
 /// A new master, started by this one, not yet known to be ready.
 pub struct Successor {
@@ -44,12 +46,19 @@ pub fn start_successor(
     args: &[OsString],
     listeners: &[Configured],
     generation: u64,
+    sockets_fixed: bool,
 ) -> io::Result<Successor> {
     let (ready, ready_for_child) = UnixStream::pair()?;
     ready.set_nonblocking(true)?;
     fcntl(&ready_for_child, FcntlArg::F_SETFD(FdFlag::empty()))?;
     let spec = listeners::set_inheritable(listeners, true)?;
-    let spawned = Command::new(exe)
+    let mut command = Command::new(exe);
+    if sockets_fixed {
+        command.env(SOCKETS_FIXED, "1");
+    } else {
+        command.env_remove(SOCKETS_FIXED);
+    }
+    let spawned = command
         .args(args.iter().skip(1))
         .env(listeners::INHERITED_FDS, spec)
         .env(READY_FD, ready_for_child.as_raw_fd().to_string())
@@ -111,6 +120,26 @@ impl Predecessor {
     pub fn announce_ready(self) -> io::Result<()> {
         (&self.ready).write_all(b"R")
     }
+}
+
+/// The binary USR2 executes: the path raasd was started by, made absolute now (the
+/// working directory may change) but with symlinks kept, so that switching a
+/// `current -> v2` link upgrades to v2. A bare name is looked up in PATH.
+pub fn binary_path(argv0: Option<&std::ffi::OsStr>) -> io::Result<std::path::PathBuf> {
+    let Some(argv0) = argv0.map(Path::new) else {
+        return std::env::current_exe();
+    };
+    if argv0.is_absolute() {
+        return Ok(argv0.to_path_buf());
+    }
+    if argv0.components().count() > 1 {
+        return Ok(std::env::current_dir()?.join(argv0));
+    }
+    let search = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&search)
+        .map(|dir| dir.join(argv0))
+        .find(|candidate| candidate.is_file())
+        .map_or_else(std::env::current_exe, Ok)
 }
 
 /// The generation this master starts at: one more than its predecessor's.

@@ -63,8 +63,8 @@ struct PipeArgs {
     #[arg(value_name = "ADDR", default_value = "127.0.0.1:2200")]
     addr: Addr,
 
-    /// Seconds to keep trying to reach the server before giving up (counted from the
-    /// last reply received); 0 = give up at the first failure.
+    /// Seconds to keep retrying once attempts fail, counted from the first failure
+    /// since the last reply; 0 = give up at the first failure.
     #[arg(long, value_name = "SECS", default_value_t = 60.0, value_parser = parse_secs)]
     retry_for: f64,
 }

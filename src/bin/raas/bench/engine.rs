@@ -119,13 +119,16 @@ struct Slot {
     /// connection.
     resend: VecDeque<Req>,
     replies_on_conn: u64,
+    /// When the current connection's connect began: in connect mode a request's
+    /// latency counts from there.
+    connect_began: Instant,
     next_payload: usize,
     /// The run is over for this slot.
     done: bool,
 }
 
 impl Slot {
-    fn new(first_payload: usize) -> Slot {
+    fn new(first_payload: usize, now: Instant) -> Slot {
         Slot {
             socket: None,
             generation: 0,
@@ -137,6 +140,7 @@ impl Slot {
             inflight: VecDeque::new(),
             resend: VecDeque::new(),
             replies_on_conn: 0,
+            connect_began: now,
             next_payload: first_payload,
             done: false,
         }
@@ -180,7 +184,7 @@ pub fn run_thread(
         shared,
         epoll,
         slots: (0..slots)
-            .map(|i| Slot::new((i * 31 + index * 17) % pool))
+            .map(|i| Slot::new((i * 31 + index * 17) % pool, plan.start))
             .collect(),
         live: slots,
         timers: BinaryHeap::new(),
@@ -392,6 +396,7 @@ impl Engine<'_> {
         }
         slot.socket = Some(socket);
         slot.conn = Conn::Connecting { since: self.now };
+        slot.connect_began = self.now;
         slot.replies_on_conn = 0;
         if connected {
             self.on_open(i);
@@ -443,8 +448,7 @@ impl Engine<'_> {
             }
             Conn::Open => {
                 let generation = self.slots[i].generation;
-                let closing =
-                    EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR;
+                let closing = EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR;
                 if flags.intersects(EpollFlags::EPOLLIN | closing) {
                     // A close that had already arrived raises no later edge: the
                     // short-read shortcut would miss it, so read to the end.
@@ -501,9 +505,13 @@ impl Engine<'_> {
         let p = slot.next_payload;
         slot.next_payload = (p + 1) % pool;
         slot.out.extend_from_slice(self.plan.payloads.request(p));
+        let sent = match self.plan.mode {
+            Mode::Connect => slot.connect_began,
+            Mode::Persist | Mode::Idle => self.now,
+        };
         slot.inflight.push_back(Req {
             payload: p as u32,
-            sent: self.now,
+            sent,
         });
     }
 

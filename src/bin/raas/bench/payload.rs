@@ -109,13 +109,16 @@ mod tests {
     #[test]
     fn unicode_lines_hold_multi_codepoint_graphemes() {
         let p = Payloads::generate(20, 200, true, Unit::Graphemes);
-        let joined: Vec<u8> = (0..p.len()).flat_map(|i| p.request(i).to_vec()).collect();
-        let text = String::from_utf8(joined).unwrap();
-        assert!(
-            text.contains('\u{200D}') || text.contains('\u{301}') || text.contains('\u{1F1EB}')
-        );
-        // Reversal by graphemes differs from reversal by chars on such text.
-        let by_chars = Payloads::generate(1, 0, false, Unit::Chars);
-        assert_eq!(by_chars.reply(0), b"\n");
+        let by_chars = |i: usize| {
+            let line = std::str::from_utf8(&p.request(i)[..200]).unwrap();
+            let mut r: String = line.chars().rev().collect();
+            r.push('\n');
+            r.into_bytes()
+        };
+        // With multi-codepoint graphemes in every line, reversing by graphemes is
+        // not reversing by chars.
+        for i in 0..p.len() {
+            assert_ne!(p.reply(i), by_chars(i), "line {i}");
+        }
     }
 }
