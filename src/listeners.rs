@@ -22,7 +22,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
-use socket2::{Domain, SockAddr, Socket, Type};
+use socket2::{Domain, SockAddr, SockRef, Socket, Type};
 
 use crate::config::ListenAddr;
 use crate::privileges::Identity;
@@ -307,12 +307,13 @@ impl Listener {
 
     /// Accepts one connection, non-blocking like its listener.
     pub fn accept(&self) -> io::Result<Stream> {
-        let stream = match self {
-            Listener::Tcp(l) => Stream::Tcp(l.accept()?.0),
-            Listener::Unix(l, _) => Stream::Unix(l.accept()?.0),
-        };
-        stream.set_nonblocking()?;
-        Ok(stream)
+        // accept4 makes the socket non-blocking and close-on-exec in the same call:
+        // one system call per connection fewer than accept + ioctl.
+        let (socket, _) = SockRef::from(self).accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)?;
+        Ok(match self {
+            Listener::Tcp(_) => Stream::Tcp(socket.into()),
+            Listener::Unix(..) => Stream::Unix(UnixStream::from(OwnedFd::from(socket))),
+        })
     }
 }
 
@@ -333,13 +334,6 @@ pub enum Stream {
 }
 
 impl Stream {
-    fn set_nonblocking(&self) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.set_nonblocking(true),
-            Stream::Unix(s) => s.set_nonblocking(true),
-        }
-    }
-
     pub fn shutdown_write(&self) -> io::Result<()> {
         match self {
             Stream::Tcp(s) => s.shutdown(Shutdown::Write),

@@ -32,8 +32,11 @@ pub const CELLS: usize = 2 * MAX_WORKERS;
 #[derive(Default)]
 pub struct Cell {
     pub pid: AtomicU64,
-    /// 1 while the worker accepts connections (from start until it stops).
+    /// 1 while the worker serves (from its start until it stops).
     pub serving: AtomicU64,
+    /// From when (monotonic ms) the worker accepts: 0 while it does, a moment ahead
+    /// while it steps back, u64::MAX while it is full.
+    pub accepts_from_ms: AtomicU64,
     pub generation: AtomicU64,
     /// Milliseconds on the monotonic clock (shared by all processes) of the last beat.
     pub heartbeat_ms: AtomicU64,
@@ -69,6 +72,7 @@ impl Cell {
     pub fn release(&self) {
         self.pid.store(0, Relaxed);
         self.serving.store(0, Relaxed);
+        self.accepts_from_ms.store(u64::MAX, Relaxed);
         self.connections.store(0, Relaxed);
     }
 
@@ -108,6 +112,14 @@ pub struct Header {
     pub cells_in_use: AtomicU64,
 }
 
+/// See [`Scoreboard::siblings_load`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Load {
+    pub connections: u64,
+    pub workers: u64,
+    pub accepting: u64,
+}
+
 pub struct Scoreboard {
     map: NonNull<Header>,
 }
@@ -144,15 +156,20 @@ impl Scoreboard {
         unsafe { self.map.add(1).cast::<Cell>().add(index).as_ref() }
     }
 
-    /// Connections held by serving workers, and how many workers serve.
-    pub fn serving_load(&self) -> (u64, u64) {
+    /// What the serving workers other than `me` hold: connections, how many they
+    /// are, and how many accept at `now_ms` (or would, as soon as they run).
+    pub fn siblings_load(&self, me: &Cell, now_ms: u64) -> Load {
         let in_use = (self.header().cells_in_use.load(Relaxed) as usize).min(CELLS);
-        (0..in_use)
-            .map(|i| self.cell(i))
-            .filter(|cell| cell.serving.load(Relaxed) == 1)
-            .fold((0, 0), |(conns, workers), cell| {
-                (conns + cell.connections.load(Relaxed), workers + 1)
-            })
+        let mut load = Load::default();
+        for cell in (0..in_use).map(|i| self.cell(i)) {
+            if std::ptr::eq(cell, me) || cell.serving.load(Relaxed) != 1 {
+                continue;
+            }
+            load.connections += cell.connections.load(Relaxed);
+            load.workers += 1;
+            load.accepting += u64::from(cell.accepts_from_ms.load(Relaxed) <= now_ms);
+        }
+        load
     }
 }
 
@@ -192,7 +209,9 @@ mod tests {
         board.header().cells_in_use.store(5, Relaxed);
         board.cell(3).serving.store(1, Relaxed);
         board.cell(4).serving.store(1, Relaxed);
-        assert_eq!(board.serving_load(), (1, 2));
+        board.cell(4).accepts_from_ms.store(u64::MAX, Relaxed);
+        let load = board.siblings_load(board.cell(4), monotonic_ms());
+        assert_eq!((load.connections, load.workers, load.accepting), (1, 1, 1));
         board.cell(CELLS - 1).claim(1, 1);
     }
 }

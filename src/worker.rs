@@ -35,7 +35,9 @@ const SIGNALS: u64 = u64::MAX - 1;
 /// Listener i has token LISTENERS - i; connection k has token k.
 const LISTENERS: u64 = u64::MAX - 2;
 /// How long a worker holding well above its share of connections stops accepting.
-const STEP_BACK: Duration = Duration::from_millis(10);
+const STEP_BACK: Duration = Duration::from_millis(2);
+/// Fewer connections than this never make a worker step back.
+const STEP_BACK_FLOOR: u64 = 8;
 /// How long accepting pauses when the process is out of file descriptors.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// How long a worker whose master died may take to finish.
@@ -284,8 +286,14 @@ impl<'a> Worker<'a> {
         }
         let in_service = self.stop_deadline.is_none();
         self.cell.serving.store(u64::from(in_service), Relaxed);
-        let wanted =
-            in_service && self.accept_paused_until.is_none() && self.open < self.serving.max_conns;
+        let full = self.open >= self.serving.max_conns;
+        let wanted = in_service && self.accept_paused_until.is_none() && !full;
+        let accepts_from = match self.accept_paused_until {
+            _ if !in_service || full => u64::MAX,
+            Some(until) => monotonic_ms() + until.saturating_duration_since(now).as_millis() as u64,
+            None => 0,
+        };
+        self.cell.accepts_from_ms.store(accepts_from, Relaxed);
         if wanted != self.accepting {
             self.accepting = wanted;
             for (which, listener) in self.listeners.iter().enumerate() {
@@ -345,14 +353,23 @@ impl<'a> Worker<'a> {
     }
 
     /// EPOLLEXCLUSIVE wakes a sleeping worker before a busy one, so under load one
-    /// worker can collect far more connections than its siblings; it then steps back.
+    /// worker can collect far more connections than its siblings; it then steps back,
+    /// when it holds enough connections for the imbalance to matter (short
+    /// connect-per-request bursts come and go too fast to be worth a pause) and a
+    /// sibling accepts meanwhile — or will as soon as it runs: a sibling whose own
+    /// step back is over counts, even when starved of CPU and not yet back in its
+    /// loop, or the busiest worker would keep every connection.
     fn holds_more_than_its_share(&self) -> bool {
-        let (connections, workers) = self.board.serving_load();
-        if workers < 2 {
+        let mine = self.open as u64;
+        if mine < STEP_BACK_FLOOR {
             return false;
         }
-        let share = connections / workers;
-        self.open as u64 > share + (share / 8).max(2)
+        let siblings = self.board.siblings_load(self.cell, monotonic_ms());
+        if siblings.accepting == 0 {
+            return false;
+        }
+        let share = (siblings.connections + mine) / (siblings.workers + 1);
+        mine > share + (share / 8).max(2)
     }
 
     fn pause_accepting(&mut self, now: Instant, error: &io::Error) {
