@@ -33,6 +33,11 @@ const LINGER: Duration = Duration::from_secs(2);
 /// During a stop, how long a connection may take to send its first line or finish
 /// the line it started.
 const STOP_GRACE: Duration = Duration::from_secs(1);
+/// During a stop, how much more input a connection may send before it is finished
+/// anyway: a client streaming without pause must not hold a stopping worker until
+/// --graceful-timeout. (More than a socket's receive buffer: what was already
+/// received when the stop began is answered.)
+const STOP_READ_BUDGET: u64 = 8 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -95,6 +100,8 @@ pub struct Connection {
     idle_timeout: Option<Duration>,
     /// Set when the worker stops: the end of the grace this connection gets.
     stopping_grace: Option<Instant>,
+    /// bytes_in when the stop began.
+    bytes_in_at_stop: u64,
 }
 
 impl Connection {
@@ -115,6 +122,7 @@ impl Connection {
             line_timeout: serving.line_timeout,
             idle_timeout: serving.idle_timeout,
             stopping_grace: None,
+            bytes_in_at_stop: 0,
         }
     }
 
@@ -133,6 +141,7 @@ impl Connection {
     pub fn stop(&mut self, now: Instant) {
         if self.stopping_grace.is_none() {
             self.stopping_grace = Some(now + STOP_GRACE);
+            self.bytes_in_at_stop = self.bytes_in;
             self.readable = true;
         }
     }
@@ -197,6 +206,13 @@ impl Connection {
                     };
                     if self.pending() >= WRITE_AT {
                         self.write_out(now)?;
+                    }
+                    let streaming_through_stop = self.stopping_grace.is_some()
+                        && self.bytes_in - self.bytes_in_at_stop >= STOP_READ_BUDGET;
+                    if streaming_through_stop && self.state == State::Open {
+                        self.state = State::Finishing {
+                            client_closed: false,
+                        };
                     }
                     // A short read emptied the socket: edge-triggered readiness will
                     // report the next input, so the read that would say EAGAIN is saved.
