@@ -293,6 +293,8 @@ impl Master {
                 continue;
             }
             let Some(at) = self.workers.iter().position(|w| w.pid == pid) else {
+                // A successor given up on (its readiness pipe closed first).
+                info!("child pid {pid} exited ({how})");
                 continue;
             };
             let gone = self.workers.swap_remove(at);
@@ -509,10 +511,11 @@ impl Master {
         if let Some((successor, _)) = self.successor.take() {
             let _ = kill(successor.pid, Signal::SIGTERM);
         }
-        error!("upgrade failed, rolling back: {why}");
+        // The pid file first: whoever acts on the log line finds it back in place.
         if let Some(Err(e)) = self.pid_file.as_mut().map(PidFile::rename_back) {
             error!("{e}");
         }
+        error!("upgrade failed, rolling back: {why}");
         self.title.clear();
     }
 
