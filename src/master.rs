@@ -100,6 +100,8 @@ struct WorkerProcess {
     accepting: bool,
     /// It was told to stop gracefully.
     retiring: bool,
+    /// It was SIGKILLed for a missed heartbeat (and is not reaped yet).
+    killed: bool,
 }
 
 struct Stopping {
@@ -144,6 +146,8 @@ pub struct Master {
     /// When the previous pass of the loop ran, to notice that the master itself
     /// was stopped or the machine suspended.
     last_pass_ms: u64,
+    /// After such a hold-up: heartbeats are not due before this moment.
+    heartbeats_due_from_ms: u64,
     next_memory_sample: Instant,
     system: sysinfo::System,
     random: u64,
@@ -221,6 +225,7 @@ impl Master {
             identity,
             backoff: Vec::new(),
             last_pass_ms: scoreboard::monotonic_ms(),
+            heartbeats_due_from_ms: 0,
             next_memory_sample: Instant::now() + MEMORY_SAMPLE,
             system: sysinfo::System::new()
                 .map_err(|e| format!("cannot read process information: {e}"))?,
@@ -656,6 +661,7 @@ impl Master {
                     channel_open: true,
                     accepting: false,
                     retiring: false,
+                    killed: false,
                 });
                 true
             }
@@ -912,18 +918,26 @@ impl Master {
             return;
         }
         if since_last_pass > timeout_ms {
-            // The master itself did not run for a while (stopped, or the machine was
-            // suspended): workers had no chance to be seen beating. Skip one check.
-            info!("the master was held up {since_last_pass} ms; skipping one heartbeat check");
+            // The master itself did not run for a while (stopped, the whole tree frozen,
+            // the machine suspended): the workers may not have run either. Each gets a
+            // full --timeout from now to be seen beating.
+            info!(
+                "the master was held up {since_last_pass} ms; giving every worker {}s to beat",
+                self.config.timeout
+            );
+            self.heartbeats_due_from_ms = now_ms;
             return;
         }
-        for w in &self.workers {
+        let grace_age = now_ms.saturating_sub(self.heartbeats_due_from_ms);
+        for w in &mut self.workers {
             let age = self.scoreboard.cell(w.cell).heartbeat_age_ms(now_ms);
-            if age > timeout_ms {
+            // Killed once is enough: its channel closes before it can be reaped.
+            if age.min(grace_age) > timeout_ms && !w.killed {
                 warn!(
                     "worker[{}] pid {} missed its heartbeat: last beat {age} ms ago (timeout {}s); killing it",
                     w.slot, w.pid, self.config.timeout
                 );
+                w.killed = true;
                 let _ = kill(w.pid, Signal::SIGKILL);
             }
         }

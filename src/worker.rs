@@ -41,7 +41,7 @@ const STEP_BACK_FLOOR: u64 = 8;
 /// How long accepting pauses when the process is out of file descriptors.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// How long a worker whose master died may take to finish.
-const ORPHAN_DRAIN: Duration = Duration::from_millis(800);
+const ORPHAN_DRAIN: Duration = Duration::from_millis(500);
 const SCRATCH: usize = 64 * 1024;
 const EVENTS: usize = 256;
 
@@ -171,9 +171,10 @@ impl<'a> Worker<'a> {
         let mut next_tick = Instant::now() + self.serving.heartbeat;
         self.show_progress();
         loop {
-            let wake_at = self
-                .accept_paused_until
-                .map_or(next_tick, |t| t.min(next_tick));
+            let wake_at = [self.accept_paused_until, self.stop_deadline]
+                .into_iter()
+                .flatten()
+                .fold(next_tick, Instant::min);
             let timeout = if self.again.is_empty() {
                 wake_at.saturating_duration_since(Instant::now())
             } else {

@@ -1,0 +1,1101 @@
+//! Worker health and governance: heartbeat timeouts, a master that was stopped,
+//! crash-loop backoff, --max-requests and --max-worker-memory recycling, the death of
+//! the master, dropping privileges, and the counters in the titles.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::{self, ErrorKind, Read};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+// ---------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------
+
+fn signal_pid(pid: i32, sig: Signal) {
+    kill(Pid::from_raw(pid), sig).unwrap_or_else(|e| panic!("kill({pid}, {sig:?}): {e}"));
+}
+
+/// Continues and kills, when dropped, the processes a test stopped with SIGSTOP (if
+/// they are still the same processes), so that a failing test leaves none behind.
+struct Stopped(Vec<(i32, u64)>);
+
+impl Stopped {
+    fn new() -> Stopped {
+        Stopped(Vec::new())
+    }
+
+    /// SIGSTOPs `pid` and remembers it; waits until the kernel shows it stopped.
+    fn stop(&mut self, pid: i32) {
+        let start = proc_starttime(pid).unwrap_or_else(|| panic!("no process {pid}"));
+        self.0.push((pid, start));
+        signal_pid(pid, Signal::SIGSTOP);
+        wait_until(&format!("pid {pid} to be stopped"), SOON, || {
+            matches!(proc_state(pid), Some('T' | 't'))
+        });
+    }
+
+    /// SIGCONTs `pid` (the test's own continuation; the guard no longer kills it).
+    fn cont(&mut self, pid: i32) {
+        signal_pid(pid, Signal::SIGCONT);
+        self.0.retain(|&(p, _)| p != pid);
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        for &(pid, start) in &self.0 {
+            if proc_starttime(pid) == Some(start) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+            }
+        }
+    }
+}
+
+/// `N conns` and `M served` of a worker title `raasd worker[0] gen 1: 3 conns, 30 served`.
+fn title_counters(title: &str) -> Option<(u64, u64)> {
+    let status = title.split_once(": ")?.1;
+    let (conns, served) = status.split_once(", ")?;
+    Some((
+        conns.strip_suffix(" conns")?.parse().ok()?,
+        served.strip_suffix(" served")?.parse().ok()?,
+    ))
+}
+
+/// The `Uid:` or `Gid:` line of /proc/PID/status as its four numbers
+/// (real, effective, saved, filesystem).
+fn proc_ids(pid: i32, key: &str) -> Option<Vec<u32>> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    line[key.len()..]
+        .split_whitespace()
+        .map(|n| n.parse().ok())
+        .collect()
+}
+
+/// The number between `before` and `after` in `line`.
+fn number_between(line: &str, before: &str, after: &str) -> Option<u64> {
+    let rest = &line[line.find(before)? + before.len()..];
+    rest[..rest.find(after)?].trim().parse().ok()
+}
+
+/// A `raasd` that is expected to exit by itself; killed by pid when dropped.
+struct Exiting {
+    child: Child,
+    stderr: Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Exiting {
+    fn spawn(mut cmd: Command) -> io::Result<Exiting> {
+        let mut child = cmd
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stderr = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let mut pipe = child.stderr.take().expect("piped stderr");
+        let sink = stderr.clone();
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = pipe.read_to_end(&mut buf);
+            *sink.lock().unwrap_or_else(|e| e.into_inner()) = buf;
+        });
+        Ok(Exiting { child, stderr })
+    }
+
+    /// Waits for the exit (panics after `SOON`); returns the status and stderr.
+    fn wait(&mut self) -> (ExitStatus, String) {
+        let mut status = None;
+        let exited = poll_until(SOON, || {
+            status = self.child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        assert!(exited, "raasd (pid {}) did not exit", self.child.id());
+        // The pipe closes with the process: the reader thread finishes promptly.
+        let mut text = String::new();
+        poll_until(Duration::from_secs(2), || {
+            text = String::from_utf8_lossy(&self.stderr.lock().unwrap_or_else(|e| e.into_inner()))
+                .into_owned();
+            !text.is_empty()
+        });
+        (status.unwrap(), text)
+    }
+}
+
+impl Drop for Exiting {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Client load that checks every reply
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Default)]
+struct LoadReport {
+    /// Replies received and found correct.
+    replies: u64,
+    /// Connections the server closed before every reply owed had come (the lines
+    /// without a reply were sent again on a new connection).
+    reconnects: u64,
+    /// Refused, reset, timed out or wrong: each one fails the test.
+    failures: Vec<String>,
+    /// The longest time without a correct reply.
+    longest_silence: Duration,
+}
+
+/// Client threads hammering a server until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<LoadReport>>,
+}
+
+impl Load {
+    /// `persistent` threads that pipeline batches of `batch` lines on one connection
+    /// (every `pause`), and `per_request` threads that connect for each line.
+    fn start(
+        addr: SocketAddr,
+        persistent: usize,
+        batch: usize,
+        per_request: usize,
+        pause: Duration,
+    ) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for id in 0..persistent {
+            let stop = stop.clone();
+            threads.push(thread::spawn(move || {
+                pipelined_client(addr, id, batch, pause, &stop)
+            }));
+        }
+        for id in 0..per_request {
+            let stop = stop.clone();
+            threads.push(thread::spawn(move || {
+                connect_per_request_client(addr, id, pause, &stop)
+            }));
+        }
+        Load { stop, threads }
+    }
+
+    /// True while every thread still runs (a thread ends early only on a failure).
+    fn healthy(&self) -> bool {
+        self.threads.iter().all(|t| !t.is_finished())
+    }
+
+    fn finish(mut self) -> LoadReport {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut total = LoadReport::default();
+        for t in self.threads.drain(..) {
+            let r = t.join().expect("a client thread panicked");
+            total.replies += r.replies;
+            total.reconnects += r.reconnects;
+            total.failures.extend(r.failures);
+            total.longest_silence = total.longest_silence.max(r.longest_silence);
+        }
+        total
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn load_line(kind: &str, id: usize, n: u64) -> String {
+    format!("{kind}{id} line {n} noël 🇫🇷 e\u{301}")
+}
+
+/// EOF before a reply is a server closing after a drain; the client re-sends.
+fn pipelined_client(
+    addr: SocketAddr,
+    id: usize,
+    batch: usize,
+    pause: Duration,
+    stop: &AtomicBool,
+) -> LoadReport {
+    let mut report = LoadReport::default();
+    let mut conn: Option<LineClient<TcpStream>> = None;
+    let mut n = 0u64;
+    let mut last_reply = Instant::now();
+    while !stop.load(Ordering::SeqCst) {
+        let lines: Vec<String> = (0..batch as u64)
+            .map(|k| load_line("p", id, n + k))
+            .collect();
+        n += batch as u64;
+        let mut answered = 0;
+        let mut attempts = 0;
+        while answered < lines.len() {
+            attempts += 1;
+            if attempts > 20 {
+                report
+                    .failures
+                    .push(format!("p{id}: 20 connections closed without replies"));
+                return report;
+            }
+            let c = match conn.as_mut() {
+                Some(c) => c,
+                None => match LineClient::connect(addr) {
+                    Ok(c) => conn.insert(c),
+                    Err(e) => {
+                        report.failures.push(format!("p{id}: connect: {e}"));
+                        return report;
+                    }
+                },
+            };
+            let mut request = Vec::new();
+            for l in &lines[answered..] {
+                request.extend_from_slice(l.as_bytes());
+                request.push(b'\n');
+            }
+            if let Err(e) = c.send(&request) {
+                report.failures.push(format!("p{id}: send: {e}"));
+                return report;
+            }
+            while answered < lines.len() {
+                match c.read_reply() {
+                    Ok(Some(r)) => {
+                        let want = format!("{}\n", reverse_graphemes(&lines[answered]));
+                        if r != want.as_bytes() {
+                            report.failures.push(format!(
+                                "p{id}: wrong reply {:?} to {:?}",
+                                String::from_utf8_lossy(&r),
+                                lines[answered]
+                            ));
+                            return report;
+                        }
+                        answered += 1;
+                        report.replies += 1;
+                        report.longest_silence = report.longest_silence.max(last_reply.elapsed());
+                        last_reply = Instant::now();
+                    }
+                    Ok(None) => {
+                        report.reconnects += 1;
+                        conn = None;
+                        break;
+                    }
+                    Err(e) => {
+                        report.failures.push(format!("p{id}: read: {e}"));
+                        return report;
+                    }
+                }
+            }
+        }
+        thread::sleep(pause);
+    }
+    report
+}
+
+fn connect_per_request_client(
+    addr: SocketAddr,
+    id: usize,
+    pause: Duration,
+    stop: &AtomicBool,
+) -> LoadReport {
+    let mut report = LoadReport::default();
+    let mut last_reply = Instant::now();
+    let mut n = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        let line = load_line("c", id, n);
+        n += 1;
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            if attempts > 20 {
+                report
+                    .failures
+                    .push(format!("c{id}: 20 connections closed without a reply"));
+                return report;
+            }
+            let mut c = match LineClient::connect(addr) {
+                Ok(c) => c,
+                Err(e) => {
+                    report.failures.push(format!("c{id}: connect: {e}"));
+                    return report;
+                }
+            };
+            if let Err(e) = c.send_line(&line) {
+                report.failures.push(format!("c{id}: send: {e}"));
+                return report;
+            }
+            match c.read_reply() {
+                Ok(Some(r)) => {
+                    let want = format!("{}\n", reverse_graphemes(&line));
+                    if r != want.as_bytes() {
+                        report.failures.push(format!(
+                            "c{id}: wrong reply {:?} to {line:?}",
+                            String::from_utf8_lossy(&r)
+                        ));
+                        return report;
+                    }
+                    report.replies += 1;
+                    report.longest_silence = report.longest_silence.max(last_reply.elapsed());
+                    last_reply = Instant::now();
+                    break;
+                }
+                Ok(None) => report.reconnects += 1,
+                Err(e) => {
+                    report.failures.push(format!("c{id}: read: {e}"));
+                    return report;
+                }
+            }
+        }
+        thread::sleep(pause);
+    }
+    report
+}
+
+// ---------------------------------------------------------------------------------------
+// Heartbeat timeout
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn a_stopped_worker_is_killed_and_replaced_after_the_timeout() {
+    let s = Server::start(&["-w", "2", "-l", "127.0.0.1:0", "--timeout", "1"]);
+    let addr = s.addr();
+    s.wait_for_log("all 2 workers accepting", SOON);
+    let before = s.wait_workers(2);
+    let victim = before[1].pid;
+    let mut stopped = Stopped::new();
+
+    stopped.stop(victim);
+    let stopped_at = Instant::now();
+    let mut now = Vec::new();
+    let replaced = poll_until(Duration::from_secs(5), || {
+        now = s.workers();
+        now.iter().any(|w| w.slot == 1 && w.pid != victim)
+    });
+    let took = stopped_at.elapsed();
+    assert!(
+        replaced,
+        "worker[1] pid {victim}, stopped for {took:?} with --timeout 1, was not replaced; \
+         workers: {now:?}"
+    );
+    // Its last beat was at most a heartbeat interval (250 ms) before the stop.
+    assert!(
+        took >= Duration::from_millis(700),
+        "the stopped worker was replaced after {took:?}, before --timeout 1 could expire"
+    );
+    let line = s.wait_for_log(
+        &format!("worker[1] pid {victim} missed its heartbeat"),
+        SOON,
+    );
+    assert!(line.contains("killing it"), "{line:?}");
+    wait_until("the stopped worker to be killed and reaped", SOON, || {
+        proc_state(victim).is_none()
+    });
+    let after = s.wait_workers(2);
+    assert_eq!(after[0], before[0], "worker[0] untouched");
+    assert_eq!(title_core(&after[1].title), "raasd worker[1]");
+    s.wait_for_log(&format!("spawned worker[1] pid {}", after[1].pid), SOON);
+    for line in s.log_lines() {
+        assert!(
+            !line.contains("missed its heartbeat") || line.contains(&format!("pid {victim} ")),
+            "a worker other than the stopped one was killed: {line:?}"
+        );
+    }
+    for i in 0..10 {
+        let l = format!("after the heartbeat kill {i}");
+        assert_eq!(roundtrip(addr, &l), reverse_ascii(&l));
+    }
+    eprintln!("stopped worker replaced after {took:?}");
+}
+
+/// A stuck worker is killed once: one SIGKILL, one log line. (Between the kill and
+/// the reaping, the master can wake up: the kernel closes a dying process's
+/// descriptors, its control channel among them, before it becomes a zombie, and the
+/// heartbeat is still stale then. The stuck worker here holds 2000 client connections,
+/// whose closing widens that window.)
+#[test]
+fn a_stuck_worker_is_killed_once() {
+    let s = Server::start(&["-w", "1", "-l", "127.0.0.1:0", "--timeout", "1"]);
+    let addr = s.addr();
+    s.wait_for_log("all 1 workers accepting", SOON);
+    let victim = s.wait_workers(1).remove(0);
+    let baseline = socket_fd_count(victim.pid);
+    let clients: Vec<TcpStream> = (0..2000)
+        .map(|_| TcpStream::connect(addr).expect("connect"))
+        .collect();
+    wait_until("2000 connections accepted", SOON, || {
+        socket_fd_count(victim.pid) >= baseline + 2000
+    });
+    let mut stopped = Stopped::new();
+    stopped.stop(victim.pid);
+    wait_until("the stuck worker to be killed and reaped", SOON, || {
+        proc_state(victim.pid).is_none()
+    });
+    let after = s.wait_workers(1);
+    assert_ne!(after[0].pid, victim.pid);
+    drop(clients);
+    // Logged after the kill lines: the captured log holds them all then.
+    s.wait_for_log(&format!("spawned worker[0] pid {}", after[0].pid), SOON);
+    let kills: Vec<String> = s
+        .log_lines()
+        .into_iter()
+        .filter(|l| l.contains("missed its heartbeat"))
+        .collect();
+    assert_eq!(
+        kills.len(),
+        1,
+        "pid {} was killed {} times for one missed heartbeat:\n{}",
+        victim.pid,
+        kills.len(),
+        kills.join("\n")
+    );
+}
+
+#[test]
+fn idle_workers_are_never_killed_for_their_heartbeat() {
+    let s = Server::start(&["-w", "2", "-l", "127.0.0.1:0", "--timeout", "1"]);
+    let addr = s.addr();
+    s.wait_for_log("all 2 workers accepting", SOON);
+    let before = s.wait_workers(2);
+    // Nothing must happen: that takes a window, here five timeouts long.
+    assert_stays(
+        "the same two idle workers, none killed",
+        Duration::from_secs(5),
+        || s.workers() == before && s.count_log("missed its heartbeat") == 0,
+    );
+    assert_eq!(roundtrip(addr, "still here"), "ereh llits");
+}
+
+#[test]
+fn a_master_stopped_longer_than_the_timeout_kills_no_healthy_worker() {
+    let s = Server::start(&["-w", "2", "-l", "127.0.0.1:0", "--timeout", "1"]);
+    let addr = s.addr();
+    s.wait_for_log("all 2 workers accepting", SOON);
+    let before = s.wait_workers(2);
+    let mut stopped = Stopped::new();
+
+    stopped.stop(s.pid());
+    // The master being held up for longer than --timeout is the very situation under
+    // test, so this sleep is the test's subject, not a synchronisation: 2.5 timeouts.
+    thread::sleep(Duration::from_millis(2500));
+    // The workers went on beating (and serving) meanwhile.
+    assert_eq!(roundtrip(addr, "master asleep"), "peelsa retsam");
+    stopped.cont(s.pid());
+
+    s.wait_for_log("the master was held up", SOON);
+    assert_stays(
+        "the same workers and no heartbeat kill, 2 s after the master continued",
+        Duration::from_secs(2),
+        || s.workers() == before && s.count_log("missed its heartbeat") == 0,
+    );
+    assert_eq!(roundtrip(addr, "master awake"), "ekawa retsam");
+}
+
+/// As when the machine is suspended or the service's cgroup is frozen: master and
+/// workers are all stopped for longer than --timeout, then all continue (the master
+/// first, the harder order). Healthy workers must not be killed for the lost time.
+#[test]
+fn a_whole_frozen_tree_continued_kills_no_worker() {
+    let s = Server::start(&["-w", "4", "-l", "127.0.0.1:0", "--timeout", "1"]);
+    let addr = s.addr();
+    s.wait_for_log("all 4 workers accepting", SOON);
+    let before = s.wait_workers(4);
+    let mut stopped = Stopped::new();
+
+    stopped.stop(s.pid());
+    for w in &before {
+        stopped.stop(w.pid);
+    }
+    // The freeze itself is the subject: 2.5 timeouts long.
+    thread::sleep(Duration::from_millis(2500));
+    stopped.cont(s.pid());
+    for w in &before {
+        stopped.cont(w.pid);
+    }
+
+    assert_stays(
+        "the same workers and no heartbeat kill, 2 s after the thaw",
+        Duration::from_secs(2),
+        || s.workers() == before && s.count_log("missed its heartbeat") == 0,
+    );
+    assert_eq!(roundtrip(addr, "thawed"), "dewaht");
+}
+
+// ---------------------------------------------------------------------------------------
+// Crash-loop backoff
+// ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Default)]
+struct ProbeReport {
+    replies: u64,
+    retries: u64,
+    failures: Vec<String>,
+    longest_silence: Duration,
+}
+
+/// Connects for every line, every ~20 ms, until stopped. A connection that ends in
+/// EOF or a reset before its reply is retried (a worker is being SIGKILLed, and a
+/// connection it had accepted dies with it); refused or wrong is a failure.
+fn probe(addr: SocketAddr, stop: Arc<AtomicBool>) -> JoinHandle<ProbeReport> {
+    thread::spawn(move || {
+        let mut report = ProbeReport::default();
+        let mut last_reply = Instant::now();
+        let mut n = 0;
+        while !stop.load(Ordering::SeqCst) {
+            n += 1;
+            let line = format!("probe {n}");
+            let mut c = match LineClient::connect(addr) {
+                Ok(c) => c,
+                Err(e) => {
+                    report.failures.push(format!("connect: {e}"));
+                    break;
+                }
+            };
+            let reply = c.send_line(&line).and_then(|()| c.read_reply());
+            match reply {
+                Ok(Some(r)) if r == format!("{}\n", reverse_ascii(&line)).as_bytes() => {
+                    report.replies += 1;
+                    report.longest_silence = report.longest_silence.max(last_reply.elapsed());
+                    last_reply = Instant::now();
+                }
+                Ok(Some(r)) => {
+                    report.failures.push(format!(
+                        "wrong reply {:?} to {line:?}",
+                        String::from_utf8_lossy(&r)
+                    ));
+                    break;
+                }
+                Ok(None) => report.retries += 1,
+                Err(e)
+                    if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) =>
+                {
+                    report.retries += 1
+                }
+                Err(e) => {
+                    report.failures.push(format!("{line:?}: {e}"));
+                    break;
+                }
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        report
+    })
+}
+
+#[test]
+fn a_crash_looping_slot_backs_off_while_the_others_serve() {
+    const CRASHES: usize = 5;
+    let s = Server::start(&["-w", "3", "-l", "127.0.0.1:0"]);
+    let addr = s.addr();
+    s.wait_for_log("all 3 workers accepting", SOON);
+    let before = s.wait_workers(3);
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = probe(addr, stop.clone());
+
+    let crash_lines = || {
+        s.log_lines()
+            .into_iter()
+            .filter(|l| {
+                l.contains("worker[1] pid ") && l.contains(" after its start; respawning in ")
+            })
+            .count()
+    };
+    // (victim, time from just before its SIGKILL to seeing its successor)
+    let mut gaps: Vec<(i32, Duration)> = Vec::new();
+    let mut killed: BTreeSet<i32> = BTreeSet::new();
+    let mut victim = before[1].pid;
+    loop {
+        assert!(
+            gaps.len() <= CRASHES + 1,
+            "more kills than planned: {gaps:?}"
+        );
+        let t = Instant::now();
+        signal_pid(victim, Signal::SIGKILL);
+        killed.insert(victim);
+        let mut next = None;
+        wait_until("a new worker[1]", SOON, || {
+            next = s
+                .workers()
+                .into_iter()
+                .find(|w| w.slot == 1 && !killed.contains(&w.pid))
+                .map(|w| w.pid);
+            next.is_some()
+        });
+        gaps.push((victim, t.elapsed()));
+        // The crash line is logged when the victim is reaped, before its respawn.
+        if crash_lines() >= CRASHES {
+            break;
+        }
+        victim = next.unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    let probed = prober.join().expect("the probe thread");
+
+    let lines = s.log_lines();
+    let mut delays = Vec::new();
+    for &(pid, gap) in &gaps {
+        let needle = format!("worker[1] pid {pid} exited unexpectedly (killed by SIGKILL)");
+        let line = lines
+            .iter()
+            .find(|l| l.contains(&needle))
+            .unwrap_or_else(|| panic!("no log line {needle:?}"));
+        let Some(delay) = number_between(line, "respawning in ", " ms") else {
+            // Only the first victim, started with the server, may have lived past the
+            // crash window: then it is respawned at once, without a delay.
+            assert_eq!(
+                pid, before[1].pid,
+                "a fresh worker killed at once: {line:?}"
+            );
+            continue;
+        };
+        let lived = number_between(line, ") ", " ms after its start").expect("lifetime");
+        assert!(lived < 1000, "{line:?}");
+        assert!(
+            gap >= Duration::from_millis(delay),
+            "worker[1] came back {gap:?} after the kill of {pid}, before the {delay} ms \
+             delay its log line announced: {line:?}"
+        );
+        assert!(
+            // (Generous: the machine may be loaded; without backoff it would be ~0.)
+            gap < Duration::from_millis(delay + 2000),
+            "worker[1] came back only {gap:?} after the kill of {pid} ({line:?})"
+        );
+        delays.push((delay, gap));
+    }
+    let announced: Vec<u64> = delays.iter().map(|d| d.0).collect();
+    assert_eq!(
+        announced,
+        [100, 200, 400, 800, 1600],
+        "respawn delays of the crash loop: {delays:?}"
+    );
+    let measured: Vec<Duration> = delays.iter().map(|d| d.1).collect();
+    assert!(
+        measured[CRASHES - 1] >= Duration::from_millis(1600) && measured[CRASHES - 1] > measured[0],
+        "the gaps between respawns do not grow: {measured:?}"
+    );
+    eprintln!("crash-loop gaps: {measured:?}; probe: {probed:?}");
+
+    // The other slots were not touched and served all along.
+    let after = s.wait_workers(3);
+    assert_eq!(after[0], before[0], "worker[0] untouched");
+    assert_eq!(after[2], before[2], "worker[2] untouched");
+    assert!(
+        probed.failures.is_empty(),
+        "the other workers failed a client: {:?}",
+        probed.failures
+    );
+    assert!(probed.replies >= 20, "too few probes: {probed:?}");
+    assert!(
+        probed.longest_silence < Duration::from_secs(1),
+        "a client went {:?} without a reply while worker[1] crash-looped",
+        probed.longest_silence
+    );
+    s.wait_for_log("all 3 workers accepting", SOON);
+    assert_eq!(roundtrip(addr, "recovered"), "derevocer");
+}
+
+// ---------------------------------------------------------------------------------------
+// Recycling: --max-requests and --max-worker-memory
+// ---------------------------------------------------------------------------------------
+
+/// Every replaced worker exits by itself (status 0), and every reply was correct.
+fn assert_graceful_replacements(s: &Server, replaced: &[(usize, i32)]) {
+    for &(slot, pid) in replaced {
+        let line = s.wait_for_log(&format!("worker[{slot}] pid {pid} exited ("), SOON);
+        assert!(
+            line.contains("exited (exit status 0)"),
+            "a replaced worker must drain and exit 0: {line:?}"
+        );
+    }
+    assert_eq!(
+        s.count_log("exited unexpectedly"),
+        0,
+        "no worker may die while being recycled"
+    );
+}
+
+/// (slot, pid) of each master line containing `needle`
+/// (`worker[S] pid P <needle>`).
+fn replaced_workers(s: &Server, needle: &str) -> Vec<(usize, i32)> {
+    s.log_lines()
+        .iter()
+        .filter(|l| l.contains(needle))
+        .map(|l| {
+            let slot = number_between(l, "] worker[", "] pid ").expect("slot") as usize;
+            let pid = number_between(l, "] pid ", needle).expect("pid") as i32;
+            (slot, pid)
+        })
+        .collect()
+}
+
+#[test]
+fn max_requests_replaces_workers_without_failing_a_request() {
+    const MAX: u64 = 100;
+    const JITTER: u64 = 20;
+    const REPLACEMENTS: usize = 4;
+    /// What a worker may serve after crossing its limit, before it retires.
+    const MARGIN: u64 = 60;
+    let s = Server::start(&[
+        "-w",
+        "2",
+        "-l",
+        "127.0.0.1:0",
+        "--max-requests",
+        "100",
+        "--max-requests-jitter",
+        "20",
+    ]);
+    let addr = s.addr();
+    s.wait_for_log("all 2 workers accepting", SOON);
+    s.wait_workers(2);
+
+    // About 120 requests a second: two pipelining clients (batches of 5 every 100 ms)
+    // and two connecting for each line (every 100 ms), so that workers live a couple
+    // of seconds and their titles are seen.
+    let load = Load::start(addr, 2, 5, 2, Duration::from_millis(100));
+    let pipelined_batch = 5;
+    let mut max_served: BTreeMap<i32, u64> = BTreeMap::new();
+    let record_titles = |max_served: &mut BTreeMap<i32, u64>| {
+        for w in s.workers() {
+            if let Some((_, served)) = title_counters(&w.title) {
+                let m = max_served.entry(w.pid).or_default();
+                *m = (*m).max(served);
+            }
+        }
+    };
+    let started = Instant::now();
+    while s.count_log("reached --max-requests") < REPLACEMENTS {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "only {} replacements in 30 s",
+            s.count_log("reached --max-requests")
+        );
+        assert!(load.healthy(), "a client failed (see the report below)");
+        record_titles(&mut max_served);
+        thread::sleep(Duration::from_millis(20));
+    }
+    let report = load.finish();
+    eprintln!(
+        "max-requests load: {report:?} in {:?}; titles' max served: {max_served:?}",
+        started.elapsed()
+    );
+    assert!(
+        report.failures.is_empty(),
+        "requests failed while workers were recycled: {:?}",
+        report.failures
+    );
+
+    // Every replaced worker drains and exits; then exactly two remain.
+    let replaced = replaced_workers(&s, " reached --max-requests");
+    assert!(replaced.len() >= REPLACEMENTS, "{replaced:?}");
+    assert_graceful_replacements(&s, &replaced);
+    let replaced_pids: BTreeSet<i32> = replaced.iter().map(|r| r.1).collect();
+    wait_until("the last replaced worker to be gone", SOON, || {
+        replaced_pids.iter().all(|&p| !alive(p))
+    });
+    // (A worker may reach its limit just as the load stops: include it then.)
+    let final_replaced = replaced_workers(&s, " reached --max-requests");
+    assert_graceful_replacements(&s, &final_replaced);
+    let live = s.wait_workers(2);
+
+    // Each replaced worker asked for it between N and N + jitter requests (plus at
+    // most the batches that were being answered when it crossed).
+    let crossing_slack = pipelined_batch as u64 * 2;
+    let mut asked_at = 0;
+    for &(slot, pid) in &final_replaced {
+        let line = s.wait_for_log(
+            &format!("worker[{slot}] pid={pid}] served "),
+            Duration::from_secs(1),
+        );
+        let n = number_between(&line, "] served ", " requests").expect("a count");
+        assert!(
+            (MAX..=MAX + JITTER + crossing_slack).contains(&n),
+            "worker pid {pid} asked to be replaced after {n} requests \
+             (--max-requests {MAX}, jitter {JITTER}): {line:?}"
+        );
+        asked_at += n;
+    }
+    // No title ever showed far more than the limit allows.
+    for (pid, served) in &max_served {
+        assert!(
+            *served <= MAX + JITTER + MARGIN,
+            "worker pid {pid}'s title showed {served} served (--max-requests {MAX} + {JITTER})"
+        );
+    }
+    // The counters account for the replies: what the replaced workers had served when
+    // they asked, plus what the live ones' titles show, is at most what the clients
+    // got, and short of it by at most what the replaced ones served while retiring.
+    let live_served = |ws: &[Worker]| -> u64 {
+        ws.iter()
+            .map(|w| {
+                let title = cmdline_title(w.pid).unwrap_or_default();
+                title_counters(&title).map_or(0, |c| c.1)
+            })
+            .sum()
+    };
+    let slack = final_replaced.len() as u64 * MARGIN;
+    let mut counted = 0;
+    let accounted = poll_until(Duration::from_secs(4), || {
+        counted = asked_at + live_served(&live);
+        report.replies <= counted + slack
+    });
+    assert!(
+        accounted,
+        "the clients got {} replies; the workers account for {counted} \
+         ({asked_at} by {} replaced workers when they asked, the rest in live titles)",
+        report.replies,
+        final_replaced.len()
+    );
+    assert!(
+        counted <= report.replies,
+        "the workers' counters ({counted}) exceed the replies the clients got ({})",
+        report.replies
+    );
+    assert_eq!(roundtrip(addr, "recycled"), "delcycer");
+}
+
+#[test]
+fn max_worker_memory_replaces_workers_gracefully() {
+    // 1 MiB is below any worker's resident size: every worker is replaced at each
+    // 2 s sample, forever; clients must not notice.
+    let s = Server::start(&["-w", "2", "-l", "127.0.0.1:0", "--max-worker-memory", "1"]);
+    let addr = s.addr();
+    s.wait_for_log("all 2 workers accepting", SOON);
+    let load = Load::start(addr, 2, 5, 1, Duration::from_millis(50));
+    let started = Instant::now();
+    while s.count_log("(limit 1 MiB); replacing it") < 3 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "only {} memory replacements in 20 s",
+            s.count_log("(limit 1 MiB); replacing it")
+        );
+        assert!(load.healthy(), "a client failed (see the report below)");
+        thread::sleep(Duration::from_millis(20));
+    }
+    let report = load.finish();
+    eprintln!("memory recycling load: {report:?}");
+    assert!(
+        report.failures.is_empty(),
+        "requests failed while workers were recycled: {:?}",
+        report.failures
+    );
+    assert!(report.replies > 50, "{report:?}");
+    let replaced = replaced_workers(&s, " uses ");
+    assert!(replaced.len() >= 3, "{replaced:?}");
+    // Only those whose exit is logged by now, as more replacements keep coming.
+    let replaced: Vec<(usize, i32)> = replaced.into_iter().take(3).collect();
+    assert_graceful_replacements(&s, &replaced);
+    assert_eq!(roundtrip(addr, "lean"), "nael");
+}
+
+// ---------------------------------------------------------------------------------------
+// The master's death
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn workers_are_gone_within_a_second_of_the_masters_sigkill() {
+    let s = Server::start(&["-w", "3", "-l", "127.0.0.1:0", "--graceful-timeout", "30"]);
+    let addr = s.addr();
+    s.wait_for_log("all 3 workers accepting", SOON);
+    let workers = s.wait_workers(3);
+    let sockets = || -> usize { workers.iter().map(|w| socket_fd_count(w.pid)).sum() };
+    let idle_sockets = sockets();
+    // Clients that keep workers busy draining: one that has talked, one that never
+    // sent a byte (a worker would give it a grace to send its first line).
+    let mut talked = LineClient::connect(addr).expect("connect");
+    let mut silent = LineClient::connect(addr).expect("connect");
+    wait_until("both clients accepted", SOON, || {
+        sockets() >= idle_sockets + 2
+    });
+    // A master dies at any moment, not just after its start: serve for half a second
+    // first (a roundtrip every 50 ms).
+    for i in 0..10 {
+        let l = format!("talk {i}");
+        assert_eq!(talked.roundtrip(&l), reverse_ascii(&l));
+        thread::sleep(Duration::from_millis(50));
+    }
+
+    let killed_at = Instant::now();
+    s.signal(Signal::SIGKILL);
+    let mut left = Vec::new();
+    // Measured up to 3 s, so that a failure says how long it took.
+    let gone = poll_until(Duration::from_secs(3), || {
+        left = workers
+            .iter()
+            .filter(|w| alive(w.pid))
+            .map(|w| w.pid)
+            .collect();
+        left.is_empty()
+    });
+    let took = killed_at.elapsed();
+    assert!(
+        gone,
+        "workers {left:?} still alive {took:?} after the master's SIGKILL"
+    );
+    eprintln!("workers gone {took:?} after the master's SIGKILL");
+    let err = TcpStream::connect(addr).expect_err("the port must refuse once all are gone");
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+    // The clients were closed, not left hanging.
+    talked
+        .read_to_eof()
+        .expect("EOF for the client that talked");
+    silent.read_to_eof().expect("EOF for the silent client");
+    assert!(
+        took <= Duration::from_secs(1),
+        "the workers took {took:?} (more than 1 s) to go after the master's SIGKILL"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Privileges
+// ---------------------------------------------------------------------------------------
+
+/// nobody's uid and gid (from /etc/passwd), and the name of that group.
+fn nobody() -> (u32, u32, String) {
+    let passwd = fs::read_to_string("/etc/passwd").expect("/etc/passwd");
+    let fields: Vec<&str> = passwd
+        .lines()
+        .find(|l| l.starts_with("nobody:"))
+        .expect("a user nobody in /etc/passwd")
+        .split(':')
+        .collect();
+    let (uid, gid): (u32, u32) = (fields[2].parse().unwrap(), fields[3].parse().unwrap());
+    let group = fs::read_to_string("/etc/group")
+        .expect("/etc/group")
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[2] == gid.to_string())
+        .unwrap_or_else(|| panic!("no group with gid {gid} in /etc/group"))[0]
+        .to_owned();
+    (uid, gid, group)
+}
+
+#[test]
+fn workers_run_as_user_and_group_the_master_stays() {
+    let (uid, gid, group) = nobody();
+    if !nix::unistd::geteuid().is_root() {
+        // Only root may switch: raasd says so at start instead of serving.
+        let mut cmd = Command::new(BIN);
+        cmd.args(["-w", "1", "-l", "127.0.0.1:0", "--user", "nobody"]);
+        let (status, stderr) = Exiting::spawn(cmd).expect("spawn raasd").wait();
+        assert_eq!(status.code(), Some(1), "{status:?}; stderr: {stderr}");
+        assert!(stderr.contains("needs raasd to start as root"), "{stderr}");
+        eprintln!("not root: only the refusal was checked");
+        return;
+    }
+    let s = Server::start(&[
+        "-w",
+        "2",
+        "-l",
+        "127.0.0.1:0",
+        "--user",
+        "nobody",
+        "--group",
+        &group,
+    ]);
+    let addr = s.addr();
+    s.wait_for_log("all 2 workers accepting", SOON);
+    let workers = s.wait_workers(2);
+    for w in &workers {
+        assert_eq!(proc_ids(w.pid, "Uid:"), Some(vec![uid; 4]), "Uid of {w:?}");
+        assert_eq!(proc_ids(w.pid, "Gid:"), Some(vec![gid; 4]), "Gid of {w:?}");
+        assert_eq!(
+            proc_ids(w.pid, "Groups:"),
+            Some(vec![gid]),
+            "supplementary groups of {w:?}"
+        );
+    }
+    let me = std::process::id() as i32;
+    assert_eq!(
+        proc_ids(s.pid(), "Uid:"),
+        proc_ids(me, "Uid:"),
+        "master's Uid"
+    );
+    assert_eq!(
+        proc_ids(s.pid(), "Gid:"),
+        proc_ids(me, "Gid:"),
+        "master's Gid"
+    );
+    assert_eq!(
+        proc_ids(s.pid(), "Uid:"),
+        Some(vec![0; 4]),
+        "the master stays root"
+    );
+    for i in 0..10 {
+        let l = format!("served by nobody {i}");
+        assert_eq!(roundtrip(addr, &l), reverse_ascii(&l));
+    }
+}
+
+#[test]
+fn switching_user_without_root_is_refused_at_start() {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["-w", "1", "-l", "127.0.0.1:0", "--user", "root"]);
+    if nix::unistd::geteuid().is_root() {
+        // Run raasd itself as nobody, asking to switch to root.
+        let (uid, gid, _) = nobody();
+        cmd.uid(uid).gid(gid);
+    }
+    let mut raasd = match Exiting::spawn(cmd) {
+        Ok(r) => r,
+        Err(e) if e.kind() == ErrorKind::PermissionDenied => {
+            eprintln!("nobody may not execute {BIN} ({e}); nothing to check here");
+            return;
+        }
+        Err(e) => panic!("spawn {BIN}: {e}"),
+    };
+    let (status, stderr) = raasd.wait();
+    assert_eq!(status.code(), Some(1), "{status:?}; stderr: {stderr}");
+    assert!(
+        stderr.contains("needs raasd to start as root"),
+        "stderr: {stderr}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// Titles
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn the_title_counts_connections_and_requests() {
+    let s = Server::start(&["-w", "1", "-l", "127.0.0.1:0"]);
+    let addr = s.addr();
+    s.wait_for_log("all 1 workers accepting", SOON);
+    let worker = s.wait_workers(1)[0].clone();
+    let mut clients: Vec<LineClient<TcpStream>> = (0..3)
+        .map(|_| LineClient::connect(addr).expect("connect"))
+        .collect();
+    for (c, client) in clients.iter_mut().enumerate() {
+        for i in 0..10 {
+            let l = format!("conn {c} line {i}");
+            assert_eq!(client.roundtrip(&l), reverse_ascii(&l));
+        }
+    }
+    let title = || cmdline_title(worker.pid).unwrap_or_default();
+    let mut seen = String::new();
+    let ok = poll_until(Duration::from_secs(3), || {
+        seen = title();
+        seen.ends_with(": 3 conns, 30 served")
+    });
+    assert!(ok, "title {seen:?}, want `3 conns, 30 served`");
+    drop(clients);
+    let ok = poll_until(Duration::from_secs(3), || {
+        seen = title();
+        seen.ends_with(": 0 conns, 30 served")
+    });
+    assert!(
+        ok,
+        "title {seen:?} after the clients closed, want `0 conns, 30 served`"
+    );
+    assert_eq!(s.workers(), vec![worker]);
+}
