@@ -985,6 +985,8 @@ fn workers_run_as_user_and_group_the_master_stays() {
     let (uid, gid, group) = nobody();
     if !nix::unistd::geteuid().is_root() {
         // Only root may switch: raasd says so at start instead of serving.
+        adopt_orphans();
+        adopt_orphans();
         let mut cmd = Command::new(BIN);
         cmd.args(["-w", "1", "-l", "127.0.0.1:0", "--user", "nobody"]);
         let (status, stderr) = Exiting::spawn(cmd).expect("spawn raasd").wait();
@@ -1039,6 +1041,7 @@ fn workers_run_as_user_and_group_the_master_stays() {
 
 #[test]
 fn switching_user_without_root_is_refused_at_start() {
+    adopt_orphans();
     let mut cmd = Command::new(BIN);
     cmd.args(["-w", "1", "-l", "127.0.0.1:0", "--user", "root"]);
     if nix::unistd::geteuid().is_root() {

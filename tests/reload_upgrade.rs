@@ -208,10 +208,17 @@ fn kill_tree(pid: i32, start: Option<u64>) {
     poll_until(Duration::from_secs(1), || {
         matches!(proc_state(pid), None | Some('T' | 't' | 'Z'))
     });
-    for child in children_of(pid) {
+    let workers = children_of(pid);
+    for &child in &workers {
         sigkill(child);
     }
     sigkill(pid);
+    // Once the master is gone its workers are this process's children (see
+    // adopt_orphans): collect them rather than leave zombies.
+    poll_until(Duration::from_secs(2), || !alive(pid));
+    for child in workers {
+        reap(child);
+    }
 }
 
 /// A master the test did not start itself (started by an upgrade, so not the test's
@@ -233,6 +240,8 @@ impl Adopted {
 impl Drop for Adopted {
     fn drop(&mut self) {
         kill_tree(self.pid, self.start);
+        // Its parent (the old master) is gone: it is this process's child now.
+        reap(self.pid);
     }
 }
 
@@ -954,6 +963,7 @@ fn usr2_rolls_back_when_the_new_binary_exits_at_once() {
     // ETXTBSY).
     let copied = Command::new("cp").arg(BIN).arg(&exe).status().expect("cp");
     assert!(copied.success());
+    adopt_orphans();
     let mut cmd = Command::new(&exe);
     cmd.args(["-w", "2", "-l", "127.0.0.1:0", "--graceful-timeout", "10"])
         .args(["--pid", path_str(&pid_file)])
@@ -1136,6 +1146,7 @@ fn start_activated(notify: &Notify, unused: &Path) -> (Daemon, SocketAddr, u64) 
     // The listener becomes the child's stdin, which sh moves to descriptor 3; sh then
     // executes raasd in its own process, so LISTEN_PID=$$ is raasd's pid. (No
     // descriptor of the test is made inheritable: other tests fork concurrently.)
+    adopt_orphans();
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg(r#"export LISTEN_PID=$$ LISTEN_FDS=1; exec "$0" "$@" 3<&0 0</dev/null"#)

@@ -115,6 +115,44 @@ pub fn proc_comm(pid: i32) -> Option<String> {
         .map(|s| s.trim_end_matches('\n').to_owned())
 }
 
+/// Makes this test process the reaper of orphaned raasd processes (workers whose
+/// master died or was killed, a master started by an upgrade whose parent left), and
+/// reaps orphaned workers as they die. Without it they would be re-parented to init,
+/// which in a container may never reap them: the tests would leave zombies behind.
+/// Only `raasd-worker` zombies are reaped here: masters are the tests' own children
+/// (their `Child::wait` must see their status) or are reaped by the guard that killed
+/// them (`reap`).
+pub fn adopt_orphans() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        nix::sys::prctl::set_child_subreaper(true).expect("PR_SET_CHILD_SUBREAPER");
+        thread::spawn(|| {
+            let me = std::process::id() as i32;
+            loop {
+                for pid in children_of(me) {
+                    if proc_state(pid) == Some('Z')
+                        && proc_comm(pid).as_deref() == Some("raasd-worker")
+                    {
+                        reap(pid);
+                    }
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        });
+    });
+}
+
+/// Collects `pid` if it is (or becomes, within 2 s) an exited child of this process.
+pub fn reap(pid: i32) {
+    use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+    poll_until(Duration::from_secs(2), || {
+        !matches!(
+            waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)),
+            Ok(WaitStatus::StillAlive)
+        )
+    });
+}
+
 /// True when the process exists and is not a zombie.
 pub fn alive(pid: i32) -> bool {
     matches!(proc_state(pid), Some(s) if s != 'Z')
@@ -270,6 +308,7 @@ impl Server {
 
     /// Like [`Server::start`], with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+        adopt_orphans();
         let mut cmd = Command::new(BIN);
         cmd.args(args)
             .env_remove("RUST_LOG")
@@ -483,16 +522,22 @@ impl Server {
             poll_until(Duration::from_secs(1), || {
                 matches!(proc_state(self.pid), None | Some('T' | 't' | 'Z'))
             });
-            for child in children_of(self.pid) {
+            let workers = children_of(self.pid);
+            for &child in &workers {
                 sigkill(child);
             }
             sigkill(self.pid);
             let _ = lk(&self.child).wait();
+            // Their master is gone, so they are this process's children now.
+            for child in workers {
+                reap(child);
+            }
         }
         // Workers seen earlier that were orphaned (the same process: same start time).
         for &(pid, start) in lk(&self.seen).iter() {
             if proc_starttime(pid) == Some(start) {
                 sigkill(pid);
+                reap(pid);
             }
         }
     }
