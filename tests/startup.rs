@@ -273,3 +273,72 @@ fn the_pid_file_is_removed_after_int_too() {
     s.wait_exit(SOON);
     assert!(!exists(&pid_path), "the pid file is removed on exit");
 }
+
+/// Runtime start-up failures: exit 1, exactly one `raasd: ...` line, nobody left behind.
+fn assert_runtime_error(args: &[&str], line: &str) {
+    let (status, s) = run_to_exit(args);
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "raasd {args:?}: {status:?}\n{}",
+        s.log()
+    );
+    assert_eq!(
+        s.log(),
+        line,
+        "raasd {args:?}: stderr must be exactly that one line"
+    );
+}
+
+#[test]
+fn an_unwritable_pid_file_is_a_runtime_error() {
+    assert_runtime_error(
+        &[
+            "-w",
+            "1",
+            "-l",
+            "127.0.0.1:0",
+            "--pid",
+            "/nonexistent/dir/raasd.pid",
+        ],
+        "raasd: cannot write pid file /nonexistent/dir/raasd.pid: no such file or directory",
+    );
+}
+
+#[test]
+fn an_unopenable_log_file_is_a_runtime_error() {
+    assert_runtime_error(
+        &[
+            "-w",
+            "1",
+            "-l",
+            "127.0.0.1:0",
+            "--log-file",
+            "/nonexistent/dir/raasd.log",
+        ],
+        "raasd: cannot open log file /nonexistent/dir/raasd.log: no such file or directory",
+    );
+}
+
+#[test]
+fn a_missing_config_file_is_a_configuration_error() {
+    assert_usage_error(
+        &["-c", "/nonexistent/dir/raasd.toml"],
+        "raasd: cannot read config file /nonexistent/dir/raasd.toml: no such file or directory",
+    );
+}
+
+#[test]
+fn an_unknown_user_is_a_runtime_error() {
+    assert_runtime_error(
+        &[
+            "-w",
+            "1",
+            "-l",
+            "127.0.0.1:0",
+            "--user",
+            "no-such-user-raasd",
+        ],
+        "raasd: unknown user 'no-such-user-raasd'",
+    );
+}
