@@ -767,3 +767,48 @@ fn empty_lines_lone_cr_and_nul_bytes_have_defined_replies() {
     canary.check(0);
     assert_recovered(&s, addr, &worker);
 }
+
+#[test]
+fn a_worker_at_max_conns_stops_accepting_without_spinning_and_resumes() {
+    let (s, addr, worker) = server(&["--max-conns", "5"]);
+    let mut held: Vec<LineClient<TcpStream>> = (0..5)
+        .map(|i| {
+            let mut c = LineClient::connect(addr).expect("connect");
+            let line = format!("held {i}");
+            assert_eq!(c.roundtrip(&line), reverse_ascii(&line));
+            c
+        })
+        .collect();
+    // The sixth connects (the kernel queues it) but is not accepted while the worker
+    // is full: its line gets no reply.
+    let mut waiting = LineClient::connect(addr).expect("connect");
+    waiting
+        .stream()
+        .set_read_timeout(Some(Duration::from_millis(800)))
+        .unwrap();
+    waiting.send_line("queued").unwrap();
+    let cpu_before = cpu_time(worker.pid).expect("worker cpu");
+    let early = waiting.read_reply();
+    assert!(
+        early.is_err(),
+        "a full worker must not accept: got {early:?} within 800 ms"
+    );
+    let spent = cpu_time(worker.pid).expect("worker cpu") - cpu_before;
+    assert!(
+        spent < Duration::from_millis(200),
+        "a full worker must not spin: {spent:?} of CPU in 800 ms"
+    );
+    // One leaves: the queued connection is accepted and answered.
+    drop(held.pop());
+    waiting
+        .stream()
+        .set_read_timeout(Some(READ_TIMEOUT))
+        .unwrap();
+    assert_eq!(
+        waiting.read_reply().expect("a reply once a place is free"),
+        Some(b"deueuq\n".to_vec())
+    );
+    drop(held);
+    drop(waiting);
+    assert_recovered(&s, addr, &worker);
+}
