@@ -7,7 +7,7 @@
 //! |---|---|
 //! | [`config`] | the command line and the validated settings |
 //! | [`listeners`] | binding listen sockets and accepting from them |
-//! | [`master`] | the supervisor loop: signals, worker slots, spawning, reaping, stopping |
+//! | [`master`] | the supervisor loop: signals, worker slots, spawning, reaping, reloading, upgrading, stopping |
 //! | [`worker`] | the event loop of one worker process |
 //! | [`connection`] | one client connection: buffers, reading, writing, closing |
 //! | [`codec`] | the RAAS line protocol, pure (bytes in, bytes out) |

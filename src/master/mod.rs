@@ -2,9 +2,13 @@
 //!
 //! Owns the worker slots and every decision about workers: how many, which
 //! generation, when to spawn, retire, respawn or kill them. It never reads a client
-//! byte. Each pass of [`Master::supervise`] reads as the story of a supervisor: reap
-//! the dead, take the signals, bring the workers to what is wanted, kill those past
-//! their deadline, then sleep until a signal or a worker's message arrives.
+//! byte. Each pass of `Master::supervise` reads as the story of a supervisor: take
+//! the signals, reap the dead, bring the workers to what is wanted, kill those stuck
+//! or past their deadline, then sleep until a signal or a worker's message arrives.
+//!
+//! This file holds the loop and the workers' life cycle; the submodules hold the
+//! operations the loop dispatches to: `reload` (HUP, USR1), `handover` (USR2: the
+//! binary upgrade's policy) and `health` (heartbeats, crash-loop backoff, recycling).
 //!
 //! Workers are told what to do through their control channel, never by signal, so
 //! ordering and delivery are certain. A slot keeps its number across respawns and
@@ -13,6 +17,7 @@
 
 use std::ffi::OsString;
 use std::os::fd::AsFd;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
@@ -22,20 +27,25 @@ use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
-use crate::config::{self, Config, LoadError, MAX_WORKERS};
+use sd_notify::NotifyState;
+
+use crate::config::{Config, MAX_WORKERS};
 use crate::control::{self, Command, MasterEnd, Report};
-use crate::listeners;
-use crate::listeners::{Configured, Inheritance};
+use crate::listeners::{self, Configured, Inheritance};
 use crate::pidfile::{self, PidFile};
 use crate::privileges::{self, Identity};
 use crate::process::{self, Blocked, Forked};
 use crate::scoreboard::{self, CELLS, Scoreboard};
 use crate::signals::{self, SignalSet};
-use crate::upgrade::{self, Predecessor, Readiness, Successor};
+use crate::upgrade::{self, Predecessor, Successor};
 use crate::worker::Who;
 use crate::{logging, title, worker};
-use sd_notify::NotifyState;
-use std::path::PathBuf;
+
+mod handover;
+mod health;
+mod reload;
+
+use health::MEMORY_SAMPLE;
 
 /// The signals the master handles; see the table in README.md and raasd(8).
 const SIGNALS_HANDLED: [libc::c_int; 10] = [
@@ -51,21 +61,10 @@ const SIGNALS_HANDLED: [libc::c_int; 10] = [
     libc::SIGWINCH,
 ];
 
-/// How long a successor master may take to be ready before the upgrade is rolled back.
-const UPGRADE_DEADLINE: Duration = Duration::from_secs(30);
 /// How long a quick stop waits for workers to exit before it kills them.
 const QUICK_STOP_TIMEOUT: Duration = Duration::from_secs(2);
 /// After a failed fork, how long before trying again.
 const FORK_RETRY: Duration = Duration::from_secs(1);
-/// A worker that dies sooner than this after its start is crash-looping: the
-/// respawn delay of its slot starts at BACKOFF_FIRST and doubles up to BACKOFF_MAX,
-/// and is forgotten once a worker of the slot has lived BACKOFF_RESET.
-const CRASH_WINDOW: Duration = Duration::from_secs(1);
-const BACKOFF_FIRST: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
-const BACKOFF_RESET: Duration = Duration::from_secs(10);
-/// How often workers' resident memory is sampled for --max-worker-memory.
-const MEMORY_SAMPLE: Duration = Duration::from_secs(2);
 
 /// Starts raasd with `config`; `args` are the original arguments. Returns the exit
 /// status: 0 after a stop, 1 when start-up failed.
@@ -308,23 +307,7 @@ impl Master {
                 info!("worker[{}] pid {pid} exited ({how})", gone.slot);
                 continue;
             }
-            let lived = gone.spawned_at.elapsed();
-            let backoff = self.backoff_of(gone.slot);
-            if lived < CRASH_WINDOW {
-                backoff.delay = (backoff.delay * 2).clamp(BACKOFF_FIRST, BACKOFF_MAX);
-                backoff.not_before = Some(Instant::now() + backoff.delay);
-                warn!(
-                    "worker[{}] pid {pid} exited unexpectedly ({how}) {} ms after its start; respawning in {} ms",
-                    gone.slot,
-                    lived.as_millis(),
-                    backoff.delay.as_millis()
-                );
-            } else {
-                warn!(
-                    "worker[{}] pid {pid} exited unexpectedly ({how}); respawning",
-                    gone.slot
-                );
-            }
+            self.note_unexpected_exit(&gone, &how);
         }
     }
 
@@ -357,210 +340,6 @@ impl Master {
         self.target = target;
         self.all_accepting_announced = false;
         self.show_title();
-    }
-
-    /// A fresh generation of workers replaces the current one, slot by slot.
-    fn rotate_workers(&mut self) {
-        self.generation += 1;
-        self.all_accepting_announced = false;
-        info!("rotating workers: generation {} starting", self.generation);
-    }
-
-    /// HUP: re-reads the configuration (the file and the original command line),
-    /// applies it and rotates the workers onto it. An invalid configuration, or a
-    /// new address that cannot be bound, changes nothing.
-    fn reload(&mut self) {
-        if self.stopping.is_some() {
-            return;
-        }
-        notify_systemd(&[NotifyState::Reloading]);
-        self.systemd_ready = false;
-        let config = match config::load(&self.args) {
-            Ok(config) => config,
-            Err(LoadError::CommandLine(e)) => return self.reload_failed(&e.to_string()),
-            Err(LoadError::File(errors)) => return self.reload_failed(&errors.join("; ")),
-        };
-        let identity = match privileges::resolve(config.user.as_deref(), config.group.as_deref()) {
-            Ok(identity) => identity,
-            Err(e) => return self.reload_failed(&e),
-        };
-        if config.pid != self.config.pid || config.log_file != self.config.log_file {
-            warn!("reload: a changed pid or log-file takes effect at the next start or upgrade");
-        }
-        if self.inheritance == Inheritance::Systemd {
-            if config.listen != self.config.listen {
-                warn!("reload: listen addresses come from systemd; the listen setting is not used");
-            }
-        } else if let Err(e) = self.rebind(&config, identity) {
-            return self.reload_failed(&e);
-        }
-        logging::set_level(config.log_level);
-        self.identity = identity;
-        self.target = config.workers.resolve();
-        self.config = config;
-        info!("configuration reloaded");
-        self.rotate_workers();
-    }
-
-    fn reload_failed(&mut self, why: &str) {
-        error!("reload failed, the running configuration stays: {why}");
-        self.all_accepting_announced = false;
-    }
-
-    /// Makes the listeners match `config`: kept addresses keep their very socket (no
-    /// queued connection is lost), new ones are bound, removed ones are closed here
-    /// (old workers keep their copies until they retire).
-    fn rebind(&mut self, config: &Config, identity: Option<Identity>) -> Result<(), String> {
-        let mut current = std::mem::take(&mut self.listeners);
-        let opened = match listeners::open_all(&config.listen, config.backlog, &mut current) {
-            Ok(opened) => opened,
-            Err(e) => {
-                self.listeners = current;
-                return Err(e.to_string());
-            }
-        };
-        let fresh: Vec<&Configured> = opened
-            .iter()
-            .filter(|c| !self.config.listen.contains(&c.addr))
-            .collect();
-        if let Err(e) = listeners::set_socket_access(
-            fresh.iter().map(|c| &c.listener),
-            config.socket_mode,
-            identity,
-        ) {
-            warn!("reload: {e}");
-        }
-        for removed in &current {
-            info!("no longer listening on {}", removed.listener.local_addr());
-        }
-        listeners::remove_socket_files(current.iter().map(|c| &c.listener));
-        for added in &fresh {
-            info!("listening on {}", added.listener.local_addr());
-        }
-        self.listeners = opened;
-        self.addresses = self
-            .listeners
-            .iter()
-            .map(|c| c.listener.local_addr())
-            .collect();
-        Ok(())
-    }
-
-    /// USR1: the master and every worker reopen the log file.
-    fn reopen_logs(&mut self) {
-        match logging::reopen() {
-            Ok(()) => info!("log file reopened"),
-            Err(e) => error!("{e}; still logging to the old file"),
-        }
-        for w in &self.workers {
-            let _ = w.channel.send(Command::ReopenLogs);
-        }
-    }
-
-    /// USR2: starts the binary installed at our path as a new master, handing it
-    /// the listeners. It takes over once ready; if it fails, nothing changes here.
-    fn start_upgrade(&mut self) {
-        if self.stopping.is_some() || self.successor.is_some() || self.predecessor.is_some() {
-            warn!("SIGUSR2 ignored: an upgrade or a stop is already under way");
-            return;
-        }
-        if let Some(Err(e)) = self.pid_file.as_mut().map(PidFile::rename_to_oldbin) {
-            error!("upgrade aborted: {e}");
-            return;
-        }
-        let sockets_fixed = self.inheritance == Inheritance::Systemd;
-        let generation = self.generation + 1;
-        match upgrade::start_successor(
-            &self.exe,
-            &self.args,
-            &self.listeners,
-            generation,
-            sockets_fixed,
-        ) {
-            Ok(successor) => {
-                info!(
-                    "upgrade: started {} as pid {}",
-                    self.exe.display(),
-                    successor.pid
-                );
-                self.successor = Some((successor, Instant::now() + UPGRADE_DEADLINE));
-                self.title.clear();
-            }
-            Err(e) => self.roll_back_upgrade(&format!("cannot start {}: {e}", self.exe.display())),
-        }
-    }
-
-    /// The successor is ready: it owns the sockets and the pid file now. Retire.
-    fn hand_over(&mut self) {
-        let Some((successor, _)) = self.successor.take() else {
-            return;
-        };
-        info!(
-            "upgrade: new master pid {} is ready; retiring",
-            successor.pid
-        );
-        // systemd (NotifyAccess=main) hears only the main pid: name the successor
-        // and vouch for its readiness in one message, before leaving.
-        notify_systemd(&[
-            NotifyState::MainPid(successor.pid.as_raw() as u32),
-            NotifyState::Ready,
-        ]);
-        if let Some(pid_file) = self.pid_file.take() {
-            pid_file.remove();
-        }
-        self.handing_over = true;
-        self.stop(false, "hand-over");
-    }
-
-    fn roll_back_upgrade(&mut self, why: &str) {
-        if let Some((successor, _)) = self.successor.take() {
-            let _ = kill(successor.pid, Signal::SIGTERM);
-        }
-        // The pid file first: whoever acts on the log line finds it back in place.
-        if let Some(Err(e)) = self.pid_file.as_mut().map(PidFile::rename_back) {
-            error!("{e}");
-        }
-        error!("upgrade failed, rolling back: {why}");
-        self.title.clear();
-    }
-
-    /// Watches the successor of an upgrade: ready, dead or late.
-    fn follow_upgrade(&mut self) {
-        let Some((successor, deadline)) = &self.successor else {
-            return;
-        };
-        match successor.readiness() {
-            Readiness::Ready => self.hand_over(),
-            Readiness::Failed => {
-                self.roll_back_upgrade("the new master exited before it was ready")
-            }
-            Readiness::NotYet if Instant::now() >= *deadline => self.roll_back_upgrade(&format!(
-                "the new master was not ready within {}s",
-                UPGRADE_DEADLINE.as_secs()
-            )),
-            Readiness::NotYet => {}
-        }
-    }
-
-    /// Everything serves: tell whoever waits for it.
-    fn announce_ready(&mut self) {
-        if let Some(predecessor) = self.predecessor.take() {
-            // The old master, still systemd's main pid, reports our readiness for us.
-            self.systemd_ready = true;
-            if let Some(path) = &self.config.pid {
-                match PidFile::write(path, std::process::id()) {
-                    Ok(pid_file) => self.pid_file = Some(pid_file),
-                    Err(e) => error!("{e}"),
-                }
-            }
-            if let Err(e) = predecessor.announce_ready() {
-                warn!("cannot tell the old master that this one is ready: {e}");
-            }
-        }
-        if !self.systemd_ready {
-            self.systemd_ready = true;
-            notify_systemd(&[NotifyState::Ready]);
-        }
     }
 
     /// Spawns what is missing, then retires what is surplus or replaced.
@@ -880,122 +659,6 @@ impl Master {
             title::set(&text);
             self.title = text;
         }
-    }
-
-    fn backoff_of(&mut self, slot: usize) -> &mut Backoff {
-        if self.backoff.len() <= slot {
-            self.backoff.resize(slot + 1, Backoff::default());
-        }
-        &mut self.backoff[slot]
-    }
-
-    fn forget_backoff_of_healthy_slots(&mut self, now: Instant) {
-        for slot in 0..self.backoff.len() {
-            if self.backoff[slot].delay == Duration::ZERO {
-                continue;
-            }
-            let healthy = self
-                .current_worker(slot)
-                .is_some_and(|w| now.duration_since(w.spawned_at) >= BACKOFF_RESET);
-            if healthy {
-                info!(
-                    "worker[{slot}] has lived {}s: its respawn delay is reset",
-                    BACKOFF_RESET.as_secs()
-                );
-                self.backoff[slot] = Backoff::default();
-            }
-        }
-    }
-
-    /// Kills workers whose heartbeat is older than --timeout: stuck in a loop,
-    /// stopped, wedged. Reaping then respawns them.
-    fn murder_lazy_workers(&mut self) {
-        let now_ms = scoreboard::monotonic_ms();
-        let since_last_pass = now_ms.saturating_sub(self.last_pass_ms);
-        self.last_pass_ms = now_ms;
-        let timeout_ms = self.config.timeout * 1000;
-        if timeout_ms == 0 {
-            return;
-        }
-        if since_last_pass > timeout_ms {
-            // The master itself did not run for a while (stopped, the whole tree frozen,
-            // the machine suspended): the workers may not have run either. Each gets a
-            // full --timeout from now to be seen beating.
-            info!(
-                "the master was held up {since_last_pass} ms; giving every worker {}s to beat",
-                self.config.timeout
-            );
-            self.heartbeats_due_from_ms = now_ms;
-            return;
-        }
-        let grace_age = now_ms.saturating_sub(self.heartbeats_due_from_ms);
-        for w in &mut self.workers {
-            let age = self.scoreboard.cell(w.cell).heartbeat_age_ms(now_ms);
-            // Killed once is enough: its channel closes before it can be reaped.
-            if age.min(grace_age) > timeout_ms && !w.killed {
-                warn!(
-                    "worker[{}] pid {} missed its heartbeat: last beat {age} ms ago (timeout {}s); killing it",
-                    w.slot, w.pid, self.config.timeout
-                );
-                w.killed = true;
-                let _ = kill(w.pid, Signal::SIGKILL);
-            }
-        }
-    }
-
-    /// --max-worker-memory: a worker over the limit is replaced gracefully.
-    fn replace_bloated_workers(&mut self) {
-        let limit = self.config.max_worker_memory * 1024 * 1024;
-        let now = Instant::now();
-        if limit == 0 || self.stopping.is_some() || now < self.next_memory_sample {
-            return;
-        }
-        self.next_memory_sample = now + MEMORY_SAMPLE;
-        let pid_of = |w: &WorkerProcess| sysinfo::Pid::from_u32(w.pid.as_raw() as u32);
-        let pids: Vec<sysinfo::Pid> = self.workers.iter().map(pid_of).collect();
-        self.system.refresh_processes_specifics(
-            sysinfo::ProcessesToUpdate::Some(&pids),
-            true,
-            sysinfo::ProcessRefreshKind::nothing().with_memory(),
-        );
-        for w in &mut self.workers {
-            if w.replace || w.retiring {
-                continue;
-            }
-            let Some(process) = self.system.process(pid_of(w)) else {
-                continue;
-            };
-            if process.memory() > limit {
-                info!(
-                    "worker[{}] pid {} uses {} MiB (limit {} MiB); replacing it",
-                    w.slot,
-                    w.pid,
-                    process.memory() / (1024 * 1024),
-                    self.config.max_worker_memory
-                );
-                w.replace = true;
-            }
-        }
-    }
-
-    /// This worker's --max-requests, with gunicorn's jitter: N + random(0..=J).
-    fn next_max_requests(&mut self) -> Option<u64> {
-        let base = self.config.max_requests;
-        if base == 0 {
-            return None;
-        }
-        // xorshift64: plenty for spreading restarts, and no dependency.
-        self.random ^= self.random << 13;
-        self.random ^= self.random >> 7;
-        self.random ^= self.random << 17;
-        let jitter = self.config.max_requests_jitter;
-        Some(
-            base + if jitter == 0 {
-                0
-            } else {
-                self.random % (jitter + 1)
-            },
-        )
     }
 }
 

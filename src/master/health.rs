@@ -1,0 +1,161 @@
+//! Worker health: heartbeats, crash-loop backoff and recycling.
+//!
+//! The rules (DESIGN.md explains their reasons): a worker whose scoreboard heartbeat
+//! is older than --timeout is killed, once; after the master itself was held up,
+//! every worker gets a full --timeout to be seen beating; a worker dying within
+//! [`CRASH_WINDOW`] of its start makes its slot wait [`BACKOFF_FIRST`], doubling up
+//! to [`BACKOFF_MAX`], until one has lived [`BACKOFF_RESET`]; --max-requests (with
+//! jitter) and --max-worker-memory replace a worker gracefully.
+
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use nix::sys::signal::{Signal, kill};
+
+use super::{Backoff, Master, WorkerProcess};
+use crate::scoreboard;
+
+/// A worker that dies sooner than this after its start is crash-looping.
+const CRASH_WINDOW: Duration = Duration::from_secs(1);
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+const BACKOFF_RESET: Duration = Duration::from_secs(10);
+/// How often workers' resident memory is sampled for --max-worker-memory.
+pub(super) const MEMORY_SAMPLE: Duration = Duration::from_secs(2);
+
+impl Master {
+    /// A worker died without being asked to: log it, and when it died young, make
+    /// its slot wait longer before the next one (crash-loop backoff).
+    pub(super) fn note_unexpected_exit(&mut self, gone: &WorkerProcess, how: &str) {
+        let (slot, pid) = (gone.slot, gone.pid);
+        let lived = gone.spawned_at.elapsed();
+        let backoff = self.backoff_of(slot);
+        if lived < CRASH_WINDOW {
+            backoff.delay = (backoff.delay * 2).clamp(BACKOFF_FIRST, BACKOFF_MAX);
+            backoff.not_before = Some(Instant::now() + backoff.delay);
+            warn!(
+                "worker[{slot}] pid {pid} exited unexpectedly ({how}) {} ms after its start; respawning in {} ms",
+                lived.as_millis(),
+                backoff.delay.as_millis()
+            );
+        } else {
+            warn!("worker[{slot}] pid {pid} exited unexpectedly ({how}); respawning");
+        }
+    }
+
+    pub(super) fn backoff_of(&mut self, slot: usize) -> &mut Backoff {
+        if self.backoff.len() <= slot {
+            self.backoff.resize(slot + 1, Backoff::default());
+        }
+        &mut self.backoff[slot]
+    }
+
+    pub(super) fn forget_backoff_of_healthy_slots(&mut self, now: Instant) {
+        for slot in 0..self.backoff.len() {
+            if self.backoff[slot].delay == Duration::ZERO {
+                continue;
+            }
+            let healthy = self
+                .current_worker(slot)
+                .is_some_and(|w| now.duration_since(w.spawned_at) >= BACKOFF_RESET);
+            if healthy {
+                info!(
+                    "worker[{slot}] has lived {}s: its respawn delay is reset",
+                    BACKOFF_RESET.as_secs()
+                );
+                self.backoff[slot] = Backoff::default();
+            }
+        }
+    }
+
+    /// Kills workers whose heartbeat is older than --timeout: stuck in a loop,
+    /// stopped, wedged. Reaping then respawns them.
+    pub(super) fn murder_lazy_workers(&mut self) {
+        let now_ms = scoreboard::monotonic_ms();
+        let since_last_pass = now_ms.saturating_sub(self.last_pass_ms);
+        self.last_pass_ms = now_ms;
+        let timeout_ms = self.config.timeout * 1000;
+        if timeout_ms == 0 {
+            return;
+        }
+        if since_last_pass > timeout_ms {
+            // The master itself did not run for a while (stopped, the whole tree frozen,
+            // the machine suspended): the workers may not have run either. Each gets a
+            // full --timeout from now to be seen beating.
+            info!(
+                "the master was held up {since_last_pass} ms; giving every worker {}s to beat",
+                self.config.timeout
+            );
+            self.heartbeats_due_from_ms = now_ms;
+            return;
+        }
+        let grace_age = now_ms.saturating_sub(self.heartbeats_due_from_ms);
+        for w in &mut self.workers {
+            let age = self.scoreboard.cell(w.cell).heartbeat_age_ms(now_ms);
+            // Killed once is enough: its channel closes before it can be reaped.
+            if age.min(grace_age) > timeout_ms && !w.killed {
+                warn!(
+                    "worker[{}] pid {} missed its heartbeat: last beat {age} ms ago (timeout {}s); killing it",
+                    w.slot, w.pid, self.config.timeout
+                );
+                w.killed = true;
+                let _ = kill(w.pid, Signal::SIGKILL);
+            }
+        }
+    }
+
+    /// --max-worker-memory: a worker over the limit is replaced gracefully.
+    pub(super) fn replace_bloated_workers(&mut self) {
+        let limit = self.config.max_worker_memory * 1024 * 1024;
+        let now = Instant::now();
+        if limit == 0 || self.stopping.is_some() || now < self.next_memory_sample {
+            return;
+        }
+        self.next_memory_sample = now + MEMORY_SAMPLE;
+        let pid_of = |w: &WorkerProcess| sysinfo::Pid::from_u32(w.pid.as_raw() as u32);
+        let pids: Vec<sysinfo::Pid> = self.workers.iter().map(pid_of).collect();
+        self.system.refresh_processes_specifics(
+            sysinfo::ProcessesToUpdate::Some(&pids),
+            true,
+            sysinfo::ProcessRefreshKind::nothing().with_memory(),
+        );
+        for w in &mut self.workers {
+            if w.replace || w.retiring {
+                continue;
+            }
+            let Some(process) = self.system.process(pid_of(w)) else {
+                continue;
+            };
+            if process.memory() > limit {
+                info!(
+                    "worker[{}] pid {} uses {} MiB (limit {} MiB); replacing it",
+                    w.slot,
+                    w.pid,
+                    process.memory() / (1024 * 1024),
+                    self.config.max_worker_memory
+                );
+                w.replace = true;
+            }
+        }
+    }
+
+    /// This worker's --max-requests, with gunicorn's jitter: N + random(0..=J).
+    pub(super) fn next_max_requests(&mut self) -> Option<u64> {
+        let base = self.config.max_requests;
+        if base == 0 {
+            return None;
+        }
+        // xorshift64: plenty for spreading restarts, and no dependency.
+        self.random ^= self.random << 13;
+        self.random ^= self.random >> 7;
+        self.random ^= self.random << 17;
+        let jitter = self.config.max_requests_jitter;
+        Some(
+            base + if jitter == 0 {
+                0
+            } else {
+                self.random % (jitter + 1)
+            },
+        )
+    }
+}

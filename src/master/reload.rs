@@ -1,0 +1,121 @@
+//! Reloading (HUP) and reopening logs (USR1): the configuration and the log file
+//! change under a running master.
+//!
+//! A reload re-reads the config file and the original command line, applies what
+//! changed and rotates the workers onto it, generation by generation. Anything
+//! invalid — a bad key, an address that cannot be bound, an unknown user — changes
+//! nothing: the error is logged and the running configuration stays.
+
+use log::{error, info, warn};
+use sd_notify::NotifyState;
+
+use super::{Master, notify_systemd};
+use crate::config::{self, Config, LoadError};
+use crate::control::Command;
+use crate::listeners::{self, Configured, Inheritance};
+use crate::logging;
+use crate::privileges::{self, Identity};
+
+impl Master {
+    /// A fresh generation of workers replaces the current one, slot by slot.
+    pub(super) fn rotate_workers(&mut self) {
+        self.generation += 1;
+        self.all_accepting_announced = false;
+        info!("rotating workers: generation {} starting", self.generation);
+    }
+
+    /// HUP: re-reads the configuration (the file and the original command line),
+    /// applies it and rotates the workers onto it. An invalid configuration, or a
+    /// new address that cannot be bound, changes nothing.
+    pub(super) fn reload(&mut self) {
+        if self.stopping.is_some() {
+            return;
+        }
+        notify_systemd(&[NotifyState::Reloading]);
+        self.systemd_ready = false;
+        let config = match config::load(&self.args) {
+            Ok(config) => config,
+            Err(LoadError::CommandLine(e)) => return self.reload_failed(&e.to_string()),
+            Err(LoadError::File(errors)) => return self.reload_failed(&errors.join("; ")),
+        };
+        let identity = match privileges::resolve(config.user.as_deref(), config.group.as_deref()) {
+            Ok(identity) => identity,
+            Err(e) => return self.reload_failed(&e),
+        };
+        if config.pid != self.config.pid || config.log_file != self.config.log_file {
+            warn!("reload: a changed pid or log-file takes effect at the next start or upgrade");
+        }
+        if self.inheritance == Inheritance::Systemd {
+            if config.listen != self.config.listen {
+                warn!("reload: listen addresses come from systemd; the listen setting is not used");
+            }
+        } else if let Err(e) = self.rebind(&config, identity) {
+            return self.reload_failed(&e);
+        }
+        logging::set_level(config.log_level);
+        self.identity = identity;
+        self.target = config.workers.resolve();
+        self.config = config;
+        info!("configuration reloaded");
+        self.rotate_workers();
+    }
+
+    pub(super) fn reload_failed(&mut self, why: &str) {
+        error!("reload failed, the running configuration stays: {why}");
+        self.all_accepting_announced = false;
+    }
+
+    /// Makes the listeners match `config`: kept addresses keep their very socket (no
+    /// queued connection is lost), new ones are bound, removed ones are closed here
+    /// (old workers keep their copies until they retire).
+    pub(super) fn rebind(
+        &mut self,
+        config: &Config,
+        identity: Option<Identity>,
+    ) -> Result<(), String> {
+        let mut current = std::mem::take(&mut self.listeners);
+        let opened = match listeners::open_all(&config.listen, config.backlog, &mut current) {
+            Ok(opened) => opened,
+            Err(e) => {
+                self.listeners = current;
+                return Err(e.to_string());
+            }
+        };
+        let fresh: Vec<&Configured> = opened
+            .iter()
+            .filter(|c| !self.config.listen.contains(&c.addr))
+            .collect();
+        if let Err(e) = listeners::set_socket_access(
+            fresh.iter().map(|c| &c.listener),
+            config.socket_mode,
+            identity,
+        ) {
+            warn!("reload: {e}");
+        }
+        for removed in &current {
+            info!("no longer listening on {}", removed.listener.local_addr());
+        }
+        listeners::remove_socket_files(current.iter().map(|c| &c.listener));
+        for added in &fresh {
+            info!("listening on {}", added.listener.local_addr());
+        }
+        self.listeners = opened;
+        self.addresses = self
+            .listeners
+            .iter()
+            .map(|c| c.listener.local_addr())
+            .collect();
+        Ok(())
+    }
+
+    /// USR1: the master and every worker reopen the log file.
+    pub(super) fn reopen_logs(&mut self) {
+        match logging::reopen() {
+            Ok(()) => info!("log file reopened"),
+            Err(e) => error!("{e}; still logging to the old file"),
+        }
+        for w in &self.workers {
+            let _ = w.channel.send(Command::ReopenLogs);
+        }
+    }
+}
