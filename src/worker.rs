@@ -10,7 +10,10 @@
 //! and its clients (edge-triggered). EPOLLEXCLUSIVE always wakes the epoll instance
 //! nearest the head of the listen socket's wait queue, so a worker that has just
 //! accepted re-registers its listener, which moves it to the back of that queue: the
-//! next connection wakes another worker and connections spread evenly.
+//! next connection wakes another worker and connections spread evenly. Under CPU
+//! contention a busy worker is passed over for a sleeping one anyway, so a worker
+//! that finds (in the scoreboard) that it holds well above its share of connections
+//! also steps back from accepting for a moment.
 
 use std::io;
 use std::os::fd::AsFd;
