@@ -342,3 +342,37 @@ fn an_unknown_user_is_a_runtime_error() {
         "raasd: unknown user 'no-such-user-raasd'",
     );
 }
+
+#[test]
+fn check_config_prints_the_effective_configuration_or_every_error() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/raasd.toml");
+    let (status, s) = run_to_exit(&["--check-config", "-c", example, "-w", "3"]);
+    assert_eq!(status.code(), Some(0), "{}", s.log());
+    let printed = s.stdout();
+    for line in [
+        "workers = 3",
+        "listen = [\"127.0.0.1:2200\"]",
+        "max-line = 65536",
+    ] {
+        assert!(
+            printed.contains(line),
+            "--check-config output lacks {line:?}:\n{printed}"
+        );
+    }
+
+    let dir = std::env::temp_dir().join(format!("raasd-check-config-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    fs::write(&bad, "workers = 0\nbogus = 1\nunit = \"words\"\n").unwrap();
+    let (status, s) = run_to_exit(&["--check-config", "-c", bad.to_str().unwrap()]);
+    fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(status.code(), Some(2), "{}", s.log());
+    for key in ["key 'workers'", "unknown key 'bogus'", "key 'unit'"] {
+        assert!(
+            s.log().contains(key),
+            "stderr should name {key}:\n{}",
+            s.log()
+        );
+    }
+    assert!(s.stdout().is_empty(), "nothing printed for an invalid file");
+}
