@@ -217,7 +217,7 @@ impl Codec {
 /// from being scanned past the point where it is already an error.
 fn find_newline(bytes: &[u8], room: usize) -> Option<usize> {
     let window = &bytes[..bytes.len().min(room.saturating_add(1))];
-    window.iter().position(|&b| b == b'\n')
+    memchr::memchr(b'\n', window)
 }
 
 /// Appends the reply to one line (its `\n` already removed).
@@ -241,16 +241,15 @@ fn reply_into(line: &[u8], unit: Unit, out: &mut Vec<u8>) {
 /// of units is reversed.
 pub fn reverse_into(line: &[u8], unit: Unit, out: &mut Vec<u8>) {
     let start = out.len();
-    out.resize(start + line.len(), 0);
-    let dst = &mut out[start..];
-
     // In ASCII every unit is one byte: the only multi-byte ASCII grapheme is
     // `\r\n`, which cannot occur inside a line.
     if unit == Unit::Bytes || line.is_ascii() {
-        dst.copy_from_slice(line);
-        dst.reverse();
+        out.extend_from_slice(line);
+        out[start..].reverse();
         return;
     }
+    out.resize(start + line.len(), 0);
+    let dst = &mut out[start..];
 
     // Units are laid down from the end of `dst` backwards, so the reversal
     // needs no intermediate list of units.
