@@ -319,6 +319,12 @@ impl<'a> Worker<'a> {
                 Ok(stream) => {
                     self.add_connection(Connection::new(stream, &self.serving, now))?;
                     accepted += 1;
+                    // In a burst, stop at the share rather than drain the whole queue:
+                    // the siblings the same burst woke up take the rest.
+                    if self.stop_deadline.is_none() && self.holds_more_than_its_share() {
+                        self.accept_paused_until = Some(now + STEP_BACK);
+                        break;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e)
@@ -342,10 +348,6 @@ impl<'a> Worker<'a> {
             }
         }
         self.accepted += accepted;
-        if accepted > 0 && self.holds_more_than_its_share() {
-            // Let the siblings take the next connections for a moment.
-            self.accept_paused_until = Some(now + STEP_BACK);
-        }
         self.update_accepting(now)?;
         if accepted > 0 && self.accepting {
             // To the back of the wait queue: the next connection wakes a sibling.
