@@ -111,6 +111,9 @@ struct Worker<'a> {
     /// The listeners are in the poll set.
     accepting: bool,
     accept_paused_until: Option<Instant>,
+    /// The pause is a step back (over its share), which ends early once the share
+    /// has caught up; a pause for want of descriptors does not.
+    stepped_back: bool,
     last_fd_warning: Option<Instant>,
     title_shown: Option<Instant>,
 }
@@ -158,6 +161,7 @@ impl<'a> Worker<'a> {
             stop_deadline: None,
             accepting: false,
             accept_paused_until: None,
+            stepped_back: false,
             last_fd_warning: None,
             title_shown: None,
         };
@@ -199,6 +203,10 @@ impl<'a> Worker<'a> {
                 self.serve_connection(index, now);
             }
             self.again_spare = again;
+            if self.stepped_back && !self.holds_more_than_its_share() {
+                // The siblings caught up (a burst reached them too): no need to wait.
+                self.accept_paused_until = Some(now);
+            }
             if self.accept_paused_until.is_some_and(|until| now >= until) {
                 self.update_accepting(now)?;
             }
@@ -287,6 +295,7 @@ impl<'a> Worker<'a> {
     fn update_accepting(&mut self, now: Instant) -> io::Result<()> {
         if self.accept_paused_until.is_some_and(|until| now >= until) {
             self.accept_paused_until = None;
+            self.stepped_back = false;
         }
         let in_service = self.stop_deadline.is_none();
         self.cell.serving.store(u64::from(in_service), Relaxed);
@@ -323,6 +332,7 @@ impl<'a> Worker<'a> {
                     // the siblings the same burst woke up take the rest.
                     if self.stop_deadline.is_none() && self.holds_more_than_its_share() {
                         self.accept_paused_until = Some(now + STEP_BACK);
+                        self.stepped_back = true;
                         break;
                     }
                 }
@@ -387,6 +397,7 @@ impl<'a> Worker<'a> {
             self.last_fd_warning = Some(now);
         }
         self.accept_paused_until = Some(now + ACCEPT_PAUSE);
+        self.stepped_back = false;
     }
 
     fn add_connection(&mut self, connection: Connection) -> io::Result<()> {
