@@ -193,9 +193,7 @@ impl Connection {
                     let answered = self.codec.replies();
                     if self.codec.feed(&scratch[..n], &mut self.out).is_err() {
                         // The codec wrote the ERR line; the conversation is over.
-                        self.state = State::Finishing {
-                            client_closed: false,
-                        };
+                        self.end_conversation();
                     }
                     // The clock runs for the line now incomplete: it started in this
                     // read if a line was completed here, else it started earlier.
@@ -210,9 +208,7 @@ impl Connection {
                     let streaming_through_stop = self.stopping_grace.is_some()
                         && self.bytes_in - self.bytes_in_at_stop >= STOP_READ_BUDGET;
                     if streaming_through_stop && self.state == State::Open {
-                        self.state = State::Finishing {
-                            client_closed: false,
-                        };
+                        self.end_conversation();
                     }
                     // A short read emptied the socket: edge-triggered readiness will
                     // report the next input, so the read that would say EAGAIN is saved.
@@ -249,13 +245,19 @@ impl Connection {
         Ok(if more_input { Turn::Again } else { Turn::Wait })
     }
 
+    /// The server ends the conversation: no more reading; the replies owed are
+    /// written, then the write side is shut down and the connection lingers.
+    fn end_conversation(&mut self) {
+        self.state = State::Finishing {
+            client_closed: false,
+        };
+    }
+
     /// No input waits: wait for the next edge, or finish if stopping.
     fn drained(&mut self, now: Instant) {
         self.readable = false;
         if self.stop_is_due(now) {
-            self.state = State::Finishing {
-                client_closed: false,
-            };
+            self.end_conversation();
         }
     }
 
@@ -325,9 +327,7 @@ impl Connection {
                     .line_started
                     .is_some_and(|start| exceeded(start, self.line_timeout)) =>
             {
-                self.state = State::Finishing {
-                    client_closed: false,
-                };
+                self.end_conversation();
                 Some(Turn::Again)
             }
             State::Open if self.stopping_grace.is_some_and(|end| now >= end) => {

@@ -118,12 +118,6 @@ pub fn open_all(
         .collect())
 }
 
-/// Binds every address, or reports the first that fails.
-pub fn bind_all(addrs: &[ListenAddr], backlog: u32) -> Result<Vec<Listener>, BindError> {
-    let opened = open_all(addrs, backlog, &mut Vec::new())?;
-    Ok(opened.into_iter().map(|c| c.listener).collect())
-}
-
 /// Where inherited listeners came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Inheritance {
@@ -386,7 +380,7 @@ mod tests {
     fn a_port_in_use_is_reported_with_its_address() {
         let taken = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = ListenAddr::Tcp(taken.local_addr().unwrap());
-        let err = bind_all(std::slice::from_ref(&addr), 16).unwrap_err();
+        let err = open_all(std::slice::from_ref(&addr), 16, &mut Vec::new()).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!("cannot listen on {addr}: address already in use")
