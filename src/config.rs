@@ -112,6 +112,23 @@ pub struct Config {
     #[arg(long, value_name = "MIB", default_value_t = 0)]
     pub max_worker_memory: u64,
 
+    /// Seconds a new master started by SIGUSR2 has to be ready before the upgrade is
+    /// rolled back.
+    #[arg(long, value_name = "SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub upgrade_timeout: u64,
+
+    /// Seconds a TCP connection may be silent before keepalive probes check that its
+    /// peer still exists; 0 = off.
+    #[arg(long, value_name = "SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(0..=32_767))]
+    pub tcp_keepalive: u64,
+
+    /// Directory raasd runs in and a binary upgrade starts from [default: where raasd
+    /// was started, as the shell's $PWD names it].
+    #[arg(long, value_name = "DIR")]
+    pub working_directory: Option<PathBuf>,
+
     /// User the workers run as (the master keeps its own, to bind and to supervise).
     #[arg(long, value_name = "USER")]
     pub user: Option<String>,
@@ -136,6 +153,10 @@ pub struct Config {
 impl Config {
     pub fn graceful_timeout(&self) -> Duration {
         Duration::from_secs(self.graceful_timeout)
+    }
+
+    pub fn upgrade_timeout(&self) -> Duration {
+        Duration::from_secs(self.upgrade_timeout)
     }
 
     /// What a worker needs to know about serving; copied into it at fork.
@@ -315,6 +336,14 @@ impl Config {
         out += &format!("max-requests = {}\n", self.max_requests);
         out += &format!("max-requests-jitter = {}\n", self.max_requests_jitter);
         out += &format!("max-worker-memory = {}\n", self.max_worker_memory);
+        out += &format!("upgrade-timeout = {}\n", self.upgrade_timeout);
+        out += &format!("tcp-keepalive = {}\n", self.tcp_keepalive);
+        out += &optional(
+            "working-directory",
+            self.working_directory
+                .as_ref()
+                .map(|p| p.display().to_string()),
+        );
         out += &optional("user", self.user.clone());
         out += &optional("group", self.group.clone());
         out += &format!("socket-mode = \"{:04o}\"\n", self.socket_mode);

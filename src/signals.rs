@@ -92,6 +92,24 @@ impl SignalSet {
     }
 }
 
+/// Makes the arrival of `signal` end this process within `secs` seconds, when by then
+/// its parent is no longer `parent`: the action arms `alarm`, whose default action
+/// ends the process wherever it is — wedged in a loop or blocked in a write — unless
+/// the process exits first. Used with the parent-death signal, so that a worker never
+/// outlives its master by more than that, whatever state its loop is in.
+pub fn exit_soon_when_orphaned(signal: c_int, parent: libc::pid_t, secs: u32) -> io::Result<()> {
+    // SAFETY: the action calls only getppid and alarm, both async-signal-safe
+    // (signal-safety(7)); it captures two integers and neither allocates nor locks.
+    unsafe {
+        signal_hook::low_level::register(signal, move || {
+            if libc::getppid() != parent {
+                libc::alarm(secs);
+            }
+        })
+    }?;
+    Ok(())
+}
+
 /// The name of a signal for logs: "SIGHUP".
 pub fn name(signal: c_int) -> &'static str {
     signal_hook::low_level::signal_name(signal).unwrap_or("signal")

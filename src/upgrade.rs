@@ -12,6 +12,7 @@ use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 
@@ -58,6 +59,9 @@ pub fn start_successor(
     } else {
         command.env_remove(SOCKETS_FIXED);
     }
+    // A process group of its own: a rollback ends the successor with whatever it
+    // started (a wrapper script that did not exec keeps the sockets in its children).
+    command.process_group(0);
     let spawned = command
         .args(args.iter().skip(1))
         .env(listeners::INHERITED_FDS, spec)
@@ -120,6 +124,60 @@ impl Predecessor {
     pub fn announce_ready(self) -> io::Result<()> {
         (&self.ready).write_all(b"R")
     }
+}
+
+/// Sends `signal` to every process of the group a successor leads; false when the
+/// group has no process left.
+pub fn signal_group(group: Pid, signal: Option<nix::sys::signal::Signal>) -> bool {
+    nix::sys::signal::killpg(group, signal) != Err(nix::errno::Errno::ESRCH)
+}
+
+/// The processes, other than `ours`, that hold a descriptor of one of `listeners`
+/// (found in /proc/PID/fd by the socket's inode): after a failed upgrade, anything
+/// listed keeps the port taken when raasd stops.
+pub fn stray_holders(listeners: &[Configured], ours: &[Pid]) -> Vec<(i32, String, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let sockets: Vec<(String, &Configured)> = listeners
+        .iter()
+        .filter_map(|c| {
+            let fd = c.listener.as_fd().as_raw_fd();
+            let inode = std::fs::metadata(format!("/proc/self/fd/{fd}")).ok()?.ino();
+            Some((format!("socket:[{inode}]"), c))
+        })
+        .collect();
+    let mut found = Vec::new();
+    let Ok(processes) = std::fs::read_dir("/proc") else {
+        return found;
+    };
+    for process in processes.flatten() {
+        let Some(pid) = process
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if ours.iter().any(|p| p.as_raw() == pid) {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(process.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else {
+                continue;
+            };
+            if let Some((_, c)) = sockets
+                .iter()
+                .find(|(name, _)| target.as_os_str() == name.as_str())
+            {
+                let comm = std::fs::read_to_string(process.path().join("comm")).unwrap_or_default();
+                found.push((pid, comm.trim_end().to_string(), c.listener.local_addr()));
+                break;
+            }
+        }
+    }
+    found
 }
 
 /// The binary USR2 executes: the path raasd was started by, made absolute now (the

@@ -45,6 +45,11 @@ const STEP_BACK_FLOOR: u64 = 8;
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// How long a worker whose master died may take to finish.
 const ORPHAN_DRAIN: Duration = Duration::from_millis(500);
+/// The parent-death signal: it arms an alarm of [`ORPHAN_DEADLINE_SECS`], so an
+/// orphaned worker is gone by then even if its loop never runs again. (Not TERM:
+/// TERM from systemd means a graceful stop of up to --graceful-timeout.)
+const ORPHAN_SIGNAL: nix::sys::signal::Signal = nix::sys::signal::Signal::SIGUSR2;
+const ORPHAN_DEADLINE_SECS: u32 = 1;
 const SCRATCH: usize = 64 * 1024;
 const EVENTS: usize = 256;
 
@@ -76,11 +81,13 @@ pub fn run(
     }
 }
 
-/// Which worker this is, for its title.
+/// Which worker this is (for its title) and whose.
 #[derive(Debug, Clone, Copy)]
 pub struct Who {
     pub slot: usize,
     pub generation: u64,
+    /// The master that forked it.
+    pub master: nix::unistd::Pid,
 }
 
 struct Worker<'a> {
@@ -128,9 +135,20 @@ impl<'a> Worker<'a> {
         blocked: Blocked,
     ) -> io::Result<Worker<'a>> {
         let cell = board.cell(cell);
-        // If the master dies without closing our channel (it cannot, but a kernel
-        // backstop costs nothing), TERM makes this worker stop gracefully.
-        let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM);
+        // The loop notices the master's death by its channel's end of file and drains
+        // for ORPHAN_DRAIN; the kernel's parent-death signal makes sure the worker is
+        // gone even when the loop is wedged. (Set after privileges are dropped, which
+        // clears it.) A master that died before this is noticed at once.
+        let master = who.master.as_raw();
+        crate::signals::exit_soon_when_orphaned(
+            ORPHAN_SIGNAL as libc::c_int,
+            master,
+            ORPHAN_DEADLINE_SECS,
+        )?;
+        nix::sys::prctl::set_pdeathsig(ORPHAN_SIGNAL)?;
+        if nix::unistd::getppid() != who.master {
+            nix::unistd::alarm::set(ORPHAN_DEADLINE_SECS);
+        }
         let signals = SignalSet::install(&SIGNALS_HANDLED)?;
         blocked.release();
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)?;
@@ -282,6 +300,8 @@ impl<'a> Worker<'a> {
                 let _ = self.epoll.delete(control.as_fd());
             }
             warn!("the master is gone");
+            // Whatever happens to the loop now, the process ends in time.
+            nix::unistd::alarm::set(ORPHAN_DEADLINE_SECS);
             self.stop(now, "the master's death")?;
             // Orphans must not hold the port for long: answer what was read, then go.
             self.stop_deadline = self.stop_deadline.map(|d| d.min(now + ORPHAN_DRAIN));

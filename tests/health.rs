@@ -620,7 +620,9 @@ fn a_crash_looping_slot_backs_off_while_the_others_serve() {
             "more kills than planned: {gaps:?}"
         );
         let t = Instant::now();
-        signal_pid(victim, Signal::SIGKILL);
+        // A crash (as if the worker aborted at start), not a kill from outside: only
+        // a worker failing by itself makes its slot back off.
+        signal_pid(victim, Signal::SIGABRT);
         killed.insert(victim);
         let mut next = None;
         wait_until("a new worker[1]", SOON, || {
@@ -644,7 +646,7 @@ fn a_crash_looping_slot_backs_off_while_the_others_serve() {
     let lines = s.log_lines();
     let mut delays = Vec::new();
     for &(pid, gap) in &gaps {
-        let needle = format!("worker[1] pid {pid} exited unexpectedly (killed by SIGKILL)");
+        let needle = format!("worker[1] pid {pid} exited unexpectedly (killed by SIGABRT)");
         let line = lines
             .iter()
             .find(|l| l.contains(&needle))
@@ -702,6 +704,79 @@ fn a_crash_looping_slot_backs_off_while_the_others_serve() {
     );
     s.wait_for_log("all 3 workers accepting", SOON);
     assert_eq!(roundtrip(addr, "recovered"), "derevocer");
+}
+
+#[test]
+fn a_kill_storm_is_answered_by_respawning_at_once() {
+    // What an OOM killer or a bad deploy script does: a random worker SIGKILLed every
+    // 100 ms, for 2 s, while clients connect for every request.
+    const KILLS: usize = 20;
+    const EVERY: Duration = Duration::from_millis(100);
+    let s = Server::start(&["-w", "2", "-l", "127.0.0.1:0"]);
+    let addr = s.addr();
+    s.wait_for_log("all 2 workers accepting", SOON);
+    s.wait_workers(2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = probe(addr, stop.clone());
+
+    let mut killed: BTreeSet<i32> = BTreeSet::new();
+    let mut empty_samples = 0;
+    let mut samples = 0;
+    let storm = Instant::now();
+    for k in 0..KILLS {
+        let workers: Vec<Worker> = s
+            .workers()
+            .into_iter()
+            .filter(|w| !killed.contains(&w.pid))
+            .collect();
+        if let Some(victim) = workers.get(k % workers.len().max(1)) {
+            signal_pid(victim.pid, Signal::SIGKILL);
+            killed.insert(victim.pid);
+        }
+        // Sample, until the next kill is due, whether any worker is there at all.
+        while storm.elapsed() < EVERY * (k as u32 + 1) {
+            samples += 1;
+            if s.workers().iter().all(|w| killed.contains(&w.pid)) {
+                empty_samples += 1;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let after_storm = Instant::now();
+    s.wait_for_log("all 2 workers accepting", SOON);
+    let restored = poll_until(SOON, || {
+        let now = s.workers();
+        now.len() == 2 && now.iter().all(|w| !killed.contains(&w.pid))
+    });
+    let took = after_storm.elapsed();
+    stop.store(true, Ordering::SeqCst);
+    let probed = prober.join().expect("the probe thread");
+    eprintln!(
+        "{} kills in {:?}: no worker at {empty_samples} of {samples} samples (5 ms apart); \
+         count restored {took:?} after the storm; probe: {probed:?}",
+        killed.len(),
+        after_storm - storm
+    );
+    assert!(
+        restored,
+        "the worker count was not restored after the storm"
+    );
+    assert_eq!(
+        s.count_log("respawning in"),
+        0,
+        "a worker killed from outside must be replaced at once, not after a delay"
+    );
+    assert_eq!(
+        s.count_log("from outside raasd; respawning at once"),
+        killed.len(),
+        "every kill is logged as such"
+    );
+    assert!(
+        probed.failures.is_empty(),
+        "a client failed: {:?}",
+        probed.failures
+    );
+    assert_eq!(roundtrip(addr, "after the storm"), "mrots eht retfa");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -954,6 +1029,91 @@ fn workers_are_gone_within_a_second_of_the_masters_sigkill() {
         took <= Duration::from_secs(1),
         "the workers took {took:?} (more than 1 s) to go after the master's SIGKILL"
     );
+}
+
+#[test]
+fn a_wedged_worker_is_gone_within_a_second_of_the_masters_sigkill() {
+    // A worker wedged outside its loop never reads its channel nor its signal pipe:
+    // here it blocks writing its log to a pipe nobody reads (4 KiB, filled by its
+    // debug line per accepted connection). A unix listener, so that the address is
+    // known without reading that log.
+    let dir = temp_path("wedged");
+    fs::create_dir_all(&dir).unwrap();
+    let _cleanup = RemoveDirOnDrop(dir.clone());
+    let socket = dir.join("raasd.sock");
+    let (log_reader, log_writer) = nix::unistd::pipe().expect("pipe");
+    nix::fcntl::fcntl(&log_writer, nix::fcntl::FcntlArg::F_SETPIPE_SZ(4096)).expect("F_SETPIPE_SZ");
+    let listen = format!("unix:{}", socket.display());
+    let s = Server::start_with(
+        &[
+            "-w",
+            "1",
+            "-l",
+            &listen,
+            "--log-level",
+            "debug",
+            "--timeout",
+            "0",
+        ],
+        &[],
+        move |cmd| {
+            cmd.stderr(Stdio::from(log_writer));
+        },
+    );
+    let worker = s.wait_workers(1).remove(0);
+    let mut clients = Vec::new();
+    let wedged = poll_until(SOON, || {
+        if let Ok(c) = std::os::unix::net::UnixStream::connect(&socket) {
+            clients.push(c);
+        }
+        fs::read_to_string(format!("/proc/{}/wchan", worker.pid))
+            .is_ok_and(|w| w.contains("pipe_write"))
+    });
+    assert!(
+        wedged,
+        "the worker never blocked on its log pipe ({} clients)",
+        clients.len()
+    );
+
+    let killed_at = Instant::now();
+    s.signal(Signal::SIGKILL);
+    // Measured up to 5 s, so that a failure says how long it took.
+    let gone = poll_until(Duration::from_secs(5), || !alive(worker.pid));
+    let took = killed_at.elapsed();
+    drop(log_reader);
+    assert!(
+        gone,
+        "the wedged worker {} still holds the socket {took:?} after the master's SIGKILL",
+        worker.pid
+    );
+    eprintln!("wedged worker gone {took:?} after the master's SIGKILL");
+    let err =
+        std::os::unix::net::UnixStream::connect(&socket).expect_err("nothing may listen any more");
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+}
+
+#[test]
+fn a_worker_stopped_when_its_master_dies_goes_once_continued() {
+    let s = Server::start(&["-w", "1", "-l", "127.0.0.1:0", "--timeout", "0"]);
+    let addr = s.addr();
+    s.wait_for_log("all 1 workers accepting", SOON);
+    let worker = s.wait_workers(1).remove(0);
+    let mut stopped = Stopped::new();
+    stopped.stop(worker.pid);
+    s.signal(Signal::SIGKILL);
+    wait_until("the master to be gone", SOON, || !alive(s.pid()));
+    // (A debugger detaching, or the kernel's SIGCONT to an orphaned process group.)
+    let continued = Instant::now();
+    stopped.cont(worker.pid);
+    let gone = poll_until(Duration::from_secs(5), || !alive(worker.pid));
+    let took = continued.elapsed();
+    assert!(
+        gone,
+        "the stopped worker still runs {took:?} after being continued"
+    );
+    eprintln!("stopped worker gone {took:?} after being continued");
+    let err = TcpStream::connect(addr).expect_err("the port must refuse once it is gone");
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
 }
 
 // ---------------------------------------------------------------------------------------

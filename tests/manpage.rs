@@ -224,3 +224,64 @@ fn raas_page_documents_every_option_and_subcommand() {
         assert_documents_flags(RAAS_PAGE, &sub_help, &format!("raas {command} --help"));
     }
 }
+
+/// raasd(8) and the README say that `examples/raasd.toml` lists every key with its
+/// default: each line `raasd --check-config` prints is in it (an unset key as a
+/// commented example), and it sets no key that raasd does not print.
+#[test]
+fn example_config_lists_every_key_with_its_default() {
+    let output = Command::new(env!("CARGO_BIN_EXE_raasd"))
+        .arg("--check-config")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("cannot run raasd --check-config");
+    assert!(
+        output.status.success(),
+        "raasd --check-config: {}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let printed = String::from_utf8(output.stdout).expect("--check-config prints UTF-8");
+    let example_path = page_path("examples/raasd.toml");
+    let example = std::fs::read_to_string(&example_path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", example_path.display()));
+    let example_lines: Vec<&str> = example.lines().map(str::trim_end).collect();
+
+    let mut printed_keys = Vec::new();
+    for line in printed.lines().map(str::trim_end).filter(|l| !l.is_empty()) {
+        if let Some(key) = line
+            .strip_prefix("# ")
+            .and_then(|rest| rest.strip_suffix(" = (not set)"))
+        {
+            let commented = format!("# {key} = ");
+            assert!(
+                example_lines.iter().any(|l| l.starts_with(&commented)),
+                "examples/raasd.toml lacks the unset key '{key}' as a commented line \
+                 '{commented}...' (raasd --check-config prints '{line}')"
+            );
+            printed_keys.push(key.to_string());
+        } else if let Some((key, _)) = line.split_once(" = ") {
+            assert!(
+                example_lines.contains(&line),
+                "examples/raasd.toml lacks key '{key}' with its default: raasd --check-config \
+                 prints '{line}'"
+            );
+            printed_keys.push(key.to_string());
+        } else {
+            panic!("unexpected line in raasd --check-config output: '{line}'");
+        }
+    }
+    for line in &example_lines {
+        if line.trim_start().starts_with('#') {
+            continue;
+        }
+        let Some((key, _)) = line.split_once('=') else {
+            continue;
+        };
+        let key = key.trim();
+        assert!(
+            printed_keys.iter().any(|k| k == key),
+            "examples/raasd.toml sets key '{key}', which raasd --check-config does not print"
+        );
+    }
+}

@@ -998,6 +998,55 @@ fn usr2_rolls_back_when_the_new_binary_exits_at_once() {
     assert!(d.try_status().is_none());
 }
 
+#[test]
+fn usr2_to_a_wrapper_that_hangs_is_rolled_back_with_everything_it_started() {
+    // The installed "binary" is a wrapper that does not exec, ignores TERM and leaves
+    // a child holding the inherited listen sockets.
+    let dir = TempDir::new("usr2_wrapper");
+    let exe = dir.join("raasd");
+    let copied = Command::new("cp").arg(BIN).arg(&exe).status().expect("cp");
+    assert!(copied.success());
+    let s = Server::start_program(
+        &exe,
+        &["-w", "2", "-l", "127.0.0.1:0", "--upgrade-timeout", "1"],
+        &[],
+        |_| {},
+    );
+    let addr = s.addr();
+    s.wait_for_log("all 2 workers accepting", SOON);
+    let workers = s.wait_workers(2);
+    let inode = tcp_listen_inode(addr).expect("the TCP listener in /proc/net/tcp");
+    let replaced = Command::new("sh")
+        .arg("-c")
+        .arg(r#"printf '#!/bin/sh\ntrap "" TERM\nsleep 600 &\nsleep 600\n' > "$1.new" && chmod 755 "$1.new" && mv -f "$1.new" "$1""#)
+        .arg("sh")
+        .arg(&exe)
+        .status()
+        .expect("sh");
+    assert!(replaced.success());
+    s.signal(Signal::SIGUSR2);
+    let group = successor_pid(&s.wait_for_log("upgrade: started ", SOON));
+    let failed = s.wait_for_log("upgrade failed, rolling back", SOON);
+    assert!(failed.contains("not ready within 1s"), "{failed:?}");
+    wait_until("every process the wrapper started to be gone", SOON, || {
+        processes_where(|pid| alive(pid) && proc_pgrp(pid) == Some(group)).is_empty()
+    });
+    let holders = processes_where(|pid| pid != s.pid() && alive(pid) && holds_socket(pid, inode));
+    let mut ours = pid_set(&workers);
+    ours.insert(s.pid());
+    assert!(
+        holders.iter().all(|p| ours.contains(p)),
+        "processes other than raasd's hold the listen socket: {holders:?}"
+    );
+    assert_eq!(roundtrip(addr, "rolled back"), "kcab dellor");
+    assert_eq!(pid_set(&s.wait_workers(2)), pid_set(&workers));
+
+    // After a stop, the port is free again.
+    s.signal(Signal::SIGTERM);
+    assert_eq!(s.wait_exit(SOON).code(), Some(0));
+    TcpListener::bind(addr).expect("the port is free once raasd stopped");
+}
+
 // ---------------------------------------------------------------------------------------
 // TTIN / TTOU, WINCH
 // ---------------------------------------------------------------------------------------
@@ -1129,6 +1178,24 @@ fn winch_retires_every_worker_and_ttin_brings_one_back() {
     assert_generation(&two, 2);
     load.wait_replies(300, SOON);
     load.stop().assert_clean();
+}
+
+#[test]
+fn a_terminal_resize_leaves_every_worker_serving() {
+    // `raasd -w 2` in a terminal, and the window is resized: the kernel sends WINCH
+    // to the master and its workers, the terminal's foreground process group.
+    let (s, terminal) = Server::start_on_terminal(&["-w", "2", "-l", "127.0.0.1:0"]);
+    let addr = s.addr();
+    s.wait_for_log("all 2 workers accepting", SOON);
+    let before = s.wait_workers(2);
+    terminal.resize(50, 132);
+    s.wait_for_log("SIGWINCH ignored", SOON);
+    // A TTIN after it: once its worker is there, the master has long acted on WINCH.
+    s.signal(Signal::SIGTTIN);
+    let after = s.wait_workers(3);
+    assert_eq!(after[..2], before[..], "the workers changed after a resize");
+    assert_eq!(s.count_log("workers: 2 -> 0"), 0);
+    assert_eq!(roundtrip(addr, "resized"), "deziser");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -4,13 +4,16 @@
 //! The mechanism (executing the binary, passing the sockets, the readiness pipe) is
 //! in [`crate::upgrade`]. Here: the pid file becomes FILE.oldbin while the successor
 //! starts; once it reports ready, this master names it to systemd and retires; if it
-//! exits or is not ready within [`UPGRADE_DEADLINE`], FILE.oldbin goes back to FILE
-//! and this master serves on as if nothing happened.
+//! exits or is not ready within --upgrade-timeout, FILE.oldbin goes back to FILE
+//! and this master serves on as if nothing happened; the successor's whole process
+//! group is ended (TERM, then KILL after a grace), so that nothing it started keeps
+//! the listen sockets.
 
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
-use nix::sys::signal::{Signal, kill};
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 use sd_notify::NotifyState;
 
 use super::{Master, notify_systemd};
@@ -18,8 +21,15 @@ use crate::listeners::Inheritance;
 use crate::pidfile::PidFile;
 use crate::upgrade::{self, Readiness};
 
-/// How long a successor master may take to be ready before the upgrade is rolled back.
-pub(super) const UPGRADE_DEADLINE: Duration = Duration::from_secs(30);
+/// How long an abandoned successor's process group has, after TERM, before KILL.
+const ABANDON_GRACE: Duration = Duration::from_secs(3);
+
+/// A successor given up on (rolled back, or the upgrade abandoned by a stop): its
+/// process group got TERM and gets KILL at `kill_at` if anything of it is left.
+pub(super) struct Abandoned {
+    group: Pid,
+    pub(super) kill_at: Instant,
+}
 
 impl Master {
     /// USR2: starts the binary installed at our path as a new master, handing it
@@ -48,7 +58,7 @@ impl Master {
                     self.exe.display(),
                     successor.pid
                 );
-                self.successor = Some((successor, Instant::now() + UPGRADE_DEADLINE));
+                self.successor = Some((successor, Instant::now() + self.config.upgrade_timeout()));
                 self.title.clear();
             }
             Err(e) => self.roll_back_upgrade(&format!("cannot start {}: {e}", self.exe.display())),
@@ -79,7 +89,7 @@ impl Master {
 
     pub(super) fn roll_back_upgrade(&mut self, why: &str) {
         if let Some((successor, _)) = self.successor.take() {
-            let _ = kill(successor.pid, Signal::SIGTERM);
+            self.abandon(successor.pid);
         }
         // The pid file first: whoever acts on the log line finds it back in place.
         if let Some(Err(e)) = self.pid_file.as_mut().map(PidFile::rename_back) {
@@ -87,6 +97,46 @@ impl Master {
         }
         error!("upgrade failed, rolling back: {why}");
         self.title.clear();
+    }
+
+    /// Ends a successor that will not take over, with everything it started (its
+    /// process group): TERM now, KILL after [`ABANDON_GRACE`].
+    pub(super) fn abandon(&mut self, group: Pid) {
+        upgrade::signal_group(group, Some(Signal::SIGTERM));
+        self.abandoned = Some(Abandoned {
+            group,
+            kill_at: Instant::now() + ABANDON_GRACE,
+        });
+    }
+
+    /// Once its grace is over (or at `exit`), kills what is left of an abandoned
+    /// successor's process group, then makes sure nothing else holds the listen
+    /// sockets: a process outside it that does would keep the port taken.
+    pub(super) fn finish_abandoned_upgrade(&mut self, exiting: bool) {
+        let Some(abandoned) = &self.abandoned else {
+            return;
+        };
+        if !exiting && Instant::now() < abandoned.kill_at {
+            return;
+        }
+        let group = abandoned.group;
+        self.abandoned = None;
+        if upgrade::signal_group(group, None) {
+            warn!(
+                "upgrade: processes of the abandoned new master's group {group} are still \
+                 there; killing them"
+            );
+            upgrade::signal_group(group, Some(Signal::SIGKILL));
+        }
+        let mut ours: Vec<Pid> = self.workers.iter().map(|w| w.pid).collect();
+        ours.push(nix::unistd::getpid());
+        for (pid, comm, addr) in upgrade::stray_holders(&self.listeners, &ours) {
+            error!(
+                "pid {pid} ({comm}), started by the failed upgrade outside its process \
+                 group, still holds the listen socket {addr}: stop it, or the port stays \
+                 taken after raasd stops"
+            );
+        }
     }
 
     /// Watches the successor of an upgrade: ready, dead or late.
@@ -100,8 +150,8 @@ impl Master {
                 self.roll_back_upgrade("the new master exited before it was ready")
             }
             Readiness::NotYet if Instant::now() >= *deadline => self.roll_back_upgrade(&format!(
-                "the new master was not ready within {}s",
-                UPGRADE_DEADLINE.as_secs()
+                "the new master was not ready within {}s (--upgrade-timeout)",
+                self.config.upgrade_timeout
             )),
             Readiness::NotYet => {}
         }

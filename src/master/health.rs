@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use log::{error, info, warn};
 use nix::sys::signal::{Signal, kill};
 
 use super::{Backoff, Master, WorkerProcess};
@@ -23,23 +23,82 @@ const BACKOFF_RESET: Duration = Duration::from_secs(10);
 /// How often workers' resident memory is sampled for --max-worker-memory.
 pub(super) const MEMORY_SAMPLE: Duration = Duration::from_secs(2);
 
+/// How a worker process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Exit {
+    Status(i32),
+    Signal(Signal),
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Status(code) => write!(f, "exit status {code}"),
+            Exit::Signal(signal) => write!(f, "killed by {signal}"),
+        }
+    }
+}
+
+impl Exit {
+    /// Whether the worker failed by its own doing — an error exit, or a crash (a
+    /// fault signal the kernel raises for the process's own instructions) — rather
+    /// than being ended from outside (SIGKILL from the OOM killer or an operator,
+    /// TERM) or stopping cleanly.
+    pub(super) fn is_own_failure(self) -> bool {
+        match self {
+            Exit::Status(code) => code != 0,
+            Exit::Signal(signal) => matches!(
+                signal,
+                Signal::SIGSEGV
+                    | Signal::SIGBUS
+                    | Signal::SIGILL
+                    | Signal::SIGFPE
+                    | Signal::SIGABRT
+                    | Signal::SIGSYS
+                    | Signal::SIGTRAP
+            ),
+        }
+    }
+}
+
+/// The delay before a slot's next worker, after one ended `exit` having lived
+/// `lived`, when the slot's delay so far was `previous`. Only a worker that failed
+/// by its own doing soon after its start (a crash loop: a broken environment, a
+/// missing library) makes the slot wait, doubling each time; one ended from outside
+/// is replaced at once, however young, so a storm of kills never empties the server.
+pub(super) fn respawn_delay(previous: Duration, lived: Duration, exit: Exit) -> Duration {
+    if exit.is_own_failure() && lived < CRASH_WINDOW {
+        (previous * 2).clamp(BACKOFF_FIRST, BACKOFF_MAX)
+    } else {
+        Duration::ZERO
+    }
+}
+
 impl Master {
-    /// A worker died without being asked to: log it, and when it died young, make
-    /// its slot wait longer before the next one (crash-loop backoff).
-    pub(super) fn note_unexpected_exit(&mut self, gone: &WorkerProcess, how: &str) {
+    /// A worker died without being asked to: log it, and when it failed young by its
+    /// own doing, make its slot wait longer before the next one (crash-loop backoff).
+    pub(super) fn note_unexpected_exit(&mut self, gone: &WorkerProcess, exit: Exit) {
         let (slot, pid) = (gone.slot, gone.pid);
         let lived = gone.spawned_at.elapsed();
         let backoff = self.backoff_of(slot);
-        if lived < CRASH_WINDOW {
-            backoff.delay = (backoff.delay * 2).clamp(BACKOFF_FIRST, BACKOFF_MAX);
-            backoff.not_before = Some(Instant::now() + backoff.delay);
-            warn!(
-                "worker[{slot}] pid {pid} exited unexpectedly ({how}) {} ms after its start; respawning in {} ms",
-                lived.as_millis(),
-                backoff.delay.as_millis()
-            );
-        } else {
-            warn!("worker[{slot}] pid {pid} exited unexpectedly ({how}); respawning");
+        let delay = respawn_delay(backoff.delay, lived, exit);
+        backoff.not_before = (delay > Duration::ZERO).then(|| Instant::now() + delay);
+        match exit {
+            _ if delay > Duration::ZERO => {
+                backoff.delay = delay;
+                error!(
+                    "worker[{slot}] pid {pid} exited unexpectedly ({exit}) {} ms after its start; respawning in {} ms",
+                    lived.as_millis(),
+                    delay.as_millis()
+                );
+            }
+            Exit::Status(0) => info!(
+                "worker[{slot}] pid {pid} stopped on a signal sent to it, not by the master (exit status 0); respawning"
+            ),
+            Exit::Signal(signal) if !exit.is_own_failure() => error!(
+                "worker[{slot}] pid {pid} was killed by {signal} from outside raasd; respawning at once"
+            ),
+            _ => error!("worker[{slot}] pid {pid} exited unexpectedly ({exit}); respawning"),
         }
     }
 
@@ -93,12 +152,12 @@ impl Master {
         for w in &mut self.workers {
             let age = self.scoreboard.cell(w.cell).heartbeat_age_ms(now_ms);
             // Killed once is enough: its channel closes before it can be reaped.
-            if age.min(grace_age) > timeout_ms && !w.killed {
+            if age.min(grace_age) > timeout_ms && w.killed_for.is_none() {
                 warn!(
                     "worker[{}] pid {} missed its heartbeat: last beat {age} ms ago (timeout {}s); killing it",
                     w.slot, w.pid, self.config.timeout
                 );
-                w.killed = true;
+                w.killed_for = Some("no heartbeat within --timeout");
                 let _ = kill(w.pid, Signal::SIGKILL);
             }
         }
@@ -157,5 +216,52 @@ impl Master {
                 self.random % (jitter + 1)
             },
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const YOUNG: Duration = Duration::from_millis(10);
+    const OLD: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn a_worker_killed_from_outside_is_replaced_at_once_however_young() {
+        for signal in [Signal::SIGKILL, Signal::SIGTERM, Signal::SIGINT] {
+            let exit = Exit::Signal(signal);
+            assert_eq!(respawn_delay(BACKOFF_MAX, YOUNG, exit), Duration::ZERO);
+        }
+        assert_eq!(
+            respawn_delay(BACKOFF_FIRST, YOUNG, Exit::Status(0)),
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn a_young_worker_failing_by_itself_backs_off_doubling_up_to_the_cap() {
+        let mut delay = Duration::ZERO;
+        let mut seen = Vec::new();
+        for exit in [
+            Exit::Status(1),
+            Exit::Signal(Signal::SIGSEGV),
+            Exit::Signal(Signal::SIGABRT),
+        ] {
+            delay = respawn_delay(delay, YOUNG, exit);
+            seen.push(delay.as_millis());
+        }
+        assert_eq!(seen, [100, 200, 400]);
+        assert_eq!(
+            respawn_delay(BACKOFF_MAX, YOUNG, Exit::Status(2)),
+            BACKOFF_MAX
+        );
+    }
+
+    #[test]
+    fn a_worker_failing_after_the_crash_window_is_replaced_at_once() {
+        assert_eq!(
+            respawn_delay(BACKOFF_FIRST, OLD, Exit::Status(1)),
+            Duration::ZERO
+        );
     }
 }

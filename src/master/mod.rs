@@ -45,7 +45,7 @@ mod handover;
 mod health;
 mod reload;
 
-use health::MEMORY_SAMPLE;
+use health::{Exit, MEMORY_SAMPLE};
 
 /// The signals the master handles; see the table in README.md and raasd(8).
 const SIGNALS_HANDLED: [libc::c_int; 10] = [
@@ -99,8 +99,8 @@ struct WorkerProcess {
     accepting: bool,
     /// It was told to stop gracefully.
     retiring: bool,
-    /// It was SIGKILLed for a missed heartbeat (and is not reaped yet).
-    killed: bool,
+    /// The master SIGKILLed it, for this reason (it is not reaped yet).
+    killed_for: Option<&'static str>,
 }
 
 struct Stopping {
@@ -123,6 +123,8 @@ pub struct Master {
     successor: Option<(Successor, Instant)>,
     /// This master was started by USR2: the old master waits to hear it is ready.
     predecessor: Option<Predecessor>,
+    /// A successor given up on, whose process group is being ended.
+    abandoned: Option<handover::Abandoned>,
     /// A successor took over: stop without removing what it now owns.
     handing_over: bool,
     /// systemd has been told READY=1 for the current configuration.
@@ -237,6 +239,7 @@ impl Master {
             listeners,
             inheritance,
             successor: None,
+            abandoned: None,
             predecessor,
             handing_over: false,
             systemd_ready: false,
@@ -264,6 +267,7 @@ impl Master {
                 break;
             }
             self.follow_upgrade();
+            self.finish_abandoned_upgrade(false);
             self.maintain_worker_count();
             self.murder_lazy_workers();
             self.replace_bloated_workers();
@@ -271,6 +275,7 @@ impl Master {
             self.show_title();
             self.sleep_until_woken();
         }
+        self.finish_abandoned_upgrade(true);
         if let Some(pid_file) = &self.pid_file {
             pid_file.remove();
         }
@@ -282,8 +287,8 @@ impl Master {
     fn reap_all_workers(&mut self) {
         loop {
             let (pid, how) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(pid, code)) => (pid, format!("exit status {code}")),
-                Ok(WaitStatus::Signaled(pid, signal, _)) => (pid, format!("killed by {signal}")),
+                Ok(WaitStatus::Exited(pid, code)) => (pid, Exit::Status(code)),
+                Ok(WaitStatus::Signaled(pid, signal, _)) => (pid, Exit::Signal(signal)),
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
                 Ok(_) => continue,
                 Err(Errno::EINTR) => continue,
@@ -303,11 +308,18 @@ impl Master {
             };
             let gone = self.workers.swap_remove(at);
             self.scoreboard.cell(gone.cell).release();
+            if let Some(why) = gone.killed_for {
+                warn!(
+                    "worker[{}] pid {pid} was killed by the master ({why})",
+                    gone.slot
+                );
+                continue;
+            }
             if gone.retiring || self.stopping.is_some() {
                 info!("worker[{}] pid {pid} exited ({how})", gone.slot);
                 continue;
             }
-            self.note_unexpected_exit(&gone, &how);
+            self.note_unexpected_exit(&gone, how);
         }
     }
 
@@ -320,11 +332,14 @@ impl Master {
                 libc::SIGINT => self.stop(true, signals::name(signal)),
                 libc::SIGHUP => self.reload(),
                 libc::SIGUSR2 => self.start_upgrade(),
-                libc::SIGWINCH => self.resize(0),
+                libc::SIGWINCH => self.drain_unless_on_a_terminal(),
                 libc::SIGUSR1 => self.reopen_logs(),
-                libc::SIGTTIN => self.resize(self.target.saturating_add(times).min(MAX_WORKERS)),
+                libc::SIGTTIN => self.resize(
+                    self.target.saturating_add(times).min(MAX_WORKERS),
+                    "SIGTTIN",
+                ),
                 libc::SIGTTOU if self.target > 0 => {
-                    self.resize(self.target.saturating_sub(times).max(1))
+                    self.resize(self.target.saturating_sub(times).max(1), "SIGTTOU")
                 }
                 libc::SIGCHLD => {} // reaped at the top of the loop
                 _ => {}
@@ -332,11 +347,25 @@ impl Master {
         }
     }
 
-    fn resize(&mut self, target: usize) {
+    /// WINCH retires every worker, as in Unicorn and nginx, but only when the master
+    /// runs detached: on a terminal the kernel sends WINCH to the foreground process
+    /// group at every window resize, and a resize must not stop the service.
+    fn drain_unless_on_a_terminal(&mut self) {
+        if has_controlling_terminal() {
+            info!(
+                "SIGWINCH ignored: the master has a controlling terminal, where a window \
+                 resize sends it (run raasd detached to drain workers with WINCH)"
+            );
+            return;
+        }
+        self.resize(0, "SIGWINCH");
+    }
+
+    fn resize(&mut self, target: usize, why: &str) {
         if self.stopping.is_some() || target == self.target {
             return;
         }
-        info!("workers: {} -> {target}", self.target);
+        info!("{why}: workers: {} -> {target}", self.target);
         self.target = target;
         self.all_accepting_announced = false;
         self.show_title();
@@ -411,12 +440,18 @@ impl Master {
         let in_use = &self.scoreboard.header().cells_in_use;
         in_use.fetch_max(cell as u64 + 1, std::sync::atomic::Ordering::Relaxed);
         let max_requests = self.next_max_requests();
+        let master = nix::unistd::getpid();
         let forked = control::channel().and_then(|(master_end, worker_end)| {
             Ok(match process::fork()? {
                 Forked::Parent(pid) => (pid, master_end),
                 Forked::Child(blocked) => {
                     drop(master_end);
-                    self.become_worker(slot, cell, max_requests, worker_end, blocked)
+                    let who = Who {
+                        slot,
+                        generation: self.generation,
+                        master,
+                    };
+                    self.become_worker(who, cell, max_requests, worker_end, blocked)
                 }
             })
         });
@@ -440,7 +475,7 @@ impl Master {
                     channel_open: true,
                     accepting: false,
                     retiring: false,
-                    killed: false,
+                    killed_for: None,
                 });
                 true
             }
@@ -455,12 +490,13 @@ impl Master {
     /// In the child after fork: shed everything of the master's, then serve.
     fn become_worker(
         &mut self,
-        slot: usize,
+        who: Who,
         cell: usize,
         max_requests: Option<u64>,
         channel: control::WorkerEnd,
         blocked: Blocked,
     ) -> ! {
+        let slot = who.slot;
         logging::become_worker(slot);
         // Siblings' channels must close here, or a worker would keep the master's
         // end of another worker's channel open and hide the master's death from it.
@@ -480,10 +516,6 @@ impl Master {
             .into_iter()
             .map(|c| c.listener)
             .collect();
-        let who = Who {
-            slot,
-            generation: self.generation,
-        };
         let serving = crate::config::Serving {
             max_requests,
             ..self.config.serving()
@@ -528,7 +560,7 @@ impl Master {
                 "stopping: the upgrade to pid {} is abandoned",
                 successor.pid
             );
-            let _ = kill(successor.pid, Signal::SIGTERM);
+            self.abandon(successor.pid);
         }
         // Our copies of the listen sockets go now: once the workers have drained the
         // accept queue and closed theirs, the port refuses connections. After a hand
@@ -552,11 +584,12 @@ impl Master {
             return;
         }
         stopping.killed = true;
-        for w in &self.workers {
+        for w in &mut self.workers {
             warn!(
                 "worker[{}] pid {} did not stop in time; killing it",
                 w.slot, w.pid
             );
+            w.killed_for = Some("not stopped within --graceful-timeout");
             let _ = kill(w.pid, Signal::SIGKILL);
         }
     }
@@ -574,6 +607,7 @@ impl Master {
                     (self.config.timeout > 0).then(|| now + self.config.serving().heartbeat),
                     (self.config.max_worker_memory > 0).then_some(self.next_memory_sample),
                     self.successor.as_ref().map(|(_, deadline)| *deadline),
+                    self.abandoned.as_ref().map(|a| a.kill_at),
                     (!self.all_accepting_announced
                         || self.backoff.iter().any(|b| b.delay > Duration::ZERO))
                     .then(|| now + Duration::from_secs(1)),
@@ -660,6 +694,17 @@ impl Master {
             self.title = text;
         }
     }
+}
+
+/// Whether this process has a controlling terminal (opening /dev/tty fails with
+/// ENXIO when it has none).
+fn has_controlling_terminal() -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open("/dev/tty")
+        .is_ok()
 }
 
 fn seed() -> u64 {

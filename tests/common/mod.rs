@@ -12,6 +12,7 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -156,6 +157,68 @@ pub fn reap(pid: i32) {
 /// True when the process exists and is not a zombie.
 pub fn alive(pid: i32) -> bool {
     matches!(proc_state(pid), Some(s) if s != 'Z')
+}
+
+/// The session id of a process.
+pub fn proc_session(pid: i32) -> Option<i32> {
+    stat_fields(pid)?.get(3)?.parse().ok()
+}
+
+/// The process group of a process.
+pub fn proc_pgrp(pid: i32) -> Option<i32> {
+    stat_fields(pid)?.get(2)?.parse().ok()
+}
+
+/// Every process (zombies included) for which `which` holds.
+pub fn processes_where(which: impl Fn(i32) -> bool) -> Vec<i32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut out: Vec<i32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| which(pid))
+        .collect();
+    out.sort_unstable();
+    out
+}
+
+/// SIGKILLs every process of session `sid` (a server started by [`Server`] leads its
+/// own) until none is alive, and reaps those that are this process's children.
+pub fn kill_session(sid: i32) {
+    poll_until(Duration::from_secs(2), || {
+        let left = processes_where(|pid| proc_session(pid) == Some(sid));
+        for &pid in &left {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        for &pid in &left {
+            reap(pid);
+        }
+        !left.iter().any(|&pid| alive(pid))
+    });
+}
+
+/// The test's side of a pseudo-terminal raasd runs on.
+pub struct Terminal {
+    master: std::os::fd::OwnedFd,
+}
+
+impl Terminal {
+    /// Sets the window size, as a terminal emulator does when its window is resized:
+    /// the kernel sends SIGWINCH to the terminal's foreground process group.
+    pub fn resize(&self, rows: u16, cols: u16) {
+        use std::os::fd::AsRawFd;
+        let size = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads one winsize from the pointer, which points to a
+        // live, initialized value; the descriptor is this terminal's, owned by self.
+        let done = unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &size) };
+        assert_eq!(done, 0, "TIOCSWINSZ: {}", io::Error::last_os_error());
+    }
 }
 
 /// The process title: /proc/PID/cmdline up to its first NUL, trimmed.
@@ -308,8 +371,56 @@ impl Server {
 
     /// Like [`Server::start`], with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::start_with(args, env, |_| {})
+    }
+
+    /// Starts `raasd` as a shell would run it in a terminal: the test holds the
+    /// terminal's other side, and raasd's process group is its foreground group, so
+    /// a resize sends SIGWINCH to the master and every worker.
+    pub fn start_on_terminal(args: &[&str]) -> (Server, Terminal) {
+        let pty = nix::pty::openpty(None, None).expect("openpty");
+        let terminal = Terminal { master: pty.master };
+        let slave = pty.slave;
+        let s = Server::start_with(args, &[], move |cmd| {
+            cmd.stdin(Stdio::from(slave));
+            // SAFETY: between fork and exec only async-signal-safe calls are made
+            // (ioctl); descriptor 0 is the terminal given as stdin, and setsid has
+            // already made the child a session leader without a terminal.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        });
+        (s, terminal)
+    }
+
+    /// Like [`Server::start_with_env`]; `setup` may change the command further (its
+    /// stdin, stderr, or what runs before exec). raasd always starts in a session of
+    /// its own, without a controlling terminal (as under systemd or a daemonizing
+    /// shell), so that how the tests are run never decides how it behaves, and so
+    /// that the guard can stop every process of that session, by pid.
+    pub fn start_with(
+        args: &[&str],
+        env: &[(&str, &str)],
+        setup: impl FnOnce(&mut Command),
+    ) -> Server {
+        Server::start_program(Path::new(BIN), args, env, setup)
+    }
+
+    /// Like [`Server::start_with`], running `program` (a copy of raasd, so that a test
+    /// can install another binary where it was started from).
+    pub fn start_program(
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        setup: impl FnOnce(&mut Command),
+    ) -> Server {
         adopt_orphans();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(program);
         cmd.args(args)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
@@ -318,12 +429,24 @@ impl Server {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        // SAFETY: setsid is async-signal-safe, the only call between fork and exec
+        // here; hooks added by `setup` run after it.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()?;
+                Ok(())
+            });
+        }
+        setup(&mut cmd);
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
         let stderr = Arc::new(Output::default());
         let stdout = Arc::new(Output::default());
-        capture(child.stderr.take().unwrap(), stderr.clone());
+        match child.stderr.take() {
+            Some(pipe) => capture(pipe, stderr.clone()),
+            None => stderr.closed.store(true, Ordering::SeqCst),
+        }
         capture(child.stdout.take().unwrap(), stdout.clone());
         Server {
             pid: child.id() as i32,
@@ -540,6 +663,9 @@ impl Server {
                 reap(pid);
             }
         }
+        // Anything else still in the server's session: masters started by an
+        // upgrade, and whatever they started in turn.
+        kill_session(self.pid);
     }
 }
 
@@ -727,6 +853,15 @@ pub struct RemoveOnDrop(pub PathBuf);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// Removes a directory and everything in it when dropped.
+pub struct RemoveDirOnDrop(pub PathBuf);
+
+impl Drop for RemoveDirOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
     }
 }
 
