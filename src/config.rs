@@ -266,6 +266,51 @@ fn reject_duplicate_listeners(config: &Config) -> Result<(), LoadError> {
     }
 }
 
+/// `args` with a relative config file path (`-c FILE`, `-cFILE`, `--config FILE`,
+/// `--config=FILE`) made absolute against `base`, so that it names the same file
+/// whatever the working directory becomes.
+pub fn with_absolute_config_path(args: Vec<OsString>, base: &std::path::Path) -> Vec<OsString> {
+    let absolute = |path: &std::ffi::OsStr| -> OsString {
+        let path = std::path::Path::new(path);
+        if path.is_absolute() {
+            path.into()
+        } else {
+            base.join(path).into()
+        }
+    };
+    let mut out = Vec::with_capacity(args.len());
+    let mut value_next = false;
+    for (i, arg) in args.into_iter().enumerate() {
+        let text = arg.to_string_lossy().into_owned();
+        if i == 0 {
+            out.push(arg);
+        } else if value_next {
+            value_next = false;
+            out.push(absolute(&arg));
+        } else if text == "--" {
+            out.push(arg);
+            value_next = false;
+        } else if text == "-c" || text == "--config" {
+            value_next = true;
+            out.push(arg);
+        } else if let Some(path) = text.strip_prefix("--config=") {
+            let mut joined = OsString::from("--config=");
+            joined.push(absolute(path.as_ref()));
+            out.push(joined);
+        } else if let Some(path) = text
+            .strip_prefix("-c")
+            .filter(|p| !p.is_empty() && !text.starts_with("--"))
+        {
+            let mut joined = OsString::from("-c");
+            joined.push(absolute(path.as_ref()));
+            out.push(joined);
+        } else {
+            out.push(arg);
+        }
+    }
+    out
+}
+
 /// The clap argument id of a config file key, when the key names an option.
 fn file_key_id(key: &str) -> Option<String> {
     if COMMAND_LINE_ONLY.contains(&key) {
@@ -595,6 +640,40 @@ mod tests {
             vec!["listen address 127.0.0.1:5 is given twice".to_string()]
         );
         assert!(load_args(&["raasd", "-l", "127.0.0.1:0", "-l", "127.0.0.1:0"]).is_ok());
+    }
+
+    #[test]
+    fn a_relative_config_path_is_made_absolute_in_every_spelling() {
+        let base = std::path::Path::new("/srv/raas/current");
+        let args = |list: &[&str]| -> Vec<OsString> { list.iter().map(OsString::from).collect() };
+        let got = with_absolute_config_path(
+            args(&[
+                "raasd",
+                "-c",
+                "a.toml",
+                "-w",
+                "2",
+                "--config=b.toml",
+                "-cc.toml",
+                "--config",
+                "/etc/d.toml",
+            ]),
+            base,
+        );
+        assert_eq!(
+            got,
+            args(&[
+                "raasd",
+                "-c",
+                "/srv/raas/current/a.toml",
+                "-w",
+                "2",
+                "--config=/srv/raas/current/b.toml",
+                "-c/srv/raas/current/c.toml",
+                "--config",
+                "/etc/d.toml"
+            ])
+        );
     }
 
     #[test]

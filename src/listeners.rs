@@ -279,6 +279,32 @@ pub fn set_socket_access<'a>(
     Ok(())
 }
 
+/// Sets TCP keepalive (--tcp-keepalive: probes after `secs` of silence, every
+/// `secs`/4 (at least 1 s), 4 of them; 0 = off) on the TCP listeners. Accepted
+/// connections inherit it from their listener, so no accept pays a system call for
+/// it; a listener kept across a reload or an upgrade gets the new setting here.
+pub fn set_keepalive<'a>(
+    listeners: impl IntoIterator<Item = &'a Listener>,
+    secs: u64,
+) -> io::Result<()> {
+    for listener in listeners {
+        let Listener::Tcp(tcp) = listener else {
+            continue;
+        };
+        let socket = SockRef::from(tcp);
+        if secs == 0 {
+            socket.set_keepalive(false)?;
+            continue;
+        }
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(std::time::Duration::from_secs(secs))
+            .with_interval(std::time::Duration::from_secs((secs / 4).max(1)))
+            .with_retries(4);
+        socket.set_tcp_keepalive(&keepalive)?;
+    }
+    Ok(())
+}
+
 /// Removes the socket files of unix listeners. Called by the master at its exit.
 pub fn remove_socket_files<'a>(listeners: impl IntoIterator<Item = &'a Listener>) {
     for listener in listeners {

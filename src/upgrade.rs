@@ -48,6 +48,7 @@ pub fn start_successor(
     listeners: &[Configured],
     generation: u64,
     sockets_fixed: bool,
+    start_dir: &Path,
 ) -> io::Result<Successor> {
     let (ready, ready_for_child) = UnixStream::pair()?;
     ready.set_nonblocking(true)?;
@@ -62,6 +63,9 @@ pub fn start_successor(
     // A process group of its own: a rollback ends the successor with whatever it
     // started (a wrapper script that did not exec keeps the sockets in its children).
     command.process_group(0);
+    // Started from the directory as the operator named it, so that relative paths
+    // follow a `current` symlink switched since this master started.
+    command.current_dir(start_dir).env("PWD", start_dir);
     let spawned = command
         .args(args.iter().skip(1))
         .env(listeners::INHERITED_FDS, spec)
@@ -183,7 +187,10 @@ pub fn stray_holders(listeners: &[Configured], ours: &[Pid]) -> Vec<(i32, String
 /// The binary USR2 executes: the path raasd was started by, made absolute now (the
 /// working directory may change) but with symlinks kept, so that switching a
 /// `current -> v2` link upgrades to v2. A bare name is looked up in PATH.
-pub fn binary_path(argv0: Option<&std::ffi::OsStr>) -> io::Result<std::path::PathBuf> {
+pub fn binary_path(
+    argv0: Option<&std::ffi::OsStr>,
+    launch_dir: &Path,
+) -> io::Result<std::path::PathBuf> {
     let Some(argv0) = argv0.map(Path::new) else {
         return std::env::current_exe();
     };
@@ -191,13 +198,32 @@ pub fn binary_path(argv0: Option<&std::ffi::OsStr>) -> io::Result<std::path::Pat
         return Ok(argv0.to_path_buf());
     }
     if argv0.components().count() > 1 {
-        return Ok(std::env::current_dir()?.join(argv0));
+        return Ok(launch_dir.join(argv0));
     }
     let search = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&search)
         .map(|dir| dir.join(argv0))
         .find(|candidate| candidate.is_file())
         .map_or_else(std::env::current_exe, Ok)
+}
+
+/// The directory raasd was started in, as the operator named it: the shell's `$PWD`
+/// when it is the current directory (the same file), else the physical one. With
+/// symlinked releases (`current -> releases/1`), `$PWD` keeps the link's name, so a
+/// later upgrade that starts from it follows the link to wherever it points then
+/// (Unicorn does the same).
+pub fn launch_directory() -> io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let physical = std::env::current_dir()?;
+    let logical = std::env::var_os("PWD").map(std::path::PathBuf::from);
+    let same_file = |a: &Path, b: &Path| match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    };
+    Ok(match logical {
+        Some(dir) if dir.is_absolute() && same_file(&dir, &physical) => dir,
+        _ => physical,
+    })
 }
 
 /// The generation this master starts at: one more than its predecessor's.

@@ -4,6 +4,7 @@
 mod common;
 
 use std::io::ErrorKind;
+use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -258,4 +259,57 @@ fn a_unix_listener_is_served_and_its_file_removed_after_a_graceful_stop() {
         ),
         "{err}"
     );
+}
+
+/// The kernel timer of the server's side of the TCP connection from `client`
+/// (`tr:when` of /proc/net/tcp: 2 is the keepalive timer, `when` in clock ticks).
+fn server_side_timer(server: SocketAddr, client: SocketAddr) -> Option<(u32, u64)> {
+    let hex = |a: SocketAddr| match a {
+        SocketAddr::V4(v4) => format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(v4.ip().octets()),
+            v4.port()
+        ),
+        SocketAddr::V6(_) => String::new(),
+    };
+    let (local, remote) = (hex(server), hex(client));
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 6 || f[1] != local || f[2] != remote {
+            return None;
+        }
+        let (tr, when) = f[5].split_once(':')?;
+        Some((
+            u32::from_str_radix(tr, 16).ok()?,
+            u64::from_str_radix(when, 16).ok()?,
+        ))
+    })
+}
+
+#[test]
+fn accepted_connections_have_tcp_keepalive_unless_it_is_off() {
+    for (keepalive, want_timer) in [("7", true), ("0", false)] {
+        let s = Server::start(&["-w", "1", "-l", "127.0.0.1:0", "--tcp-keepalive", keepalive]);
+        let addr = s.addr();
+        let mut c = LineClient::connect(addr).expect("connect");
+        assert_eq!(c.roundtrip("alive?"), "?evila");
+        let me = c.stream().local_addr().unwrap();
+        let (tr, when) = server_side_timer(addr, me).expect("the server's socket in /proc/net/tcp");
+        if want_timer {
+            assert_eq!(
+                tr, 2,
+                "--tcp-keepalive {keepalive}: no keepalive timer (tr {tr})"
+            );
+            assert!(
+                when <= 7 * 100 + 100,
+                "--tcp-keepalive {keepalive}: the timer fires in {when} ticks"
+            );
+        } else {
+            assert_eq!(
+                tr, 0,
+                "--tcp-keepalive 0: a timer runs (tr {tr}, when {when})"
+            );
+        }
+    }
 }

@@ -1047,6 +1047,43 @@ fn usr2_to_a_wrapper_that_hangs_is_rolled_back_with_everything_it_started() {
     TcpListener::bind(addr).expect("the port is free once raasd stopped");
 }
 
+#[test]
+fn usr2_follows_a_switched_current_symlink() {
+    // Capistrano-style releases: started from `current -> releases/1` with a relative
+    // -c; `current` is switched to releases/2, then USR2.
+    let dir = TempDir::new("usr2_symlink");
+    for (release, workers) in [("1", 1), ("2", 3)] {
+        let at = dir.join("releases").join(release);
+        fs::create_dir_all(&at).unwrap();
+        write_file(
+            &at.join("raasd.toml"),
+            &format!("workers = {workers}\nlisten = [\"127.0.0.1:0\"]\n"),
+        );
+    }
+    let current = dir.join("current");
+    std::os::unix::fs::symlink("releases/1", &current).unwrap();
+    let cwd = current.clone();
+    let s = Server::start_with(&["-c", "raasd.toml"], &[], move |cmd| {
+        cmd.current_dir(&cwd).env("PWD", &cwd);
+    });
+    let addr = s.addr();
+    s.wait_for_log("all 1 workers accepting", SOON);
+
+    let next = dir.join("current.next");
+    std::os::unix::fs::symlink("releases/2", &next).unwrap();
+    fs::rename(&next, &current).unwrap();
+    s.signal(Signal::SIGUSR2);
+    let new_pid = successor_pid(&s.wait_for_log("upgrade: started ", SOON));
+    let _successor = Adopted::new(new_pid);
+    s.wait_for_log(&format!("new master pid {new_pid} is ready"), SOON);
+    wait_title(
+        new_pid,
+        &format!("raasd master gen 2 -w 3 {addr}: 3/3 workers"),
+    );
+    assert_eq!(s.wait_exit(SOON).code(), Some(0));
+    assert_eq!(roundtrip(addr, "release 2"), "2 esaeler");
+}
+
 // ---------------------------------------------------------------------------------------
 // TTIN / TTOU, WINCH
 // ---------------------------------------------------------------------------------------

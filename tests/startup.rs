@@ -376,3 +376,35 @@ fn check_config_prints_the_effective_configuration_or_every_error() {
     }
     assert!(s.stdout().is_empty(), "nothing printed for an invalid file");
 }
+
+#[test]
+fn working_directory_is_where_relative_paths_resolve() {
+    let dir = temp_path("workdir");
+    std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = RemoveDirOnDrop(dir.clone());
+    let s = Server::start(&[
+        "-w",
+        "1",
+        "-l",
+        "127.0.0.1:0",
+        "--working-directory",
+        dir.to_str().unwrap(),
+        "--pid",
+        "raasd.pid",
+    ]);
+    s.wait_for_log("all 1 workers accepting", SOON);
+    let pid_file = dir.join("raasd.pid");
+    wait_until("the pid file in the working directory", SOON, || {
+        std::fs::read_to_string(&pid_file).is_ok_and(|t| t.trim() == s.pid().to_string())
+    });
+
+    let missing = temp_path("no-such-dir");
+    let bad = Server::start(&[
+        "-l",
+        "127.0.0.1:0",
+        "--working-directory",
+        missing.to_str().unwrap(),
+    ]);
+    assert_eq!(bad.wait_exit(SOON).code(), Some(1));
+    bad.wait_for_log("cannot change into working directory", SOON);
+}

@@ -51,6 +51,7 @@ impl Master {
             &self.listeners,
             generation,
             sockets_fixed,
+            &self.start_dir,
         ) {
             Ok(successor) => {
                 info!(

@@ -29,7 +29,7 @@ use nix::unistd::Pid;
 
 use sd_notify::NotifyState;
 
-use crate::config::{Config, MAX_WORKERS};
+use crate::config::{self, Config, MAX_WORKERS};
 use crate::control::{self, Command, MasterEnd, Report};
 use crate::listeners::{self, Configured, Inheritance};
 use crate::pidfile::{self, PidFile};
@@ -116,6 +116,9 @@ pub struct Master {
     /// The binary this master was started from, resolved at start: USR2 executes
     /// whatever is installed at that path then.
     exe: PathBuf,
+    /// Where a new master of an upgrade starts: --working-directory, else the
+    /// directory raasd was started in, as the operator named it.
+    start_dir: PathBuf,
     listeners: Vec<Configured>,
     /// Socket activation fixes the listeners: reloads leave them alone.
     inheritance: Inheritance,
@@ -163,11 +166,29 @@ struct Backoff {
 
 impl Master {
     fn start(config: Config, args: Vec<OsString>) -> Result<Master, String> {
+        let launch_dir = upgrade::launch_directory()
+            .map_err(|e| format!("cannot read the working directory: {e}"))?;
+        // The config file by its full logical path: a reload reads it there whatever
+        // the working directory, and through a switched `current` link.
+        let args = config::with_absolute_config_path(args, &launch_dir);
+        let start_dir = match &config.working_directory {
+            Some(dir) => {
+                std::env::set_current_dir(dir).map_err(|e| {
+                    format!(
+                        "cannot change into working directory {}: {}",
+                        dir.display(),
+                        listeners::plain(&e)
+                    )
+                })?;
+                launch_dir.join(dir)
+            }
+            None => launch_dir.clone(),
+        };
         let predecessor = Predecessor::from_environment()?;
         if let (Some(path), None) = (&config.pid, &predecessor) {
             pidfile::check_not_running(path)?;
         }
-        let exe = upgrade::binary_path(args.first().map(OsString::as_os_str))
+        let exe = upgrade::binary_path(args.first().map(OsString::as_os_str), &launch_dir)
             .map_err(|e| format!("cannot find my own binary: {e}"))?;
         let identity = privileges::resolve(config.user.as_deref(), config.group.as_deref())?;
         let scoreboard =
@@ -198,6 +219,11 @@ impl Master {
         ) {
             owned_files(&listeners);
             return Err(e);
+        }
+        if let Err(e) =
+            listeners::set_keepalive(listeners.iter().map(|c| &c.listener), config.tcp_keepalive)
+        {
+            warn!("cannot set TCP keepalive on the listeners: {e}");
         }
         let signals = SignalSet::install(&SIGNALS_HANDLED).map_err(|e| {
             owned_files(&listeners);
@@ -236,6 +262,7 @@ impl Master {
             config,
             args,
             exe,
+            start_dir,
             listeners,
             inheritance,
             successor: None,

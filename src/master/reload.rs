@@ -52,6 +52,12 @@ impl Master {
         } else if let Err(e) = self.rebind(&config, identity) {
             return self.reload_failed(&e);
         }
+        if let Err(e) = listeners::set_keepalive(
+            self.listeners.iter().map(|c| &c.listener),
+            config.tcp_keepalive,
+        ) {
+            warn!("reload: cannot set TCP keepalive on the listeners: {e}");
+        }
         logging::set_level(config.log_level);
         self.identity = identity;
         self.target = config.workers.resolve();
