@@ -28,7 +28,7 @@ use crate::codec::Unit;
 /// Every line a client sends (up to "\n") comes back reversed. The master binds the
 /// listen sockets, forks the workers and supervises them; see raasd(8) for signals.
 #[derive(Parser, Debug, Clone)]
-#[command(name = "raasd", version, max_term_width = 100)]
+#[command(name = "raasd", version, max_term_width = 80)]
 pub struct Config {
     /// Config file (TOML, one key per long option; the command line wins).
     #[arg(short = 'c', long, value_name = "FILE")]

@@ -423,6 +423,60 @@ fn a_stopped_worker_is_killed_and_replaced_after_the_timeout() {
 /// descriptors, its control channel among them, before it becomes a zombie, and the
 /// heartbeat is still stale then. The stuck worker here holds 2000 client connections,
 /// whose closing widens that window.)
+/// Milliseconds since the epoch of a log line's `[2026-11-27T18:18:47.860Z ...` stamp.
+fn log_time_ms(line: &str) -> i64 {
+    let stamp = line
+        .strip_prefix('[')
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no time stamp in {line:?}"));
+    let secs = parse_rfc3339_utc(stamp).unwrap_or_else(|| panic!("bad stamp {stamp:?}"));
+    let millis: i64 = stamp
+        .split_once('.')
+        .and_then(|(_, f)| f.trim_end_matches('Z').parse().ok())
+        .unwrap_or(0);
+    secs * 1000 + millis
+}
+
+fn unix_ms_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+#[test]
+fn frozen_workers_show_late_and_are_killed_only_after_the_whole_timeout() {
+    const TIMEOUT_MS: i64 = 2000;
+    let s = Server::start(&["-w", "6", "-l", "127.0.0.1:0", "--timeout", "2"]);
+    let addr = s.addr();
+    s.wait_for_log("all 6 workers accepting", SOON);
+    let workers = s.wait_workers(6);
+    let mut stopped = Stopped::new();
+    let mut frozen_at = BTreeMap::new();
+    for w in &workers {
+        frozen_at.insert(w.pid, unix_ms_now());
+        stopped.stop(w.pid);
+    }
+    wait_title(
+        s.pid(),
+        &format!("raasd master gen 1 -w 6 {addr}: 0/6 workers, 6 late"),
+    );
+    for w in &workers {
+        let line = s.wait_for_log(&format!("pid {} missed its heartbeat", w.pid), SOON);
+        let unresponsive = log_time_ms(&line) - frozen_at[&w.pid];
+        assert!(
+            unresponsive >= TIMEOUT_MS,
+            "worker pid {} was killed {unresponsive} ms after it froze (--timeout 2): {line:?}",
+            w.pid
+        );
+    }
+    s.wait_for_log("all 6 workers accepting", SOON);
+    wait_title(
+        s.pid(),
+        &format!("raasd master gen 1 -w 6 {addr}: 6/6 workers"),
+    );
+}
+
 #[test]
 fn a_stuck_worker_is_killed_once() {
     let s = Server::start(&["-w", "1", "-l", "127.0.0.1:0", "--timeout", "1"]);

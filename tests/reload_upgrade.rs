@@ -133,16 +133,6 @@ fn assert_generation(workers: &[Worker], generation: u64) {
     }
 }
 
-/// Waits until the process title of `pid` is exactly `want`.
-fn wait_title(pid: i32, want: &str) {
-    let mut last = None;
-    let ok = poll_until(SOON, || {
-        last = cmdline_title(pid);
-        last.as_deref() == Some(want)
-    });
-    assert!(ok, "title of {pid}: want {want:?}, last seen {last:?}");
-}
-
 /// The inode of the IPv4 TCP socket listening on `addr` (from /proc/net/tcp).
 ///
 /// The table also lists every connection, TIME_WAIT ones included: tens of thousands

@@ -408,3 +408,64 @@ fn working_directory_is_where_relative_paths_resolve() {
     assert_eq!(bad.wait_exit(SOON).code(), Some(1));
     bad.wait_for_log("cannot change into working directory", SOON);
 }
+
+#[test]
+fn help_fits_80_columns() {
+    for flag in ["-h", "--help"] {
+        let out = std::process::Command::new(BIN)
+            .arg(flag)
+            .env_remove("COLUMNS")
+            .output()
+            .expect("raasd -h");
+        assert!(out.status.success());
+        let text = String::from_utf8(out.stdout).unwrap();
+        let widest = text.lines().map(|l| l.chars().count()).max().unwrap_or(0);
+        assert!(
+            widest <= 80,
+            "raasd {flag} is {widest} columns wide:\n{text}"
+        );
+        assert!(text.contains("--workers"), "{text}");
+    }
+}
+
+/// The soft and hard `Max open files` of /proc/PID/limits.
+fn open_file_limits(pid: i32) -> Option<(u64, u64)> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let mut numbers = line["Max open files".len()..].split_whitespace();
+    Some((numbers.next()?.parse().ok()?, numbers.next()?.parse().ok()?))
+}
+
+#[test]
+fn the_open_file_limit_is_raised_and_a_shortfall_is_reported() {
+    use std::os::unix::process::CommandExt;
+    for (max_conns, warned) in [("1000", true), ("100", false)] {
+        let s = Server::start_with(
+            &["-w", "1", "-l", "127.0.0.1:0", "--max-conns", max_conns],
+            &[],
+            |cmd| {
+                // SAFETY: setrlimit is a plain system call, async-signal-safe.
+                unsafe {
+                    cmd.pre_exec(|| {
+                        use nix::sys::resource::{Resource, setrlimit};
+                        setrlimit(Resource::RLIMIT_NOFILE, 256, 512)?;
+                        Ok(())
+                    });
+                }
+            },
+        );
+        s.wait_for_log("all 1 workers accepting", SOON);
+        let worker = s.wait_workers(1).remove(0);
+        assert_eq!(
+            open_file_limits(worker.pid),
+            Some((512, 512)),
+            "the worker's limits"
+        );
+        assert_eq!(
+            s.count_log("open files per worker, but the limit is 512") == 1,
+            warned,
+            "--max-conns {max_conns}:\n{}",
+            s.log()
+        );
+    }
+}

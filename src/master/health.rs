@@ -149,10 +149,14 @@ impl Master {
             return;
         }
         let grace_age = now_ms.saturating_sub(self.heartbeats_due_from_ms);
+        // A worker beats every `beat`; its last beat may be up to that old when it
+        // freezes, so it is unresponsive for the whole --timeout only once its beat
+        // is older than both together.
+        let beat_ms = self.config.serving().heartbeat.as_millis() as u64;
         for w in &mut self.workers {
             let age = self.scoreboard.cell(w.cell).heartbeat_age_ms(now_ms);
             // Killed once is enough: its channel closes before it can be reaped.
-            if age.min(grace_age) > timeout_ms && w.killed_for.is_none() {
+            if age.min(grace_age) > timeout_ms + beat_ms && w.killed_for.is_none() {
                 warn!(
                     "worker[{}] pid {} missed its heartbeat: last beat {age} ms ago (timeout {}s); killing it",
                     w.slot, w.pid, self.config.timeout
@@ -161,6 +165,16 @@ impl Master {
                 let _ = kill(w.pid, Signal::SIGKILL);
             }
         }
+    }
+
+    /// Whether a worker has missed a beat (its heartbeat is more than two beats old):
+    /// not killed yet, but not to be counted as healthy either.
+    pub(super) fn is_late(&self, w: &WorkerProcess) -> bool {
+        let beat_ms = self.config.serving().heartbeat.as_millis() as u64;
+        let now_ms = scoreboard::monotonic_ms();
+        self.config.timeout > 0
+            && now_ms.saturating_sub(self.heartbeats_due_from_ms) > 2 * beat_ms
+            && self.scoreboard.cell(w.cell).heartbeat_age_ms(now_ms) > 2 * beat_ms
     }
 
     /// --max-worker-memory: a worker over the limit is replaced gracefully.

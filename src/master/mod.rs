@@ -184,6 +184,8 @@ impl Master {
             }
             None => launch_dir.clone(),
         };
+        raise_descriptor_limit();
+        warn_if_descriptors_fall_short(&config);
         let predecessor = Predecessor::from_environment()?;
         if let (Some(path), None) = (&config.pid, &predecessor) {
             pidfile::check_not_running(path)?;
@@ -699,9 +701,19 @@ impl Master {
 
     /// `raasd master gen 2 -w 3 127.0.0.1:2200: 3/3 workers`, rewritten only when it changes.
     fn show_title(&mut self) {
-        let accepting = (0..self.target)
-            .filter(|&slot| self.current_worker(slot).is_some_and(|w| w.accepting))
-            .count();
+        let (mut accepting, mut late) = (0, 0);
+        for slot in 0..self.target {
+            match self.current_worker(slot) {
+                Some(w) if w.accepting && self.is_late(w) => late += 1,
+                Some(w) if w.accepting => accepting += 1,
+                _ => {}
+            }
+        }
+        let late = if late > 0 {
+            format!(", {late} late")
+        } else {
+            String::new()
+        };
         let state = if self.successor.is_some() || self.handing_over {
             " (old)"
         } else if self.stopping.is_some() {
@@ -710,7 +722,7 @@ impl Master {
             ""
         };
         let text = format!(
-            "raasd master gen {} -w {} {}: {accepting}/{} workers{state}",
+            "raasd master gen {} -w {} {}: {accepting}/{} workers{late}{state}",
             self.generation,
             self.target,
             self.addresses.join(" "),
@@ -720,6 +732,46 @@ impl Master {
             title::set(&text);
             self.title = text;
         }
+    }
+}
+
+/// Descriptors a worker needs besides its connections: stdio, the log file, its
+/// epoll set, control channel and signal pipe, the scoreboard, with room to spare.
+const WORKER_DESCRIPTORS: u64 = 32;
+
+/// Descriptors one worker may need with `config`: one per connection, one per
+/// listener, and its own.
+fn descriptors_needed(config: &Config) -> u64 {
+    config.max_conns + config.listen.len() as u64 + WORKER_DESCRIPTORS
+}
+
+/// Raises the soft limit on open descriptors to the hard one (a shell's soft 1024
+/// would cap --max-conns far below its default); workers inherit it.
+fn raise_descriptor_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        warn!("cannot raise the open file limit from {soft} to {hard}: {e}");
+    }
+}
+
+/// Says so (once per start or reload) when --max-conns cannot be reached within the
+/// open file limit, as nginx does with worker_connections.
+fn warn_if_descriptors_fall_short(config: &Config) {
+    use nix::sys::resource::{Resource, getrlimit};
+    let Ok((limit, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let needed = descriptors_needed(config);
+    if needed > limit {
+        warn!(
+            "--max-conns {} needs about {needed} open files per worker, but the limit \
+             is {limit}: a worker stops accepting sooner (raise it with ulimit -n or \
+             systemd's LimitNOFILE=)",
+            config.max_conns
+        );
     }
 }
 

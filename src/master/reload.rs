@@ -58,6 +58,9 @@ impl Master {
         ) {
             warn!("reload: cannot set TCP keepalive on the listeners: {e}");
         }
+        if config.max_conns != self.config.max_conns || config.listen != self.config.listen {
+            super::warn_if_descriptors_fall_short(&config);
+        }
         logging::set_level(config.log_level);
         self.identity = identity;
         self.target = config.workers.resolve();

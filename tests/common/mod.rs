@@ -276,6 +276,16 @@ pub fn socket_fd_count(pid: i32) -> usize {
         .count()
 }
 
+/// Waits until the title of `pid` is exactly `want`.
+pub fn wait_title(pid: i32, want: &str) {
+    let mut last = None;
+    let ok = poll_until(SOON, || {
+        last = cmdline_title(pid);
+        last.as_deref() == Some(want)
+    });
+    assert!(ok, "title of {pid}: want {want:?}, last seen {last:?}");
+}
+
 /// The slot of a worker title `raasd worker[N]...`.
 pub fn worker_slot(title: &str) -> Option<usize> {
     let rest = title.strip_prefix("raasd worker[")?;
