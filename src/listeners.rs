@@ -84,10 +84,24 @@ pub fn open_all(
     inherited: &mut Vec<Configured>,
 ) -> Result<Vec<Configured>, BindError> {
     let mut opened: Vec<(Configured, bool)> = Vec::with_capacity(addrs.len());
+    // Closed only once every bind is done, so that no new socket reuses a number
+    // the caller still knows as an old one.
+    let mut stale = Vec::new();
     for addr in addrs {
         if let Some(at) = inherited.iter().position(|c| &c.addr == addr) {
-            opened.push((inherited.swap_remove(at), false));
-            continue;
+            let kept = inherited.swap_remove(at);
+            if !kept.listener.socket_file_is_gone() {
+                opened.push((kept, false));
+                continue;
+            }
+            // Its file was removed (a clean-up script, a tmpfiles rule): clients can
+            // no longer reach it, so it is bound anew; workers that still hold the old
+            // one keep serving it until they retire.
+            log::warn!(
+                "{} was removed: binding it again",
+                kept.listener.local_addr()
+            );
+            stale.push(kept);
         }
         match bind(addr, backlog) {
             Ok(listener) => opened.push((
@@ -112,6 +126,7 @@ pub fn open_all(
             }
         }
     }
+    drop(stale);
     Ok(opened
         .into_iter()
         .map(|(configured, _)| configured)
@@ -322,6 +337,16 @@ impl Listener {
                 .local_addr()
                 .map_or_else(|e| format!("?({e})"), |a: SocketAddr| a.to_string()),
             Listener::Unix(_, path) => format!("unix:{}", path.display()),
+        }
+    }
+
+    /// For a unix listener: its socket file no longer exists at its path.
+    pub fn socket_file_is_gone(&self) -> bool {
+        match self {
+            Listener::Unix(_, path) => {
+                std::fs::symlink_metadata(path).map_or(true, |meta| !meta.file_type().is_socket())
+            }
+            Listener::Tcp(_) => false,
         }
     }
 

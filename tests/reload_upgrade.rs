@@ -679,6 +679,39 @@ fn hup_adds_then_removes_a_unix_listener() {
 }
 
 #[test]
+fn hup_binds_a_removed_unix_socket_file_again() {
+    let dir = TempDir::new("hup_removed_socket");
+    let sock = dir.join("s.sock");
+    let listen = format!("unix:{}", sock.display());
+    let s = Server::start(&[
+        "-w",
+        "1",
+        "-l",
+        "127.0.0.1:0",
+        "-l",
+        &listen,
+        "--socket-mode",
+        "0600",
+    ]);
+    let addr = s.addr();
+    s.wait_for_log("all 1 workers accepting", SOON);
+    let inode = tcp_listen_inode(addr).expect("the TCP listener");
+    fs::remove_file(&sock).unwrap();
+    s.signal(Signal::SIGHUP);
+    s.wait_for_log("was removed: binding it again", SOON);
+    s.wait_for_log_nth("all 1 workers accepting", 2, SOON);
+    let mut c = LineClient::new(UnixStream::connect(&sock).expect("the socket file is back"));
+    assert_eq!(c.roundtrip("back again"), "niaga kcab");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // The TCP listener, whose address is unchanged, kept its very socket.
+    assert_eq!(tcp_listen_inode(addr), Some(inode));
+}
+
+#[test]
 fn hup_with_a_broken_config_changes_nothing() {
     let dir = TempDir::new("hup_broken");
     let config = dir.join("raasd.toml");

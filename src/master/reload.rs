@@ -6,6 +6,8 @@
 //! invalid — a bad key, an address that cannot be bound, an unknown user — changes
 //! nothing: the error is logged and the running configuration stays.
 
+use std::os::fd::AsFd;
+
 use log::{error, info, warn};
 use sd_notify::NotifyState;
 
@@ -83,6 +85,10 @@ impl Master {
         identity: Option<Identity>,
     ) -> Result<(), String> {
         let mut current = std::mem::take(&mut self.listeners);
+        let held: Vec<_> = current
+            .iter()
+            .map(|c| std::os::fd::AsRawFd::as_raw_fd(&c.listener.as_fd()))
+            .collect();
         let opened = match listeners::open_all(&config.listen, config.backlog, &mut current) {
             Ok(opened) => opened,
             Err(e) => {
@@ -90,9 +96,10 @@ impl Master {
                 return Err(e.to_string());
             }
         };
+        // Bound by this reload: new addresses, and unix sockets whose file was removed.
         let fresh: Vec<&Configured> = opened
             .iter()
-            .filter(|c| !self.config.listen.contains(&c.addr))
+            .filter(|c| !held.contains(&std::os::fd::AsRawFd::as_raw_fd(&c.listener.as_fd())))
             .collect();
         if let Err(e) = listeners::set_socket_access(
             fresh.iter().map(|c| &c.listener),
