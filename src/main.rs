@@ -10,8 +10,12 @@ fn main() {
         Ok(config) => config,
         Err(LoadError::CommandLine(e)) => e.exit(),
         Err(LoadError::File(errors)) => {
-            for error in errors {
+            for error in &errors {
                 eprintln!("raasd: {error}");
+            }
+            // Started by an upgrade: the old master logs why this one failed.
+            if let Ok(Some(predecessor)) = raasd::upgrade::Predecessor::from_environment() {
+                predecessor.announce_failure(&errors.join("; "));
             }
             std::process::exit(2);
         }

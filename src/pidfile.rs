@@ -38,6 +38,20 @@ pub fn check_not_running(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Removes FILE.oldbin when it names no running raasd: left by an old master that
+/// died during an upgrade, it would make the upgrade look unfinished for ever.
+pub fn remove_stale_oldbin(path: &Path) -> Option<PathBuf> {
+    let mut oldbin = path.as_os_str().to_owned();
+    oldbin.push(".oldbin");
+    let oldbin = PathBuf::from(oldbin);
+    let pid = fs::read_to_string(&oldbin).ok()?.trim().parse::<u32>().ok();
+    if pid.is_some_and(is_raasd) {
+        return None;
+    }
+    fs::remove_file(&oldbin).ok()?;
+    Some(oldbin)
+}
+
 fn is_raasd(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.starts_with("raasd"))
 }
@@ -62,6 +76,19 @@ impl PidFile {
             pid,
             original: None,
         })
+    }
+
+    /// Fails as [`PidFile::write`] would, without taking the name: a master started
+    /// by an upgrade checks at its start that it will be able to write FILE once it
+    /// serves (until then FILE must stay free for a rollback).
+    pub fn check_writable(path: &Path) -> Result<(), String> {
+        let pid = std::process::id();
+        let mut temp = path.as_os_str().to_owned();
+        temp.push(format!(".{pid}.tmp"));
+        let temp = PathBuf::from(temp);
+        fs::File::create(&temp)
+            .and_then(|_| fs::remove_file(&temp))
+            .map_err(|e| format!("cannot write pid file {}: {}", path.display(), plain(&e)))
     }
 
     /// During an upgrade: FILE becomes FILE.oldbin, leaving FILE to the new master.

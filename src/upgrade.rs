@@ -3,8 +3,8 @@
 //!
 //! Owns the hand-over protocol between an old master and the new one it executes:
 //! the listen sockets pass by descriptor (close-on-exec cleared on exactly those,
-//! named in `RAASD_LISTEN_FDS`), readiness comes back as one byte on a socketpair
-//! whose write end is named in `RAASD_READY_FD`, and the generation count carries on
+//! named in `RAASD_LISTEN_FDS`), readiness comes back on a socketpair whose write
+//! end is named in `RAASD_READY_FD` (`R` when ready, or `E` and the start-up error), and the generation count carries on
 //! through `RAASD_GENERATION`. The policy (when to upgrade, the pid file renames, the
 //! rollback) belongs to the master.
 
@@ -37,8 +37,9 @@ pub struct Successor {
 pub enum Readiness {
     NotYet,
     Ready,
-    /// Closed without saying ready: the successor died or gave up.
-    Failed,
+    /// It failed: with its start-up error when it could say it, or closed without a
+    /// word (it died).
+    Failed(Option<String>),
 }
 
 /// Executes `exe` with the original arguments, handing over the listeners.
@@ -92,13 +93,19 @@ impl Successor {
     }
 
     pub fn readiness(&self) -> Readiness {
-        let mut byte = [0u8; 1];
-        match (&self.ready).read(&mut byte) {
-            Ok(1) => Readiness::Ready,
-            Ok(_) => Readiness::Failed,
+        let mut said = [0u8; 4096];
+        match (&self.ready).read(&mut said) {
+            Ok(0) => Readiness::Failed(None),
+            Ok(n) if said[0] == b'R' => {
+                let _ = n;
+                Readiness::Ready
+            }
+            Ok(n) => Readiness::Failed(Some(
+                String::from_utf8_lossy(&said[1..n]).trim_end().to_string(),
+            )),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Readiness::NotYet,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => Readiness::NotYet,
-            Err(_) => Readiness::Failed,
+            Err(_) => Readiness::Failed(None),
         }
     }
 }
@@ -127,6 +134,14 @@ impl Predecessor {
     /// Tells the old master that this one serves; consumes the channel.
     pub fn announce_ready(self) -> io::Result<()> {
         (&self.ready).write_all(b"R")
+    }
+
+    /// Tells the old master why this one could not start (so that its log says it,
+    /// not only this process's stderr); consumes the channel.
+    pub fn announce_failure(self, why: &str) {
+        let mut message = b"E".to_vec();
+        message.extend(why.bytes().take(4000));
+        let _ = (&self.ready).write_all(&message);
     }
 }
 

@@ -917,6 +917,7 @@ fn assert_rolled_back(
     workers: &[Worker],
     addr: SocketAddr,
     load: &Load,
+    reason: &str,
 ) {
     let started = log
         .iter()
@@ -932,8 +933,8 @@ fn assert_rolled_back(
         .find(|l| l.contains("upgrade failed, rolling back"))
         .expect("an `upgrade failed, rolling back` line");
     assert!(
-        failed.contains("the new master exited"),
-        "rolled back for another reason: {failed:?}"
+        failed.contains(reason),
+        "rolled back for another reason than {reason:?}: {failed:?}"
     );
     // (The rollback is logged before the pid file is renamed back.)
     wait_until("the pid file to be back at its name", SOON, || {
@@ -971,9 +972,100 @@ fn usr2_rolls_back_when_the_new_master_rejects_the_config() {
     s.wait_for_log("upgrade failed, rolling back", SOON);
     // The new master said why, on the same stderr.
     s.wait_for_log("key 'workers'", SOON);
-    assert_rolled_back(s.pid(), &s.log_lines(), &pid_file, &workers, addr, &load);
+    assert_rolled_back(
+        s.pid(),
+        &s.log_lines(),
+        &pid_file,
+        &workers,
+        addr,
+        &load,
+        "key 'workers'",
+    );
     load.stop().assert_clean();
     assert!(s.try_status().is_none());
+}
+
+#[test]
+fn usr2_rolls_back_when_the_new_master_cannot_write_its_pid_file() {
+    let dir = TempDir::new("usr2_pid_unwritable");
+    let config = dir.join("raasd.toml");
+    let pid_file = dir.join("raasd.pid");
+    let good = format!(
+        "workers = 2\nlisten = [\"127.0.0.1:0\"]\npid = \"{}\"\n",
+        pid_file.display()
+    );
+    write_file(&config, &good);
+    let s = Server::start(&["-c", path_str(&config)]);
+    let addr = s.addr();
+    s.wait_for_log("all 2 workers accepting", SOON);
+    let workers = s.wait_workers(2);
+    let load = start_load(addr);
+    load.wait_replies(200, SOON);
+
+    let unwritable = dir.join("no-such-dir").join("raasd.pid");
+    write_file(
+        &config,
+        &good.replace(path_str(&pid_file), path_str(&unwritable)),
+    );
+    s.signal(Signal::SIGUSR2);
+    s.wait_for_log("upgrade failed, rolling back", SOON);
+    s.wait_for_log(
+        &format!("cannot write pid file {}", unwritable.display()),
+        SOON,
+    );
+    assert_rolled_back(
+        s.pid(),
+        &s.log_lines(),
+        &pid_file,
+        &workers,
+        addr,
+        &load,
+        "cannot write pid file",
+    );
+    load.stop().assert_clean();
+    assert!(s.try_status().is_none());
+}
+
+#[test]
+fn a_new_master_removes_the_oldbin_of_an_old_master_that_died() {
+    // The new binary takes a second to start (a wrapper that sleeps, then execs
+    // raasd); the old master is SIGKILLed meanwhile.
+    let dir = TempDir::new("usr2_old_dies");
+    let exe = dir.join("raasd");
+    let pid_file = dir.join("raasd.pid");
+    let copied = Command::new("cp").arg(BIN).arg(&exe).status().expect("cp");
+    assert!(copied.success());
+    let s = Server::start_program(
+        &exe,
+        &["-w", "1", "-l", "127.0.0.1:0", "--pid", path_str(&pid_file)],
+        &[],
+        |_| {},
+    );
+    let addr = s.addr();
+    s.wait_for_log("all 1 workers accepting", SOON);
+    let script = format!("#!/bin/sh\nsleep 1\nexec {BIN} \"$@\"\n");
+    let replaced = Command::new("sh")
+        .arg("-c")
+        .arg(r#"printf '%s' "$2" > "$1.new" && chmod 755 "$1.new" && mv -f "$1.new" "$1""#)
+        .arg("sh")
+        .arg(&exe)
+        .arg(&script)
+        .status()
+        .expect("sh");
+    assert!(replaced.success());
+    s.signal(Signal::SIGUSR2);
+    let new_pid = successor_pid(&s.wait_for_log("upgrade: started ", SOON));
+    let _successor = Adopted::new(new_pid);
+    wait_until("FILE.oldbin", SOON, || exists(&oldbin(&pid_file)));
+    s.signal(Signal::SIGKILL);
+    s.wait_exit(SOON);
+    s.wait_for_log("the old master died during the upgrade", SOON);
+    wait_until(
+        "the pid file to name the new master, and no .oldbin",
+        SOON,
+        || read_pid_file(&pid_file) == Some(new_pid) && !exists(&oldbin(&pid_file)),
+    );
+    assert_eq!(roundtrip(addr, "survivor"), "rovivrus");
 }
 
 #[test]
@@ -1016,7 +1108,15 @@ fn usr2_rolls_back_when_the_new_binary_exits_at_once() {
         "the master should execute the path it was started from: {started:?}"
     );
     eprintln!("{failed}");
-    assert_rolled_back(d.pid, &d.log_lines(), &pid_file, &workers, addr, &load);
+    assert_rolled_back(
+        d.pid,
+        &d.log_lines(),
+        &pid_file,
+        &workers,
+        addr,
+        &load,
+        "the new master exited",
+    );
     load.stop().assert_clean();
     assert!(d.try_status().is_none());
 }
@@ -1133,9 +1233,9 @@ fn ttin_ttou_storm_under_load() {
             (Signal::SIGTTOU, target - 1)
         };
         s.signal(sig);
-        let line = s.wait_for_log_nth("] workers: ", k + 1, SOON);
+        let line = s.wait_for_log_nth(": workers: ", k + 1, SOON);
         assert!(
-            line.ends_with(&format!("workers: {target} -> {next}")),
+            line.ends_with(&format!("] {sig:?}: workers: {target} -> {next}")),
             "signal {k} ({sig:?}): {line:?}"
         );
         target = next;

@@ -18,7 +18,7 @@ use sd_notify::NotifyState;
 
 use super::{Master, notify_systemd};
 use crate::listeners::Inheritance;
-use crate::pidfile::PidFile;
+use crate::pidfile::{self, PidFile};
 use crate::upgrade::{self, Readiness};
 
 /// How long an abandoned successor's process group has, after TERM, before KILL.
@@ -147,8 +147,11 @@ impl Master {
         };
         match successor.readiness() {
             Readiness::Ready => self.hand_over(),
-            Readiness::Failed => {
+            Readiness::Failed(None) => {
                 self.roll_back_upgrade("the new master exited before it was ready")
+            }
+            Readiness::Failed(Some(why)) => {
+                self.roll_back_upgrade(&format!("the new master could not start: {why}"))
             }
             Readiness::NotYet if Instant::now() >= *deadline => self.roll_back_upgrade(&format!(
                 "the new master was not ready within {}s (--upgrade-timeout)",
@@ -167,6 +170,12 @@ impl Master {
                 match PidFile::write(path, std::process::id()) {
                     Ok(pid_file) => self.pid_file = Some(pid_file),
                     Err(e) => error!("{e}"),
+                }
+                if let Some(stale) = pidfile::remove_stale_oldbin(path) {
+                    warn!(
+                        "the old master died during the upgrade: removed its {}",
+                        stale.display()
+                    );
                 }
             }
             if let Err(e) = predecessor.announce_ready() {

@@ -73,10 +73,20 @@ pub fn run(config: Config, args: Vec<OsString>) -> i32 {
         eprintln!("raasd: {e}");
         return 1;
     }
-    match Master::start(config, args) {
+    let mut predecessor = match Predecessor::from_environment() {
+        Ok(predecessor) => predecessor,
+        Err(message) => {
+            eprintln!("raasd: {message}");
+            return 1;
+        }
+    };
+    match Master::start(config, args, &mut predecessor) {
         Ok(master) => master.supervise(),
         Err(message) => {
             eprintln!("raasd: {message}");
+            if let Some(predecessor) = predecessor {
+                predecessor.announce_failure(&message);
+            }
             1
         }
     }
@@ -165,7 +175,12 @@ struct Backoff {
 }
 
 impl Master {
-    fn start(config: Config, args: Vec<OsString>) -> Result<Master, String> {
+    /// `predecessor` is taken only once the start has succeeded.
+    fn start(
+        config: Config,
+        args: Vec<OsString>,
+        predecessor: &mut Option<Predecessor>,
+    ) -> Result<Master, String> {
         let launch_dir = upgrade::launch_directory()
             .map_err(|e| format!("cannot read the working directory: {e}"))?;
         // The config file by its full logical path: a reload reads it there whatever
@@ -186,9 +201,11 @@ impl Master {
         };
         raise_descriptor_limit();
         warn_if_descriptors_fall_short(&config);
-        let predecessor = Predecessor::from_environment()?;
-        if let (Some(path), None) = (&config.pid, &predecessor) {
-            pidfile::check_not_running(path)?;
+        match (&config.pid, &predecessor) {
+            (Some(path), None) => pidfile::check_not_running(path)?,
+            // Fail now, so that the old master rolls back, rather than serve without one.
+            (Some(path), Some(_)) => PidFile::check_writable(path)?,
+            _ => {}
         }
         let exe = upgrade::binary_path(args.first().map(OsString::as_os_str), &launch_dir)
             .map_err(|e| format!("cannot find my own binary: {e}"))?;
@@ -269,7 +286,7 @@ impl Master {
             inheritance,
             successor: None,
             abandoned: None,
-            predecessor,
+            predecessor: predecessor.take(),
             handing_over: false,
             systemd_ready: false,
             addresses,
