@@ -146,7 +146,9 @@ pub struct Config {
     pub pid: Option<PathBuf>,
 
     /// Log level: error, warn, info, debug or trace [default: RUST_LOG, else info].
-    #[arg(long, value_name = "LEVEL")]
+    #[arg(long, value_name = "LEVEL",
+          value_parser = PossibleValuesParser::new(["error", "warn", "info", "debug", "trace"])
+              .map(|s| s.parse::<LevelFilter>().expect("a listed level")))]
     pub log_level: Option<LevelFilter>,
 }
 
@@ -205,8 +207,21 @@ pub fn load(args: &[OsString]) -> Result<Config, LoadError> {
         )])
     })?;
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-        LoadError::File(vec![format!("{}: {}", path.display(), e.message())])
+        let at = e
+            .span()
+            .map(|span| format!(" (line {})", line_at(&text, span.start)))
+            .unwrap_or_default();
+        LoadError::File(vec![format!(
+            "{}{at}: {}",
+            path.display(),
+            e.message().trim_end()
+        )])
     })?;
+    // "path (line N): key 'k'" for errors about one key's value.
+    let where_is = |key: &str| match key_line(&text, key) {
+        Some(line) => format!("{} (line {line}): key '{key}'", path.display()),
+        None => format!("{}: key '{key}'", path.display()),
+    };
 
     let mut errors = Vec::new();
     let mut merged: Vec<OsString> = vec![args.first().cloned().unwrap_or_else(|| "raasd".into())];
@@ -218,7 +233,7 @@ pub fn load(args: &[OsString]) -> Result<Config, LoadError> {
         let values = match option_values(key, value) {
             Ok(values) => values,
             Err(why) => {
-                errors.push(format!("{}: key '{key}': {why}", path.display()));
+                errors.push(format!("{}: {why}", where_is(key)));
                 continue;
             }
         };
@@ -228,11 +243,7 @@ pub fn load(args: &[OsString]) -> Result<Config, LoadError> {
             .collect();
         let alone = std::iter::once(OsString::from("raasd")).chain(as_args.iter().cloned());
         if let Err(e) = Config::try_parse_from(alone) {
-            errors.push(format!(
-                "{}: key '{key}': {}",
-                path.display(),
-                clap_reason(&e)
-            ));
+            errors.push(format!("{}: {}", where_is(key), clap_reason(&e)));
             continue;
         }
         if matches.value_source(&id) != Some(ValueSource::CommandLine) {
@@ -329,6 +340,9 @@ fn option_values(key: &str, value: &toml::Value) -> Result<Vec<String>, String> 
         // `socket-mode = 0o660` arrives as the number 432.
         toml::Value::Integer(i) if key == "socket-mode" => Ok(vec![format!("{i:o}")]),
         toml::Value::Integer(i) => Ok(vec![i.to_string()]),
+        toml::Value::Array(items) if key == "listen" && items.is_empty() => {
+            Err("at least one address is needed".to_string())
+        }
         toml::Value::Array(items) if key == "listen" => items
             .iter()
             .map(|item| match item {
@@ -346,11 +360,37 @@ fn option_values(key: &str, value: &toml::Value) -> Result<Vec<String>, String> 
     }
 }
 
+/// The line number (from 1) of byte `offset` in `text`.
+fn line_at(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+/// The line number of the line that sets `key` (`key = ...`, possibly quoted).
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|line| {
+            let line = line.trim_start();
+            let rest = line
+                .strip_prefix(key)
+                .or_else(|| line.strip_prefix(&format!("\"{key}\"")));
+            rest.is_some_and(|r| r.trim_start().starts_with('='))
+        })
+        .map(|i| i + 1)
+}
+
 /// The reason in a clap error, without its "error: " and usage lines.
 fn clap_reason(e: &clap::Error) -> String {
     let text = e.to_string();
     let first = text.lines().next().unwrap_or_default();
-    first.strip_prefix("error: ").unwrap_or(first).to_string()
+    let reason = first.strip_prefix("error: ").unwrap_or(first);
+    // The valid values, when clap lists them, are the useful half of the message.
+    match text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("[possible values: "))
+    {
+        Some(values) => format!("{reason}; valid values: {}", values.trim_end_matches(']')),
+        None => reason.to_string(),
+    }
 }
 
 impl Config {
@@ -640,6 +680,74 @@ mod tests {
             vec!["listen address 127.0.0.1:5 is given twice".to_string()]
         );
         assert!(load_args(&["raasd", "-l", "127.0.0.1:0", "-l", "127.0.0.1:0"]).is_ok());
+    }
+
+    /// The errors a config file with `text` gives.
+    fn file_errors(tag: &str, text: &str) -> Vec<String> {
+        let path = std::env::temp_dir().join(format!(
+            "raasd-config-errors-{}-{tag}.toml",
+            std::process::id()
+        ));
+        std::fs::write(&path, text).unwrap();
+        let got = load_args(&["raasd", "-c", path.to_str().unwrap()]);
+        std::fs::remove_file(&path).unwrap();
+        match got {
+            Err(LoadError::File(errors)) => errors,
+            Err(LoadError::CommandLine(e)) => vec![e.to_string()],
+            Ok(_) => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn config_errors_name_the_key_and_the_line() {
+        let cases: [(&str, &str, &[&str]); 6] = [
+            (
+                "dup",
+                "workers = 2\nbacklog = 5\nworkers = 3\n",
+                &["line 3", "duplicate key"],
+            ),
+            (
+                "string",
+                "workers = 2\nlisten = [\"127.0.0.1:0]\n",
+                &["line 2"],
+            ),
+            (
+                "negative",
+                "workers = 2\n\nmax-line = -5\n",
+                &["line 3", "key 'max-line'", "-5"],
+            ),
+            (
+                "level",
+                "log-level = \"verbose\"\n",
+                &[
+                    "line 1",
+                    "key 'log-level'",
+                    "verbose",
+                    "error, warn, info, debug, trace",
+                ],
+            ),
+            (
+                "unit",
+                "unit = \"words\"\n",
+                &["line 1", "key 'unit'", "graphemes, chars, bytes"],
+            ),
+            (
+                "empty",
+                "listen = []\n",
+                &["line 1", "key 'listen'", "at least one address"],
+            ),
+        ];
+        for (tag, text, wanted) in cases {
+            let errors = file_errors(tag, text);
+            assert_eq!(errors.len(), 1, "{tag}: {errors:?}");
+            for want in wanted {
+                assert!(
+                    errors[0].contains(want),
+                    "{tag}: {want:?} not in {:?}",
+                    errors[0]
+                );
+            }
+        }
     }
 
     #[test]

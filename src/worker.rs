@@ -241,7 +241,10 @@ impl<'a> Worker<'a> {
                     return Ok(());
                 }
                 if now >= deadline {
-                    warn!("stopping with {} connections still open", self.open);
+                    warn!(
+                        "stopping with {} still open",
+                        plural(self.open, "connection")
+                    );
                     return Ok(());
                 }
             }
@@ -579,4 +582,12 @@ fn epoll_timeout(timeout: Duration) -> EpollTimeout {
 fn quick_exit() -> ! {
     info!("quick stop");
     std::process::exit(0)
+}
+
+/// `1 connection`, `2 connections`.
+fn plural(n: usize, what: &str) -> String {
+    match n {
+        1 => format!("1 {what}"),
+        n => format!("{n} {what}s"),
+    }
 }

@@ -135,7 +135,7 @@ fn server(extra: &[&str]) -> (Server, SocketAddr, Worker) {
     args.extend_from_slice(extra);
     let s = Server::start(&args);
     let addr = s.addr();
-    s.wait_for_log("all 1 workers accepting", SOON);
+    s.wait_for_log("1 worker accepting", SOON);
     let worker = s.wait_workers(1).remove(0);
     (s, addr, worker)
 }

@@ -481,7 +481,7 @@ fn frozen_workers_show_late_and_are_killed_only_after_the_whole_timeout() {
 fn a_stuck_worker_is_killed_once() {
     let s = Server::start(&["-w", "1", "-l", "127.0.0.1:0", "--timeout", "1"]);
     let addr = s.addr();
-    s.wait_for_log("all 1 workers accepting", SOON);
+    s.wait_for_log("1 worker accepting", SOON);
     let victim = s.wait_workers(1).remove(0);
     let baseline = socket_fd_count(victim.pid);
     let clients: Vec<TcpStream> = (0..2000)
@@ -1150,7 +1150,7 @@ fn a_wedged_worker_is_gone_within_a_second_of_the_masters_sigkill() {
 fn a_worker_stopped_when_its_master_dies_goes_once_continued() {
     let s = Server::start(&["-w", "1", "-l", "127.0.0.1:0", "--timeout", "0"]);
     let addr = s.addr();
-    s.wait_for_log("all 1 workers accepting", SOON);
+    s.wait_for_log("1 worker accepting", SOON);
     let worker = s.wait_workers(1).remove(0);
     let mut stopped = Stopped::new();
     stopped.stop(worker.pid);
@@ -1287,7 +1287,7 @@ fn switching_user_without_root_is_refused_at_start() {
 fn the_title_counts_connections_and_requests() {
     let s = Server::start(&["-w", "1", "-l", "127.0.0.1:0"]);
     let addr = s.addr();
-    s.wait_for_log("all 1 workers accepting", SOON);
+    s.wait_for_log("1 worker accepting", SOON);
     let worker = s.wait_workers(1)[0].clone();
     let mut clients: Vec<LineClient<TcpStream>> = (0..3)
         .map(|_| LineClient::connect(addr).expect("connect"))

@@ -581,7 +581,7 @@ fn hup_applies_a_changed_worker_count() {
 
     write_file(&config, &body(1));
     s.signal(Signal::SIGHUP);
-    s.wait_for_log("all 1 workers accepting", SOON);
+    s.wait_for_log("1 worker accepting", SOON);
     let one = wait_rotation(s.pid(), 1, &three, &load);
     assert_generation(&one, 3);
     wait_title(
@@ -694,12 +694,12 @@ fn hup_binds_a_removed_unix_socket_file_again() {
         "0600",
     ]);
     let addr = s.addr();
-    s.wait_for_log("all 1 workers accepting", SOON);
+    s.wait_for_log("1 worker accepting", SOON);
     let inode = tcp_listen_inode(addr).expect("the TCP listener");
     fs::remove_file(&sock).unwrap();
     s.signal(Signal::SIGHUP);
     s.wait_for_log("was removed: binding it again", SOON);
-    s.wait_for_log_nth("all 1 workers accepting", 2, SOON);
+    s.wait_for_log_nth("1 worker accepting", 2, SOON);
     let mut c = LineClient::new(UnixStream::connect(&sock).expect("the socket file is back"));
     assert_eq!(c.roundtrip("back again"), "niaga kcab");
     use std::os::unix::fs::PermissionsExt;
@@ -1042,7 +1042,7 @@ fn a_new_master_removes_the_oldbin_of_an_old_master_that_died() {
         |_| {},
     );
     let addr = s.addr();
-    s.wait_for_log("all 1 workers accepting", SOON);
+    s.wait_for_log("1 worker accepting", SOON);
     let script = format!("#!/bin/sh\nsleep 1\nexec {BIN} \"$@\"\n");
     let replaced = Command::new("sh")
         .arg("-c")
@@ -1190,7 +1190,7 @@ fn usr2_follows_a_switched_current_symlink() {
         cmd.current_dir(&cwd).env("PWD", &cwd);
     });
     let addr = s.addr();
-    s.wait_for_log("all 1 workers accepting", SOON);
+    s.wait_for_log("1 worker accepting", SOON);
 
     let next = dir.join("current.next");
     std::os::unix::fs::symlink("releases/2", &next).unwrap();

@@ -392,7 +392,7 @@ fn working_directory_is_where_relative_paths_resolve() {
         "--pid",
         "raasd.pid",
     ]);
-    s.wait_for_log("all 1 workers accepting", SOON);
+    s.wait_for_log("1 worker accepting", SOON);
     let pid_file = dir.join("raasd.pid");
     wait_until("the pid file in the working directory", SOON, || {
         std::fs::read_to_string(&pid_file).is_ok_and(|t| t.trim() == s.pid().to_string())
@@ -454,7 +454,7 @@ fn the_open_file_limit_is_raised_and_a_shortfall_is_reported() {
                 }
             },
         );
-        s.wait_for_log("all 1 workers accepting", SOON);
+        s.wait_for_log("1 worker accepting", SOON);
         let worker = s.wait_workers(1).remove(0);
         assert_eq!(
             open_file_limits(worker.pid),
@@ -468,4 +468,14 @@ fn the_open_file_limit_is_raised_and_a_shortfall_is_reported() {
             s.log()
         );
     }
+}
+
+#[test]
+fn the_version_is_logged_at_start() {
+    let s = Server::start(&["-w", "1", "-l", "127.0.0.1:0"]);
+    s.wait_for_log(
+        &format!("raasd {} starting", env!("CARGO_PKG_VERSION")),
+        SOON,
+    );
+    s.wait_for_log("1 worker accepting", SOON);
 }

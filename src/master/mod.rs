@@ -73,6 +73,7 @@ pub fn run(config: Config, args: Vec<OsString>) -> i32 {
         eprintln!("raasd: {e}");
         return 1;
     }
+    info!("raasd {} starting", env!("CARGO_PKG_VERSION"));
     let mut predecessor = match Predecessor::from_environment() {
         Ok(predecessor) => predecessor,
         Err(message) => {
@@ -343,8 +344,15 @@ impl Master {
                     return;
                 }
             };
-            if self.successor.as_ref().is_some_and(|(s, _)| s.pid == pid) {
-                self.roll_back_upgrade(&format!("the new master exited ({how})"));
+            if let Some((successor, _)) = self.successor.as_ref().filter(|(s, _)| s.pid == pid) {
+                // What it said before exiting is the better reason.
+                let why = match successor.readiness() {
+                    upgrade::Readiness::Failed(Some(why)) => {
+                        format!("the new master could not start: {why}")
+                    }
+                    _ => format!("the new master exited ({how})"),
+                };
+                self.roll_back_upgrade(&why);
                 continue;
             }
             let Some(at) = self.workers.iter().position(|w| w.pid == pid) else {
@@ -453,7 +461,10 @@ impl Master {
             (0..self.target).all(|slot| self.current_worker(slot).is_some_and(|w| w.accepting));
         if all_accepting && !self.all_accepting_announced && self.target > 0 {
             self.all_accepting_announced = true;
-            info!("all {} workers accepting", self.target);
+            match self.target {
+                1 => info!("1 worker accepting"),
+                n => info!("all {n} workers accepting"),
+            }
             self.announce_ready();
         }
     }
