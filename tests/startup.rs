@@ -474,7 +474,7 @@ fn the_open_file_limit_is_raised_and_a_shortfall_is_reported() {
 fn the_version_is_logged_at_start() {
     let s = Server::start(&["-w", "1", "-l", "127.0.0.1:0"]);
     s.wait_for_log(
-        &format!("raasd {} starting", env!("CARGO_PKG_VERSION")),
+        &format!("raasd {} started", env!("CARGO_PKG_VERSION")),
         SOON,
     );
     s.wait_for_log("1 worker accepting", SOON);

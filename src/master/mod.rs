@@ -73,7 +73,6 @@ pub fn run(config: Config, args: Vec<OsString>) -> i32 {
         eprintln!("raasd: {e}");
         return 1;
     }
-    info!("raasd {} starting", env!("CARGO_PKG_VERSION"));
     let mut predecessor = match Predecessor::from_environment() {
         Ok(predecessor) => predecessor,
         Err(message) => {
@@ -264,6 +263,8 @@ impl Master {
         }
         title::set_comm("raasd-master");
         let addresses: Vec<String> = listeners.iter().map(|c| c.listener.local_addr()).collect();
+        // Once nothing can fail any more: a start-up error stays the only line.
+        info!("raasd {} started", env!("CARGO_PKG_VERSION"));
         for address in &addresses {
             info!("listening on {address}");
         }
