@@ -95,11 +95,24 @@ const LEVELS: [LevelFilter; 6] = [
 static BASE_LEVEL: AtomicUsize = AtomicUsize::new(usize::MAX);
 
 /// Reopens the log file at its path (USR1): after a rotation, lines go to the new
-/// file. Nothing to do when logging to stderr.
-pub fn reopen() -> Result<(), String> {
+/// file. Nothing to do when logging to stderr. The master passes the workers' user
+/// as `owner`: the file it creates then belongs to them, so that workers that dropped
+/// privileges can open it too (nginx does the same) instead of writing on, for good,
+/// to the rotated file.
+pub fn reopen(owner: Option<(u32, u32)>) -> Result<(), String> {
     let mut guard = LOG_FILE.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((path, file)) = guard.as_mut() {
-        *file = open(path)?;
+        let opened = open(path)?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::fchown(&opened, Some(uid), Some(gid)).map_err(|e| {
+                format!(
+                    "cannot give log file {} to the workers' user: {}",
+                    path.display(),
+                    crate::listeners::plain(&e)
+                )
+            })?;
+        }
+        *file = opened;
     }
     Ok(())
 }

@@ -290,11 +290,17 @@ impl<'a> Worker<'a> {
             match command {
                 Command::QuickStop => quick_exit(),
                 Command::GracefulStop => self.stop(now, "the master's request")?,
-                Command::ReopenLogs => {
-                    if let Err(e) = crate::logging::reopen() {
+                Command::ReopenLogs => match crate::logging::reopen(None) {
+                    Ok(()) => info!("log file reopened"),
+                    Err(e) => {
+                        // Also where the operator who sent USR1 may be looking.
+                        eprintln!(
+                            "raasd: worker[{}]: {e}; still logging to the old file",
+                            self.who.slot
+                        );
                         warn!("{e}; still logging to the old file");
                     }
-                }
+                },
             }
         }
         if received.closed {

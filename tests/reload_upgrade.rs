@@ -1358,6 +1358,40 @@ fn a_terminal_resize_leaves_every_worker_serving() {
     assert_eq!(roundtrip(addr, "resized"), "deziser");
 }
 
+#[test]
+fn usr1_with_user_moves_every_worker_to_the_new_file() {
+    // Workers run as nobody; the master (root) creates the new file on USR1.
+    let dir = TempDir::new("usr1_user");
+    let log = dir.join("raasd.log");
+    let rotated = dir.join("raasd.log.1");
+    let _dump = DumpOnPanic(vec![log.clone(), rotated.clone()]);
+    let s = Server::start(&[
+        "-w",
+        "2",
+        "-l",
+        "127.0.0.1:0",
+        "--user",
+        "nobody",
+        "--log-file",
+        path_str(&log),
+    ]);
+    wait_file_line(&log, "all 2 workers accepting", 1);
+    let workers = s.wait_workers(2);
+    fs::rename(&log, &rotated).expect("rename the log file");
+    s.signal(Signal::SIGUSR1);
+    for w in &workers {
+        wait_file_line(
+            &log,
+            &format!("worker[{}] pid={}] log file reopened", w.slot, w.pid),
+            1,
+        );
+    }
+    assert!(
+        !text_of(&rotated).contains("still logging to the old file"),
+        "a worker could not reopen"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // systemd
 // ---------------------------------------------------------------------------------------

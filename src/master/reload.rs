@@ -126,9 +126,16 @@ impl Master {
 
     /// USR1: the master and every worker reopen the log file.
     pub(super) fn reopen_logs(&mut self) {
-        match logging::reopen() {
+        let owner = self
+            .identity
+            .map(|identity| (identity.uid.as_raw(), identity.gid.as_raw()));
+        match logging::reopen(owner) {
             Ok(()) => info!("log file reopened"),
-            Err(e) => error!("{e}; still logging to the old file"),
+            Err(e) => {
+                // The log file is the one place that did not change: say it there too.
+                eprintln!("raasd: {e}; still logging to the old file");
+                error!("{e}; still logging to the old file");
+            }
         }
         for w in &self.workers {
             let _ = w.channel.send(Command::ReopenLogs);
