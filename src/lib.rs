@@ -9,6 +9,7 @@
 //! | [`listeners`] | binding listen sockets and accepting from them |
 //! | [`master`] | the supervisor loop: signals, worker slots, spawning, reaping, reloading, upgrading, stopping |
 //! | [`worker`] | the event loop of one worker process |
+//! | [`accept_gate`] | when a worker accepts: the balancing rule, pauses, the nudge to a sibling |
 //! | [`connection`] | one client connection: buffers, reading, writing, closing |
 //! | [`codec`] | the RAAS line protocol, pure (bytes in, bytes out) |
 //! | [`control`] | the messages on the master/worker control pipe |
@@ -21,6 +22,7 @@
 //! | [`upgrade`] | the binary upgrade hand-over: successor, readiness pipe, inherited sockets |
 //! | [`privileges`] | resolving `--user`/`--group` and dropping to them in workers |
 
+pub mod accept_gate;
 pub mod codec;
 pub mod config;
 pub mod connection;

@@ -24,6 +24,7 @@ use log::{debug, info, warn};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
+use crate::accept_gate::{AcceptGate, Nudge, OUT_OF_DESCRIPTORS, should_step_back};
 use crate::config::Serving;
 use crate::connection::{Connection, Traffic, Turn};
 use crate::control::{Command, Report, WorkerEnd};
@@ -35,14 +36,9 @@ use crate::title;
 
 const CONTROL: u64 = u64::MAX;
 const SIGNALS: u64 = u64::MAX - 1;
+const NUDGE: u64 = u64::MAX - 2;
 /// Listener i has token LISTENERS - i; connection k has token k.
-const LISTENERS: u64 = u64::MAX - 2;
-/// How long a worker holding well above its share of connections stops accepting.
-const STEP_BACK: Duration = Duration::from_millis(2);
-/// Fewer connections than this never make a worker step back.
-const STEP_BACK_FLOOR: u64 = 8;
-/// How long accepting pauses when the process is out of file descriptors.
-const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+const LISTENERS: u64 = u64::MAX - 3;
 /// How long a worker whose master died may take to finish.
 const ORPHAN_DRAIN: Duration = Duration::from_millis(500);
 /// The parent-death signal: it arms an alarm of [`ORPHAN_DEADLINE_SECS`], so an
@@ -65,13 +61,21 @@ pub const SIGNALS_HANDLED: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGQUIT, lib
 pub fn run(
     who: Who,
     listeners: Vec<Listener>,
+    nudge: Nudge,
     control: WorkerEnd,
     serving: Serving,
     (board, cell): (&Scoreboard, usize),
     blocked: Blocked,
 ) -> i32 {
-    match Worker::new(who, listeners, control, serving, (board, cell), blocked)
-        .and_then(Worker::serve)
+    match Worker::new(
+        who,
+        (listeners, nudge),
+        control,
+        serving,
+        (board, cell),
+        blocked,
+    )
+    .and_then(Worker::serve)
     {
         Ok(()) => 0,
         Err(e) => {
@@ -117,18 +121,17 @@ struct Worker<'a> {
     stop_deadline: Option<Instant>,
     /// The listeners are in the poll set.
     accepting: bool,
-    accept_paused_until: Option<Instant>,
     /// The pause is a step back (over its share), which ends early once the share
     /// has caught up; a pause for want of descriptors does not.
-    stepped_back: bool,
-    last_fd_warning: Option<Instant>,
+    gate: AcceptGate,
+    nudge: Nudge,
     title_shown: Option<Instant>,
 }
 
 impl<'a> Worker<'a> {
     fn new(
         who: Who,
-        listeners: Vec<Listener>,
+        (listeners, nudge): (Vec<Listener>, Nudge),
         control: WorkerEnd,
         serving: Serving,
         (board, cell): (&'a Scoreboard, usize),
@@ -157,6 +160,10 @@ impl<'a> Worker<'a> {
             EpollEvent::new(EpollFlags::EPOLLIN, CONTROL),
         )?;
         epoll.add(signals.fd(), EpollEvent::new(EpollFlags::EPOLLIN, SIGNALS))?;
+        epoll.add(
+            nudge.as_fd(),
+            EpollEvent::new(EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE, NUDGE),
+        )?;
         let mut worker = Worker {
             who,
             board,
@@ -178,9 +185,8 @@ impl<'a> Worker<'a> {
             scratch: vec![0; SCRATCH],
             stop_deadline: None,
             accepting: false,
-            accept_paused_until: None,
-            stepped_back: false,
-            last_fd_warning: None,
+            gate: AcceptGate::default(),
+            nudge,
             title_shown: None,
         };
         worker.update_accepting(Instant::now())?;
@@ -196,7 +202,7 @@ impl<'a> Worker<'a> {
         let mut next_tick = Instant::now() + self.serving.heartbeat;
         self.show_progress();
         loop {
-            let wake_at = [self.accept_paused_until, self.stop_deadline]
+            let wake_at = [self.gate.paused_until(), self.stop_deadline]
                 .into_iter()
                 .flatten()
                 .fold(next_tick, Instant::min);
@@ -221,11 +227,7 @@ impl<'a> Worker<'a> {
                 self.serve_connection(index, now);
             }
             self.again_spare = again;
-            if self.stepped_back && !self.holds_more_than_its_share() {
-                // The siblings caught up (a burst reached them too): no need to wait.
-                self.accept_paused_until = Some(now);
-            }
-            if self.accept_paused_until.is_some_and(|until| now >= until) {
+            if self.gate.paused_until().is_some() {
                 self.update_accepting(now)?;
             }
             if now >= next_tick {
@@ -262,6 +264,7 @@ impl<'a> Worker<'a> {
                 }
             }
             CONTROL => self.obey_master(now)?,
+            NUDGE => self.take_nudge(now)?,
             token if token > LISTENERS - self.listeners.len() as u64 => {
                 self.accept_from((LISTENERS - token) as usize, now)?;
             }
@@ -322,20 +325,20 @@ impl<'a> Worker<'a> {
     /// for: not while stopping, not while out of descriptors (a listener that stays
     /// readable would spin the loop), not at --max-conns (so siblings accept instead).
     fn update_accepting(&mut self, now: Instant) -> io::Result<()> {
-        if self.accept_paused_until.is_some_and(|until| now >= until) {
-            self.accept_paused_until = None;
-            self.stepped_back = false;
-        }
-        let in_service = self.stop_deadline.is_none();
-        self.cell.serving.store(u64::from(in_service), Relaxed);
-        let full = self.open >= self.serving.max_conns;
-        let wanted = in_service && self.accept_paused_until.is_none() && !full;
-        let accepts_from = match self.accept_paused_until {
-            _ if !in_service || full => u64::MAX,
-            Some(until) => monotonic_ms() + until.saturating_duration_since(now).as_millis() as u64,
-            None => 0,
-        };
-        self.cell.accepts_from_ms.store(accepts_from, Relaxed);
+        // A step back ends early once the siblings have caught up (a burst reached
+        // them too): no need to wait.
+        let (board, cell, mine) = (self.board, self.cell, self.open as u64);
+        self.gate.resume_if_due(now, || {
+            should_step_back(mine, board.siblings_load(cell, monotonic_ms()))
+        });
+        self.gate.set_full(self.open >= self.serving.max_conns);
+        self.cell
+            .serving
+            .store(u64::from(!self.gate.is_stopping()), Relaxed);
+        self.cell
+            .accepts_from_ms
+            .store(self.gate.accepts_from_ms(now, monotonic_ms()), Relaxed);
+        let wanted = self.gate.wants_listeners();
         if wanted != self.accepting {
             self.accepting = wanted;
             for (which, listener) in self.listeners.iter().enumerate() {
@@ -357,11 +360,11 @@ impl<'a> Worker<'a> {
                 Ok(stream) => {
                     self.add_connection(Connection::new(stream, &self.serving, now))?;
                     accepted += 1;
-                    // In a burst, stop at the share rather than drain the whole queue:
-                    // the siblings the same burst woke up take the rest.
-                    if self.stop_deadline.is_none() && self.holds_more_than_its_share() {
-                        self.accept_paused_until = Some(now + STEP_BACK);
-                        self.stepped_back = true;
+                    // In a burst, stop at the share rather than drain the whole queue,
+                    // and wake a sibling to take the rest.
+                    if !self.gate.is_stopping() && self.holds_more_than_its_share() {
+                        self.gate.step_back(now);
+                        self.nudge.poke();
                         break;
                     }
                 }
@@ -397,36 +400,32 @@ impl<'a> Worker<'a> {
         Ok(())
     }
 
-    /// EPOLLEXCLUSIVE wakes a sleeping worker before a busy one, so under load one
-    /// worker can collect far more connections than its siblings; it then steps back,
-    /// when it holds enough connections for the imbalance to matter (short
-    /// connect-per-request bursts come and go too fast to be worth a pause) and a
-    /// sibling accepts meanwhile — or will as soon as it runs: a sibling whose own
-    /// step back is over counts, even when starved of CPU and not yet back in its
-    /// loop, or the busiest worker would keep every connection.
+    /// EPOLLEXCLUSIVE wakes one worker for a burst, and under load a sleeping worker
+    /// before a busy one, so one worker can collect far more connections than its
+    /// siblings; [`should_step_back`] says when it holds more than its share.
     fn holds_more_than_its_share(&self) -> bool {
-        let mine = self.open as u64;
-        if mine < STEP_BACK_FLOOR {
-            return false;
-        }
-        let siblings = self.board.siblings_load(self.cell, monotonic_ms());
-        if siblings.accepting == 0 {
-            return false;
-        }
-        let share = (siblings.connections + mine) / (siblings.workers + 1);
-        mine > share + (share / 8).max(2)
+        should_step_back(
+            self.open as u64,
+            self.board.siblings_load(self.cell, monotonic_ms()),
+        )
     }
 
     fn pause_accepting(&mut self, now: Instant, error: &io::Error) {
-        if self
-            .last_fd_warning
-            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
-        {
-            warn!("cannot accept: {error}; pausing accepts for {ACCEPT_PAUSE:?}");
-            self.last_fd_warning = Some(now);
+        if self.gate.pause_for_descriptors(now) {
+            warn!("cannot accept: {error}; pausing accepts for {OUT_OF_DESCRIPTORS:?}");
         }
-        self.accept_paused_until = Some(now + ACCEPT_PAUSE);
-        self.stepped_back = false;
+    }
+
+    /// A sibling stepped back from a burst: take what is left in the accept queues.
+    fn take_nudge(&mut self, now: Instant) -> io::Result<()> {
+        self.nudge.drain();
+        self.update_accepting(now)?;
+        if self.gate.wants_listeners() {
+            for which in 0..self.listeners.len() {
+                self.accept_from(which, now)?;
+            }
+        }
+        Ok(())
     }
 
     fn add_connection(&mut self, connection: Connection) -> io::Result<()> {
@@ -555,6 +554,9 @@ impl<'a> Worker<'a> {
         }
         info!("stopping gracefully on {why}");
         self.stop_deadline = Some(now + self.serving.graceful_timeout);
+        self.gate.stop();
+        // A nudge woken here would be lost to the siblings that still serve.
+        let _ = self.epoll.delete(self.nudge.as_fd());
         for which in 0..self.listeners.len() {
             if let Err(e) = self.accept_from(which, now) {
                 warn!("draining the accept queue: {e}");

@@ -140,3 +140,46 @@ fn persistent_connections_spread_evenly_over_two_workers() {
         assert_eq!(c.roundtrip(&line), reverse_ascii(&line));
     }
 }
+
+#[test]
+fn a_burst_of_persistent_connections_spreads_from_the_first_ones() {
+    let _alone = one_at_a_time();
+    for (workers_n, conns_n, slack) in [(2usize, 8usize, 1isize), (3, 36, 3)] {
+        let w_arg = workers_n.to_string();
+        let s = Server::start(&["-w", &w_arg, "-l", "127.0.0.1:0"]);
+        let addr = s.addr();
+        s.wait_for_log(&format!("all {workers_n} workers accepting"), SOON);
+        let workers = s.wait_workers(workers_n);
+        let before: Vec<usize> = workers.iter().map(|w| socket_fd_count(w.pid)).collect();
+        wait_until("every worker to wait in epoll_wait", SOON, || {
+            workers.iter().all(|w| sleeps_in_epoll_wait(w.pid))
+        });
+        // All at once: the kernel completes them into the accept queue before a
+        // worker has run.
+        let mut conns: Vec<LineClient<std::net::TcpStream>> = (0..conns_n)
+            .map(|i| LineClient::connect(addr).unwrap_or_else(|e| panic!("connect {i}: {e}")))
+            .collect();
+        let mut held: Vec<isize> = Vec::new();
+        wait_until("every connection accepted", SOON, || {
+            held = workers
+                .iter()
+                .zip(&before)
+                .map(|(w, b)| socket_fd_count(w.pid) as isize - *b as isize)
+                .collect();
+            held.iter().sum::<isize>() == conns_n as isize
+        });
+        let share = (conns_n / workers_n) as isize;
+        for (w, n) in workers.iter().zip(&held) {
+            assert!(
+                (share - slack..=share + slack).contains(n),
+                "-w {workers_n}, {conns_n} connections at once: worker[{}] holds {n} \
+                 (want {share} ± {slack}); all: {held:?}",
+                w.slot
+            );
+        }
+        for (i, c) in conns.iter_mut().enumerate() {
+            let line = format!("burst {i}");
+            assert_eq!(c.roundtrip(&line), reverse_ascii(&line));
+        }
+    }
+}

@@ -29,6 +29,7 @@ use nix::unistd::Pid;
 
 use sd_notify::NotifyState;
 
+use crate::accept_gate::Nudge;
 use crate::config::{self, Config, MAX_WORKERS};
 use crate::control::{self, Command, MasterEnd, Report};
 use crate::listeners::{self, Configured, Inheritance};
@@ -146,6 +147,9 @@ pub struct Master {
     signals: Option<SignalSet>,
     pid_file: Option<PidFile>,
     workers: Vec<WorkerProcess>,
+    /// Shared by every worker: wakes one to take the rest of a burst (see
+    /// [`crate::accept_gate`]). Taken by a worker after fork.
+    nudge: Option<Nudge>,
     /// How many worker slots are wanted.
     target: usize,
     /// Raised by each rotation; workers of older generations are retired.
@@ -295,6 +299,7 @@ impl Master {
             signals: Some(signals),
             pid_file,
             workers: Vec::new(),
+            nudge: Some(Nudge::new().map_err(|e| format!("cannot create an eventfd: {e}"))?),
             generation: upgrade::starting_generation(),
             stopping: None,
             all_accepting_announced: false,
@@ -581,6 +586,7 @@ impl Master {
         let code = worker::run(
             who,
             listeners,
+            self.nudge.take().expect("the master's nudge"),
             channel,
             serving,
             (&self.scoreboard, cell),
