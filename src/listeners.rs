@@ -320,6 +320,37 @@ pub fn set_keepalive<'a>(
     Ok(())
 }
 
+/// Before a stop of the whole server: TCP listeners stop taking new connections but
+/// keep those already queued. A socket filter drops incoming SYNs (so no handshake
+/// starts; the client's retry finds the port closed and is refused), while the ACKs
+/// that complete handshakes already under way still get through. The workers then
+/// drain the accept queues and close: closing a listener resets whatever is still
+/// queued, so nothing may join the queue after the last drain. (Unix listeners get
+/// the same from the removal of their socket file.)
+pub fn refuse_new_connections<'a>(
+    listeners: impl IntoIterator<Item = &'a Listener>,
+) -> io::Result<()> {
+    use socket2::SockFilter;
+    // Classic BPF over the TCP header: drop a segment whose SYN is set and ACK not.
+    const LD_B_ABS: u16 = 0x30;
+    const ALU_AND_K: u16 = 0x54;
+    const JMP_JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    let drop_syns = [
+        SockFilter::new(LD_B_ABS, 0, 0, 13),    // A = TCP flags
+        SockFilter::new(ALU_AND_K, 0, 0, 0x12), // A &= SYN | ACK
+        SockFilter::new(JMP_JEQ_K, 0, 1, 0x02), // SYN alone?
+        SockFilter::new(RET_K, 0, 0, 0),        // drop it
+        SockFilter::new(RET_K, 0, 0, u32::MAX), // keep everything else
+    ];
+    for listener in listeners {
+        if let Listener::Tcp(tcp) = listener {
+            SockRef::from(tcp).attach_filter(&drop_syns)?;
+        }
+    }
+    Ok(())
+}
+
 /// Removes the socket files of unix listeners. Called by the master at its exit.
 pub fn remove_socket_files<'a>(listeners: impl IntoIterator<Item = &'a Listener>) {
     for listener in listeners {

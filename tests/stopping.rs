@@ -364,3 +364,36 @@ fn hup_replaces_every_worker_without_a_failed_request() {
     assert!(s.try_status().is_none(), "the master survives a HUP");
     assert!(tally.ok.load(Ordering::Relaxed) >= 200);
 }
+
+#[test]
+fn term_under_connect_per_request_load_resets_no_accepted_connection() {
+    // Clients connecting for every request while the server stops: once the port is
+    // closed a connect may be refused (the server is down), but a connection the
+    // kernel completed must be answered, never reset.
+    // Before the fix, 13 of 72 rounds cut a connection; 10 rounds catch it 86 % of the time.
+    const ROUNDS: usize = 10;
+    let mut resets = Vec::new();
+    for round in 0..ROUNDS {
+        let s = Server::start(&["-w", "2", "-l", "127.0.0.1:0"]);
+        let addr = s.addr();
+        s.wait_for_log("all 2 workers accepting", SOON);
+        let load = common::load::Load::start(
+            addr,
+            common::load::LoadShape {
+                persistent: 0,
+                per_request: 16,
+                ..Default::default()
+            },
+        );
+        load.wait_replies(500, SOON);
+        s.signal(Signal::SIGTERM);
+        assert_eq!(s.wait_exit(SOON).code(), Some(0));
+        let report = load.stop();
+        eprintln!("round {round}: {report}");
+        resets.push(report.resets + report.errors + report.wrong + report.missing);
+    }
+    assert!(
+        resets.iter().all(|&n| n == 0),
+        "connections reset (or cut) by a stop, per round: {resets:?}"
+    );
+}

@@ -631,6 +631,11 @@ impl Master {
         // over, the sockets (and their files) are the new master's.
         if !self.handing_over && self.inheritance != Inheritance::Systemd {
             listeners::remove_socket_files(self.listeners.iter().map(|c| &c.listener));
+            if let Err(e) =
+                listeners::refuse_new_connections(self.listeners.iter().map(|c| &c.listener))
+            {
+                warn!("cannot stop taking new connections before the drain: {e}");
+            }
         }
         self.listeners.clear();
         self.stopping = Some(Stopping {
