@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# scripts/ab.sh: compares two raasd builds under the same load, alternating runs so
+# that the noise of a shared machine falls on both alike, and prints the median of
+# each scenario and their ratio (B / A).
+#
+#   scripts/ab.sh A_BIN_DIR B_BIN_DIR
+#
+# Each directory holds a release `raasd`; the load generator is B's `raas`. To build A
+# from an older commit: git worktree add /tmp/a COMMIT && (cd /tmp/a &&
+# CARGO_TARGET_DIR=/tmp/a-target cargo build --release --bin raasd), then pass
+# /tmp/a-target/release. Environment: RUNS (per build and scenario, default 5), SECS
+# (per run, default 3), WORKERS (default 2). Only 127.0.0.1 is targeted; every server
+# is stopped by pid.
+
+set -uo pipefail
+A=${1:?usage: scripts/ab.sh A_BIN_DIR B_BIN_DIR}
+B=${2:?usage: scripts/ab.sh A_BIN_DIR B_BIN_DIR}
+RUNS=${RUNS:-5}
+SECS=${SECS:-3}
+WORKERS=${WORKERS:-2}
+RAAS=$B/raas
+SERVER=""
+
+cleanup() { [ -n "$SERVER" ] && kill -TERM "$SERVER" 2>/dev/null && wait "$SERVER" 2>/dev/null; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# run BIN_DIR SCENARIO-ARGS... : prints replies/s of one run.
+run() {
+    local dir=$1 port
+    shift
+    port=$(free_port)
+    "$dir/raasd" -w "$WORKERS" -l "127.0.0.1:$port" 2>/dev/null &
+    SERVER=$!
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+        sleep 0.02
+    done
+    timeout $((SECS + 20)) "$RAAS" bench "127.0.0.1:$port" --duration "$SECS" --json "$@" 2>/dev/null |
+        python3 -c 'import json,sys; print(int(json.load(sys.stdin)["rps"]))'
+    kill -TERM "$SERVER" 2>/dev/null
+    wait "$SERVER" 2>/dev/null
+    SERVER=""
+}
+
+median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : int((a[NR/2]+a[NR/2+1])/2)}'; }
+
+printf '%-28s %12s %12s %7s\n' scenario "A median/s" "B median/s" "B/A"
+for scenario in "--mode connect --conns 16" "--mode persist --conns 50 --pipeline 1" "--mode persist --conns 50 --pipeline 16"; do
+    a_runs=()
+    b_runs=()
+    for _ in $(seq "$RUNS"); do
+        # shellcheck disable=SC2086
+        a_runs+=("$(run "$A" $scenario)")
+        # shellcheck disable=SC2086
+        b_runs+=("$(run "$B" $scenario)")
+    done
+    a=$(printf '%s\n' "${a_runs[@]}" | median)
+    b=$(printf '%s\n' "${b_runs[@]}" | median)
+    printf '%-28s %12s %12s %7s   (A: %s; B: %s)\n' "${scenario//--mode /}" "$a" "$b" \
+        "$(python3 -c "print(f'{$b/$a:.2f}' if $a else '-')")" "${a_runs[*]}" "${b_runs[*]}"
+done
