@@ -1,19 +1,21 @@
-//! The scoreboard: what every worker is doing, readable by the master without asking.
+//! The scoreboard: what every worker is doing, readable without asking.
 //!
 //! Owns one anonymous shared memory map, made by the master before it forks any
-//! worker, divided into 64-byte cells (one cache line each, so workers never contend).
-//! Each live worker process has a cell of its own, given by the master at spawn; the
-//! worker writes only its cell, with relaxed atomic stores, and the master only reads.
-//! No locks: every field is an independent counter or stamp.
+//! worker: a 64-byte header, then cells of 64 bytes (one cache line each, so workers
+//! never contend; asserted at compile time). The types say who writes what:
+//! - the master, through [`Scoreboard`], claims a cell for a worker before forking
+//!   it (stamping its heartbeat, so a worker slow to start is timed from its spawn),
+//!   releases it when the worker is reaped, keeps the header's count of cells in use,
+//!   and reads heartbeats and counters;
+//! - a worker, through the [`CellWriter`] of its own cell, beats and publishes its
+//!   counters and accept state with relaxed atomic stores, and reads its serving
+//!   siblings' connection counts (to step back from accepting when it holds more
+//!   than its share).
 //!
-//! A header before the cells says how many cells are in use, so a worker can look at
-//! its serving siblings' connection counts (to step back from accepting when it holds
-//! well above its fair share) without scanning the whole map.
-//!
-//! The map reserves [`CELLS`] cells up front (twice the largest worker count, since a
-//! rotation briefly runs two workers per slot). Reserving is not using: the kernel
-//! backs a page only when it is first touched, so the resident size follows the
-//! worker count and TTIN past any initial count needs no remapping.
+//! No locks: every field is an independent counter or stamp. The map reserves
+//! [`CELLS`] cells up front (twice the largest worker count, since a rotation briefly
+//! runs two workers per slot); the kernel backs a page only when it is first touched,
+//! so the resident size follows the worker count and TTIN needs no remapping.
 
 use std::io;
 use std::num::NonZeroUsize;
@@ -30,22 +32,31 @@ pub const CELLS: usize = 2 * MAX_WORKERS;
 /// One worker's entry. All zeros is a valid, empty cell.
 #[repr(C, align(64))]
 #[derive(Default)]
-pub struct Cell {
-    pub pid: AtomicU64,
+struct Cell {
     /// 1 while the worker serves (from its start until it stops).
-    pub serving: AtomicU64,
-    /// From when (monotonic ms) the worker accepts: 0 while it does, a moment ahead
-    /// while it steps back, u64::MAX while it is full.
-    pub accepts_from_ms: AtomicU64,
-    pub generation: AtomicU64,
+    serving: AtomicU64,
+    /// From when (monotonic ms) the worker accepts: 0 while it does (or can be
+    /// nudged to), a moment ahead while paused, u64::MAX while stopping or full.
+    accepts_from_ms: AtomicU64,
     /// Milliseconds on the monotonic clock (shared by all processes) of the last beat.
-    pub heartbeat_ms: AtomicU64,
-    pub connections: AtomicU64,
-    pub accepted: AtomicU64,
-    pub served: AtomicU64,
-    pub bytes_in: AtomicU64,
-    pub bytes_out: AtomicU64,
+    heartbeat_ms: AtomicU64,
+    connections: AtomicU64,
+    accepted: AtomicU64,
+    served: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
 }
+
+/// What precedes the cells.
+#[repr(C, align(64))]
+#[derive(Default)]
+struct Header {
+    /// One past the highest cell index the master has handed out.
+    cells_in_use: AtomicU64,
+}
+
+const _: () = assert!(size_of::<Cell>() == 64, "a cell is one cache line");
+const _: () = assert!(size_of::<Header>() == 64);
 
 /// A plain copy of a cell's counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -57,62 +68,7 @@ pub struct Counters {
     pub bytes_out: u64,
 }
 
-impl Cell {
-    /// Called by the master before forking the worker that will own the cell, so a
-    /// worker slow to start is timed from its spawn.
-    pub fn claim(&self, pid: u64, generation: u64) {
-        self.pid.store(pid, Relaxed);
-        self.serving.store(0, Relaxed);
-        self.generation.store(generation, Relaxed);
-        self.heartbeat_ms.store(monotonic_ms(), Relaxed);
-        self.publish(&Counters::default());
-    }
-
-    /// Called by the master when the worker is gone.
-    pub fn release(&self) {
-        self.pid.store(0, Relaxed);
-        self.serving.store(0, Relaxed);
-        self.accepts_from_ms.store(u64::MAX, Relaxed);
-        self.connections.store(0, Relaxed);
-    }
-
-    pub fn beat(&self, now_ms: u64) {
-        self.heartbeat_ms.store(now_ms, Relaxed);
-    }
-
-    pub fn publish(&self, counters: &Counters) {
-        self.connections.store(counters.connections, Relaxed);
-        self.accepted.store(counters.accepted, Relaxed);
-        self.served.store(counters.served, Relaxed);
-        self.bytes_in.store(counters.bytes_in, Relaxed);
-        self.bytes_out.store(counters.bytes_out, Relaxed);
-    }
-
-    pub fn counters(&self) -> Counters {
-        Counters {
-            connections: self.connections.load(Relaxed),
-            accepted: self.accepted.load(Relaxed),
-            served: self.served.load(Relaxed),
-            bytes_in: self.bytes_in.load(Relaxed),
-            bytes_out: self.bytes_out.load(Relaxed),
-        }
-    }
-
-    /// Milliseconds since the last beat.
-    pub fn heartbeat_age_ms(&self, now_ms: u64) -> u64 {
-        now_ms.saturating_sub(self.heartbeat_ms.load(Relaxed))
-    }
-}
-
-/// What precedes the cells.
-#[repr(C, align(64))]
-#[derive(Default)]
-pub struct Header {
-    /// One past the highest cell index the master has handed out.
-    pub cells_in_use: AtomicU64,
-}
-
-/// See [`Scoreboard::siblings_load`].
+/// See [`CellWriter::siblings_load`].
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Load {
     pub connections: u64,
@@ -120,6 +76,7 @@ pub struct Load {
     pub accepting: u64,
 }
 
+/// The map, as the master holds it (and every worker inherits it).
 pub struct Scoreboard {
     map: NonNull<Header>,
 }
@@ -144,25 +101,114 @@ impl Scoreboard {
         Ok(Scoreboard { map: map.cast() })
     }
 
-    pub fn header(&self) -> &Header {
+    fn header(&self) -> &Header {
         // SAFETY: the header is at the start of the mapping, which lives as long as self.
         unsafe { self.map.as_ref() }
     }
 
-    pub fn cell(&self, index: usize) -> &Cell {
+    fn cell(&self, index: usize) -> &Cell {
         assert!(index < CELLS, "scoreboard cell {index} out of range");
         // SAFETY: the cells follow the header (both 64-byte aligned) and index is in
         // range, so the cell lies within the mapping, which lives as long as self.
         unsafe { self.map.add(1).cast::<Cell>().add(index).as_ref() }
     }
 
-    /// What the serving workers other than `me` hold: connections, how many they
-    /// are, and how many accept at `now_ms` (or would, as soon as they run).
-    pub fn siblings_load(&self, me: &Cell, now_ms: u64) -> Load {
-        let in_use = (self.header().cells_in_use.load(Relaxed) as usize).min(CELLS);
+    /// The master, before forking the worker that will own cell `index`: an empty
+    /// cell whose heartbeat is now.
+    pub fn claim(&self, index: usize) {
+        let cell = self.cell(index);
+        cell.serving.store(0, Relaxed);
+        cell.accepts_from_ms.store(u64::MAX, Relaxed);
+        cell.heartbeat_ms.store(monotonic_ms(), Relaxed);
+        for counter in [
+            &cell.connections,
+            &cell.accepted,
+            &cell.served,
+            &cell.bytes_in,
+            &cell.bytes_out,
+        ] {
+            counter.store(0, Relaxed);
+        }
+        self.header()
+            .cells_in_use
+            .fetch_max(index as u64 + 1, Relaxed);
+    }
+
+    /// The master, once the worker of cell `index` is gone: siblings stop counting it.
+    pub fn release(&self, index: usize) {
+        let cell = self.cell(index);
+        cell.serving.store(0, Relaxed);
+        cell.accepts_from_ms.store(u64::MAX, Relaxed);
+        cell.connections.store(0, Relaxed);
+    }
+
+    /// Milliseconds since the last beat of cell `index`.
+    pub fn heartbeat_age_ms(&self, index: usize, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.cell(index).heartbeat_ms.load(Relaxed))
+    }
+
+    /// The counters cell `index` last published.
+    pub fn counters(&self, index: usize) -> Counters {
+        let cell = self.cell(index);
+        Counters {
+            connections: cell.connections.load(Relaxed),
+            accepted: cell.accepted.load(Relaxed),
+            served: cell.served.load(Relaxed),
+            bytes_in: cell.bytes_in.load(Relaxed),
+            bytes_out: cell.bytes_out.load(Relaxed),
+        }
+    }
+
+    /// A worker, after fork: the writer of its own cell.
+    pub fn writer(&self, index: usize) -> CellWriter<'_> {
+        CellWriter { board: self, index }
+    }
+}
+
+/// A worker's hold on its own cell: the only way to write one.
+pub struct CellWriter<'a> {
+    board: &'a Scoreboard,
+    index: usize,
+}
+
+impl CellWriter<'_> {
+    fn cell(&self) -> &Cell {
+        self.board.cell(self.index)
+    }
+
+    pub fn beat(&self, now_ms: u64) {
+        self.cell().heartbeat_ms.store(now_ms, Relaxed);
+    }
+
+    pub fn publish(&self, counters: &Counters) {
+        let cell = self.cell();
+        cell.connections.store(counters.connections, Relaxed);
+        cell.accepted.store(counters.accepted, Relaxed);
+        cell.served.store(counters.served, Relaxed);
+        cell.bytes_in.store(counters.bytes_in, Relaxed);
+        cell.bytes_out.store(counters.bytes_out, Relaxed);
+    }
+
+    /// The connection count alone, at once (siblings read it to balance).
+    pub fn set_connections(&self, connections: u64) {
+        self.cell().connections.store(connections, Relaxed);
+    }
+
+    /// Whether this worker serves, and from when it accepts (see [`Load`]).
+    pub fn set_accept_state(&self, serving: bool, accepts_from_ms: u64) {
+        let cell = self.cell();
+        cell.serving.store(u64::from(serving), Relaxed);
+        cell.accepts_from_ms.store(accepts_from_ms, Relaxed);
+    }
+
+    /// What the serving workers other than this one hold: connections, how many
+    /// they are, and how many accept at `now_ms` (or would, as soon as they run).
+    pub fn siblings_load(&self, now_ms: u64) -> Load {
+        let in_use = (self.board.header().cells_in_use.load(Relaxed) as usize).min(CELLS);
         let mut load = Load::default();
-        for cell in (0..in_use).map(|i| self.cell(i)) {
-            if std::ptr::eq(cell, me) || cell.serving.load(Relaxed) != 1 {
+        for index in (0..in_use).filter(|&i| i != self.index) {
+            let cell = self.board.cell(index);
+            if cell.serving.load(Relaxed) != 1 {
                 continue;
             }
             load.connections += cell.connections.load(Relaxed);
@@ -176,7 +222,7 @@ impl Scoreboard {
 impl Drop for Scoreboard {
     fn drop(&mut self) {
         // SAFETY: the mapping was made by `new` with this length and no reference into
-        // it outlives self (`cell` borrows self).
+        // it outlives self (`cell` and `writer` borrow self).
         let _ = unsafe { munmap(self.map.cast(), MAP_LEN) };
     }
 }
@@ -193,25 +239,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cells_hold_what_was_published() {
+    fn a_worker_publishes_and_the_master_and_siblings_read() {
         let board = Scoreboard::new().unwrap();
-        board.cell(3).claim(42, 2);
-        board.cell(3).publish(&Counters {
+        board.claim(3);
+        board.claim(4);
+        let three = board.writer(3);
+        three.publish(&Counters {
             connections: 1,
             accepted: 2,
             served: 3,
             bytes_in: 4,
             bytes_out: 5,
         });
-        assert_eq!(board.cell(3).counters().served, 3);
-        assert_eq!(board.cell(4).counters(), Counters::default());
-        assert!(board.cell(3).heartbeat_age_ms(monotonic_ms()) < 1000);
-        board.header().cells_in_use.store(5, Relaxed);
-        board.cell(3).serving.store(1, Relaxed);
-        board.cell(4).serving.store(1, Relaxed);
-        board.cell(4).accepts_from_ms.store(u64::MAX, Relaxed);
-        let load = board.siblings_load(board.cell(4), monotonic_ms());
+        assert_eq!(board.counters(3).served, 3);
+        assert_eq!(board.counters(4), Counters::default());
+        assert!(board.heartbeat_age_ms(3, monotonic_ms()) < 1000);
+        three.set_accept_state(true, 0);
+        let four = board.writer(4);
+        four.set_accept_state(true, u64::MAX);
+        let load = four.siblings_load(monotonic_ms());
         assert_eq!((load.connections, load.workers, load.accepting), (1, 1, 1));
-        board.cell(CELLS - 1).claim(1, 1);
+        // The one that is full is a serving sibling that does not accept.
+        let load = three.siblings_load(monotonic_ms());
+        assert_eq!((load.workers, load.accepting), (1, 0));
+        board.release(3);
+        assert_eq!(four.siblings_load(monotonic_ms()).workers, 0);
+        board.claim(CELLS - 1);
     }
 }

@@ -17,7 +17,6 @@
 
 use std::io;
 use std::os::fd::AsFd;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
@@ -30,7 +29,7 @@ use crate::connection::{Connection, Traffic, Turn};
 use crate::control::{Command, Report, WorkerEnd};
 use crate::listeners::Listener;
 use crate::process::Blocked;
-use crate::scoreboard::{Cell, Counters, Scoreboard, monotonic_ms};
+use crate::scoreboard::{CellWriter, Counters, Scoreboard, monotonic_ms};
 use crate::signals::SignalSet;
 use crate::title;
 
@@ -96,8 +95,7 @@ pub struct Who {
 
 struct Worker<'a> {
     who: Who,
-    board: &'a Scoreboard,
-    cell: &'a Cell,
+    cell: CellWriter<'a>,
     /// Totals over every connection this worker has served.
     traffic: Traffic,
     accepted: u64,
@@ -137,7 +135,7 @@ impl<'a> Worker<'a> {
         (board, cell): (&'a Scoreboard, usize),
         blocked: Blocked,
     ) -> io::Result<Worker<'a>> {
-        let cell = board.cell(cell);
+        let cell = board.writer(cell);
         // The loop notices the master's death by its channel's end of file and drains
         // for ORPHAN_DRAIN; the kernel's parent-death signal makes sure the worker is
         // gone even when the loop is wedged. (Set after privileges are dropped, which
@@ -166,7 +164,6 @@ impl<'a> Worker<'a> {
         )?;
         let mut worker = Worker {
             who,
-            board,
             cell,
             traffic: Traffic::default(),
             accepted: 0,
@@ -327,17 +324,15 @@ impl<'a> Worker<'a> {
     fn update_accepting(&mut self, now: Instant) -> io::Result<()> {
         // A step back ends early once the siblings have caught up (a burst reached
         // them too): no need to wait.
-        let (board, cell, mine) = (self.board, self.cell, self.open as u64);
+        let (cell, mine) = (&self.cell, self.open as u64);
         self.gate.resume_if_due(now, || {
-            should_step_back(mine, board.siblings_load(cell, monotonic_ms()))
+            should_step_back(mine, cell.siblings_load(monotonic_ms()))
         });
         self.gate.set_full(self.open >= self.serving.max_conns);
-        self.cell
-            .serving
-            .store(u64::from(!self.gate.is_stopping()), Relaxed);
-        self.cell
-            .accepts_from_ms
-            .store(self.gate.accepts_from_ms(now, monotonic_ms()), Relaxed);
+        self.cell.set_accept_state(
+            !self.gate.is_stopping(),
+            self.gate.accepts_from_ms(now, monotonic_ms()),
+        );
         let wanted = self.gate.wants_listeners();
         if wanted != self.accepting {
             self.accepting = wanted;
@@ -404,10 +399,7 @@ impl<'a> Worker<'a> {
     /// before a busy one, so one worker can collect far more connections than its
     /// siblings; [`should_step_back`] says when it holds more than its share.
     fn holds_more_than_its_share(&self) -> bool {
-        should_step_back(
-            self.open as u64,
-            self.board.siblings_load(self.cell, monotonic_ms()),
-        )
+        should_step_back(self.open as u64, self.cell.siblings_load(monotonic_ms()))
     }
 
     fn pause_accepting(&mut self, now: Instant, error: &io::Error) {
@@ -455,7 +447,7 @@ impl<'a> Worker<'a> {
             slot.as_mut().expect("just set").stop(Instant::now());
         }
         self.open += 1;
-        self.cell.connections.store(self.open as u64, Relaxed);
+        self.cell.set_connections(self.open as u64);
         debug!("accepted a connection ({} open)", self.open);
         Ok(())
     }
@@ -523,7 +515,7 @@ impl<'a> Worker<'a> {
         // Closing the socket removes it from the epoll set: it is never duplicated.
         if self.connections[index].take().is_some() {
             self.open -= 1;
-            self.cell.connections.store(self.open as u64, Relaxed);
+            self.cell.set_connections(self.open as u64);
             self.released.push(index);
             if !self.accepting && self.open + 1 == self.serving.max_conns {
                 let _ = self.update_accepting(Instant::now());

@@ -19,7 +19,31 @@ use sd_notify::NotifyState;
 use super::{Master, notify_systemd};
 use crate::listeners::Inheritance;
 use crate::pidfile::{self, PidFile};
-use crate::upgrade::{self, Readiness};
+use crate::upgrade::{self, Readiness, Successor};
+
+/// Where this master is in a binary upgrade, as the old master.
+pub(super) enum Upgrade {
+    /// None under way.
+    Idle,
+    /// A new master was started and has until `deadline` to say it is ready.
+    Waiting {
+        successor: Successor,
+        deadline: Instant,
+    },
+    /// The new master took over: this one stops without removing what it now owns
+    /// (the pid file, the unix socket files) and without telling systemd it stops.
+    HandedOver,
+}
+
+impl Upgrade {
+    /// When the successor must be ready by.
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        match self {
+            Upgrade::Waiting { deadline, .. } => Some(*deadline),
+            _ => None,
+        }
+    }
+}
 
 /// How long an abandoned successor's process group has, after TERM, before KILL.
 const ABANDON_GRACE: Duration = Duration::from_secs(3);
@@ -35,7 +59,8 @@ impl Master {
     /// USR2: starts the binary installed at our path as a new master, handing it
     /// the listeners. It takes over once ready; if it fails, nothing changes here.
     pub(super) fn start_upgrade(&mut self) {
-        if self.stopping.is_some() || self.successor.is_some() || self.predecessor.is_some() {
+        let busy = !matches!(self.upgrade, Upgrade::Idle);
+        if self.stopping.is_some() || busy || self.predecessor.is_some() {
             warn!("SIGUSR2 ignored: an upgrade or a stop is already under way");
             return;
         }
@@ -59,7 +84,10 @@ impl Master {
                     self.exe.display(),
                     successor.pid
                 );
-                self.successor = Some((successor, Instant::now() + self.config.upgrade_timeout()));
+                self.upgrade = Upgrade::Waiting {
+                    successor,
+                    deadline: Instant::now() + self.config.upgrade_timeout(),
+                };
                 self.title.clear();
             }
             Err(e) => self.roll_back_upgrade(&format!("cannot start {}: {e}", self.exe.display())),
@@ -68,7 +96,9 @@ impl Master {
 
     /// The successor is ready: it owns the sockets and the pid file now. Retire.
     pub(super) fn hand_over(&mut self) {
-        let Some((successor, _)) = self.successor.take() else {
+        let Upgrade::Waiting { successor, .. } =
+            std::mem::replace(&mut self.upgrade, Upgrade::HandedOver)
+        else {
             return;
         };
         info!(
@@ -84,12 +114,13 @@ impl Master {
         if let Some(pid_file) = self.pid_file.take() {
             pid_file.remove();
         }
-        self.handing_over = true;
         self.stop(false, "hand-over");
     }
 
     pub(super) fn roll_back_upgrade(&mut self, why: &str) {
-        if let Some((successor, _)) = self.successor.take() {
+        if let Upgrade::Waiting { successor, .. } =
+            std::mem::replace(&mut self.upgrade, Upgrade::Idle)
+        {
             self.abandon(successor.pid);
         }
         // The pid file first: whoever acts on the log line finds it back in place.
@@ -142,7 +173,11 @@ impl Master {
 
     /// Watches the successor of an upgrade: ready, dead or late.
     pub(super) fn follow_upgrade(&mut self) {
-        let Some((successor, deadline)) = &self.successor else {
+        let Upgrade::Waiting {
+            successor,
+            deadline,
+        } = &self.upgrade
+        else {
             return;
         };
         match successor.readiness() {

@@ -36,17 +36,20 @@ use crate::listeners::{self, Configured, Inheritance};
 use crate::pidfile::{self, PidFile};
 use crate::privileges::{self, Identity};
 use crate::process::{self, Blocked, Forked};
-use crate::scoreboard::{self, CELLS, Scoreboard};
+use crate::scoreboard::{CELLS, Scoreboard};
 use crate::signals::{self, SignalSet};
-use crate::upgrade::{self, Predecessor, Successor};
+use crate::upgrade::{self, Predecessor};
 use crate::worker::Who;
 use crate::{logging, title, worker};
 
 mod handover;
 mod health;
 mod reload;
+mod workers;
 
-use health::{Exit, MEMORY_SAMPLE};
+use handover::Upgrade;
+use health::{Exit, Health};
+use workers::{Life, WorkerProcess};
 
 /// The signals the master handles; see the table in README.md and raasd(8).
 const SIGNALS_HANDLED: [libc::c_int; 10] = [
@@ -93,27 +96,6 @@ pub fn run(config: Config, args: Vec<OsString>) -> i32 {
     }
 }
 
-/// One worker process, as the master sees it.
-struct WorkerProcess {
-    pid: Pid,
-    slot: usize,
-    generation: u64,
-    /// Its scoreboard cell.
-    cell: usize,
-    spawned_at: Instant,
-    /// It asked to be replaced (--max-requests) or outgrew --max-worker-memory: a
-    /// successor is spawned, and it retires once that one accepts.
-    replace: bool,
-    channel: MasterEnd,
-    channel_open: bool,
-    /// It reported that its listeners are in its poll set.
-    accepting: bool,
-    /// It was told to stop gracefully.
-    retiring: bool,
-    /// The master SIGKILLed it, for this reason (it is not reaped yet).
-    killed_for: Option<&'static str>,
-}
-
 struct Stopping {
     quick: bool,
     deadline: Instant,
@@ -133,14 +115,12 @@ pub struct Master {
     listeners: Vec<Configured>,
     /// Socket activation fixes the listeners: reloads leave them alone.
     inheritance: Inheritance,
-    /// A new master started by USR2, not yet ready.
-    successor: Option<(Successor, Instant)>,
+    /// The binary upgrade this master is in, as the old master.
+    upgrade: Upgrade,
     /// This master was started by USR2: the old master waits to hear it is ready.
     predecessor: Option<Predecessor>,
     /// A successor given up on, whose process group is being ended.
     abandoned: Option<handover::Abandoned>,
-    /// A successor took over: stop without removing what it now owns.
-    handing_over: bool,
     /// systemd has been told READY=1 for the current configuration.
     systemd_ready: bool,
     addresses: Vec<String>,
@@ -159,23 +139,10 @@ pub struct Master {
     fork_retry_at: Option<Instant>,
     scoreboard: Scoreboard,
     identity: Option<Identity>,
-    /// Respawn delay per slot (crash-loop backoff).
-    backoff: Vec<Backoff>,
-    /// When the previous pass of the loop ran, to notice that the master itself
-    /// was stopped or the machine suspended.
-    last_pass_ms: u64,
-    /// After such a hold-up: heartbeats are not due before this moment.
-    heartbeats_due_from_ms: u64,
-    next_memory_sample: Instant,
-    system: sysinfo::System,
-    random: u64,
+    health: Health,
+    /// Workers whose control channel woke the master: their reports are read next.
+    woken: Vec<Pid>,
     title: String,
-}
-
-#[derive(Default, Clone, Copy)]
-struct Backoff {
-    delay: Duration,
-    not_before: Option<Instant>,
 }
 
 impl Master {
@@ -275,13 +242,8 @@ impl Master {
         let mut master = Master {
             scoreboard,
             identity,
-            backoff: Vec::new(),
-            last_pass_ms: scoreboard::monotonic_ms(),
-            heartbeats_due_from_ms: 0,
-            next_memory_sample: Instant::now() + MEMORY_SAMPLE,
-            system: sysinfo::System::new()
-                .map_err(|e| format!("cannot read process information: {e}"))?,
-            random: seed(),
+            health: Health::new(seed())?,
+            woken: Vec::new(),
             title: String::new(),
             target: config.workers.resolve(),
             config,
@@ -290,10 +252,9 @@ impl Master {
             start_dir,
             listeners,
             inheritance,
-            successor: None,
+            upgrade: Upgrade::Idle,
             abandoned: None,
             predecessor: predecessor.take(),
-            handing_over: false,
             systemd_ready: false,
             addresses,
             signals: Some(signals),
@@ -316,6 +277,7 @@ impl Master {
             // control-group stop), the workers' exits must be read as part of the stop.
             self.handle_signals();
             self.reap_all_workers();
+            self.read_worker_reports();
             if self.stopping.is_some() && self.workers.is_empty() {
                 break;
             }
@@ -350,7 +312,9 @@ impl Master {
                     return;
                 }
             };
-            if let Some((successor, _)) = self.successor.as_ref().filter(|(s, _)| s.pid == pid) {
+            if let Upgrade::Waiting { successor, .. } = &self.upgrade
+                && successor.pid == pid
+            {
                 // What it said before exiting is the better reason.
                 let why = match successor.readiness() {
                     upgrade::Readiness::Failed(Some(why)) => {
@@ -367,19 +331,24 @@ impl Master {
                 continue;
             };
             let gone = self.workers.swap_remove(at);
-            self.scoreboard.cell(gone.cell).release();
-            if let Some(why) = gone.killed_for {
-                warn!(
+            let served = self.scoreboard.counters(gone.cell);
+            self.scoreboard.release(gone.cell);
+            match gone.life {
+                Life::Killed(why) => warn!(
                     "worker[{}] pid {pid} was killed by the master ({why})",
                     gone.slot
-                );
-                continue;
+                ),
+                Life::Retiring => info!(
+                    "worker[{}] pid {pid} exited ({how}) after {} on {}",
+                    gone.slot,
+                    plural(served.served, "request"),
+                    plural(served.accepted, "connection")
+                ),
+                _ if self.stopping.is_some() => {
+                    info!("worker[{}] pid {pid} exited ({how})", gone.slot)
+                }
+                _ => self.note_unexpected_exit(&gone, how),
             }
-            if gone.retiring || self.stopping.is_some() {
-                info!("worker[{}] pid {pid} exited ({how})", gone.slot);
-                continue;
-            }
-            self.note_unexpected_exit(&gone, how);
         }
     }
 
@@ -437,35 +406,18 @@ impl Master {
             return;
         }
         let now = Instant::now();
-        for slot in 0..self.target {
-            if self.current_worker(slot).is_some() {
-                continue;
-            }
-            if self.backoff_of(slot).not_before.is_some_and(|at| now < at) {
-                continue;
-            }
-            if !self.spawn_worker(slot) {
+        for slot in workers::slots_to_fill(&self.workers, self.target, self.generation) {
+            if self.health.may_spawn(slot, now) && !self.spawn_worker(slot) {
                 break;
             }
         }
-        self.forget_backoff_of_healthy_slots(now);
-        let retire: Vec<Pid> = self
-            .workers
-            .iter()
-            .filter(|w| !w.retiring)
-            .filter(|w| {
-                w.slot >= self.target
-                    || ((w.generation < self.generation || w.replace)
-                        && self.current_worker(w.slot).is_some_and(|c| c.accepting))
-            })
-            .map(|w| w.pid)
-            .collect();
-        for pid in retire {
+        self.health
+            .forget_backoff_of_healthy_slots(&self.workers, self.generation, now);
+        for pid in workers::to_retire(&self.workers, self.target, self.generation) {
             self.retire(pid);
         }
-        let all_accepting =
-            (0..self.target).all(|slot| self.current_worker(slot).is_some_and(|w| w.accepting));
-        if all_accepting && !self.all_accepting_announced && self.target > 0 {
+        let all_accepting = workers::all_accepting(&self.workers, self.target, self.generation);
+        if all_accepting && !self.all_accepting_announced {
             self.all_accepting_announced = true;
             match self.target {
                 1 => info!("1 worker accepting"),
@@ -475,18 +427,13 @@ impl Master {
         }
     }
 
-    /// The worker of the current generation serving `slot`, if any.
-    fn current_worker(&self, slot: usize) -> Option<&WorkerProcess> {
-        self.workers.iter().find(|w| {
-            w.slot == slot && w.generation == self.generation && !w.retiring && !w.replace
-        })
-    }
-
     fn retire(&mut self, pid: Pid) {
         if let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) {
             info!("retiring worker[{}] pid {pid}", w.slot);
-            w.retiring = true;
-            let _ = w.channel.send(Command::GracefulStop);
+            w.life = Life::Retiring;
+            if let Some(channel) = &w.channel {
+                let _ = channel.send(Command::GracefulStop);
+            }
         }
     }
 
@@ -499,32 +446,24 @@ impl Master {
             error!("no free scoreboard cell for worker[{slot}]");
             return false;
         };
-        self.scoreboard.cell(cell).claim(0, self.generation);
-        let in_use = &self.scoreboard.header().cells_in_use;
-        in_use.fetch_max(cell as u64 + 1, std::sync::atomic::Ordering::Relaxed);
-        let max_requests = self.next_max_requests();
-        let master = nix::unistd::getpid();
-        let forked = control::channel().and_then(|(master_end, worker_end)| {
-            Ok(match process::fork()? {
-                Forked::Parent(pid) => (pid, master_end),
-                Forked::Child(blocked) => {
-                    drop(master_end);
-                    let who = Who {
-                        slot,
-                        generation: self.generation,
-                        master,
-                    };
-                    self.become_worker(who, cell, max_requests, worker_end, blocked)
-                }
-            })
-        });
+        self.scoreboard.claim(cell);
+        let max_requests = self
+            .health
+            .next_max_requests(self.config.max_requests, self.config.max_requests_jitter);
+        let who = Who {
+            slot,
+            generation: self.generation,
+            master: nix::unistd::getpid(),
+        };
+        let forked = control::channel()
+            .and_then(|(master_end, worker_end)| Ok((process::fork()?, master_end, worker_end)));
         match forked {
-            Ok((pid, channel)) => {
+            Ok((Forked::Child(blocked), master_end, worker_end)) => {
+                drop(master_end);
+                self.become_worker(who, cell, max_requests, worker_end, blocked)
+            }
+            Ok((Forked::Parent(pid), channel, _worker_end)) => {
                 info!("spawned worker[{slot}] pid {pid}");
-                self.scoreboard
-                    .cell(cell)
-                    .pid
-                    .store(pid.as_raw() as u64, std::sync::atomic::Ordering::Relaxed);
                 self.fork_retry_at = None;
                 self.all_accepting_announced = false;
                 self.workers.push(WorkerProcess {
@@ -533,12 +472,8 @@ impl Master {
                     generation: self.generation,
                     cell,
                     spawned_at: Instant::now(),
-                    replace: false,
-                    channel,
-                    channel_open: true,
-                    accepting: false,
-                    retiring: false,
-                    killed_for: None,
+                    life: Life::Starting,
+                    channel: Some(channel),
                 });
                 true
             }
@@ -573,7 +508,7 @@ impl Master {
             error!("cannot drop privileges: {e}");
             std::process::exit(1);
         }
-        self.successor = None;
+        self.upgrade = Upgrade::Idle;
         self.predecessor = None;
         let listeners = std::mem::take(&mut self.listeners)
             .into_iter()
@@ -613,13 +548,20 @@ impl Master {
             (Command::GracefulStop, timeout)
         };
         for w in &mut self.workers {
-            w.retiring = true;
-            let _ = w.channel.send(command);
+            if !matches!(w.life, Life::Killed(_)) {
+                w.life = Life::Retiring;
+            }
+            if let Some(channel) = &w.channel {
+                let _ = channel.send(command);
+            }
         }
-        if !self.handing_over {
+        let handing_over = matches!(self.upgrade, Upgrade::HandedOver);
+        if !handing_over {
             notify_systemd(&[NotifyState::Stopping]);
         }
-        if let Some((successor, _)) = self.successor.take() {
+        if let Upgrade::Waiting { successor, .. } =
+            std::mem::replace(&mut self.upgrade, Upgrade::Idle)
+        {
             info!(
                 "stopping: the upgrade to pid {} is abandoned",
                 successor.pid
@@ -629,7 +571,7 @@ impl Master {
         // Our copies of the listen sockets go now: once the workers have drained the
         // accept queue and closed theirs, the port refuses connections. After a hand
         // over, the sockets (and their files) are the new master's.
-        if !self.handing_over && self.inheritance != Inheritance::Systemd {
+        if !handing_over && self.inheritance != Inheritance::Systemd {
             listeners::remove_socket_files(self.listeners.iter().map(|c| &c.listener));
             if let Err(e) =
                 listeners::refuse_new_connections(self.listeners.iter().map(|c| &c.listener))
@@ -658,12 +600,13 @@ impl Master {
                 "worker[{}] pid {} did not stop in time; killing it",
                 w.slot, w.pid
             );
-            w.killed_for = Some("not stopped within --graceful-timeout");
+            w.life = Life::Killed("not stopped within --graceful-timeout");
             let _ = kill(w.pid, Signal::SIGKILL);
         }
     }
 
-    /// Waits for a signal, a worker's message or the next deadline.
+    /// Waits for a signal, a worker's message or the next deadline; notes whose
+    /// channel woke it.
     fn sleep_until_woken(&mut self) {
         let now = Instant::now();
         let deadline = match &self.stopping {
@@ -672,14 +615,13 @@ impl Master {
             None => {
                 let checks = [
                     self.fork_retry_at,
-                    self.backoff.iter().filter_map(|b| b.not_before).min(),
+                    self.health.next_respawn(),
                     (self.config.timeout > 0).then(|| now + self.config.serving().heartbeat),
-                    (self.config.max_worker_memory > 0).then_some(self.next_memory_sample),
-                    self.successor.as_ref().map(|(_, deadline)| *deadline),
+                    (self.config.max_worker_memory > 0).then(|| self.health.next_memory_sample()),
+                    self.upgrade.deadline(),
                     self.abandoned.as_ref().map(|a| a.kill_at),
-                    (!self.all_accepting_announced
-                        || self.backoff.iter().any(|b| b.delay > Duration::ZERO))
-                    .then(|| now + Duration::from_secs(1)),
+                    (!self.all_accepting_announced || self.health.is_backing_off())
+                        .then(|| now + Duration::from_secs(1)),
                 ];
                 checks.into_iter().flatten().min()
             }
@@ -692,19 +634,21 @@ impl Master {
             None => PollTimeout::NONE,
         };
         let Some(signals) = &self.signals else { return };
-        let listening: Vec<usize> = (0..self.workers.len())
-            .filter(|&i| self.workers[i].channel_open)
+        let listening: Vec<(Pid, &MasterEnd)> = self
+            .workers
+            .iter()
+            .filter_map(|w| Some((w.pid, w.channel.as_ref()?)))
             .collect();
-        let mut fds = Vec::with_capacity(listening.len() + 1);
+        let mut fds = Vec::with_capacity(listening.len() + 2);
         fds.push(PollFd::new(signals.fd(), PollFlags::POLLIN));
-        if let Some((successor, _)) = &self.successor {
+        if let Upgrade::Waiting { successor, .. } = &self.upgrade {
             fds.push(PollFd::new(successor.fd(), PollFlags::POLLIN));
         }
         let first_worker = fds.len();
         fds.extend(
             listening
                 .iter()
-                .map(|&i| PollFd::new(self.workers[i].channel.as_fd(), PollFlags::POLLIN)),
+                .map(|(_, channel)| PollFd::new(channel.as_fd(), PollFlags::POLLIN)),
         );
         if let Err(e) = poll(&mut fds, timeout) {
             if e != Errno::EINTR {
@@ -712,29 +656,43 @@ impl Master {
             }
             return;
         }
-        let woke: Vec<usize> = fds[first_worker..]
+        self.woken = fds[first_worker..]
             .iter()
             .zip(&listening)
             .filter(|(fd, _)| fd.any().unwrap_or(false))
-            .map(|(_, &i)| i)
+            .map(|(_, (pid, _))| *pid)
             .collect();
-        drop(fds);
-        for i in woke {
-            let w = &mut self.workers[i];
-            let received = w.channel.receive();
-            if received.messages.contains(&Report::Ready) && !w.accepting {
-                w.accepting = true;
-                debug!("worker[{}] pid {} accepting", w.slot, w.pid);
-            }
-            if received.messages.contains(&Report::ReplaceMe) && !w.replace && !w.retiring {
-                info!(
-                    "worker[{}] pid {} reached --max-requests; replacing it",
-                    w.slot, w.pid
-                );
-                w.replace = true;
+    }
+
+    /// Takes the reports of the workers whose channel woke the master: ready
+    /// (accepting), replace me (--max-requests), or the end of the channel.
+    fn read_worker_reports(&mut self) {
+        for pid in std::mem::take(&mut self.woken) {
+            let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) else {
+                continue;
+            };
+            let Some(channel) = &w.channel else {
+                continue;
+            };
+            let received = channel.receive();
+            for report in received.messages {
+                match (report, w.life) {
+                    (Report::Ready, Life::Starting) => {
+                        w.life = Life::Accepting;
+                        debug!("worker[{}] pid {} accepting", w.slot, w.pid);
+                    }
+                    (Report::ReplaceMe, Life::Starting | Life::Accepting) => {
+                        info!(
+                            "worker[{}] pid {} reached --max-requests; replacing it",
+                            w.slot, w.pid
+                        );
+                        w.life = Life::Replacing;
+                    }
+                    _ => {}
+                }
             }
             if received.closed {
-                w.channel_open = false;
+                w.channel = None;
             }
         }
     }
@@ -743,9 +701,9 @@ impl Master {
     fn show_title(&mut self) {
         let (mut accepting, mut late) = (0, 0);
         for slot in 0..self.target {
-            match self.current_worker(slot) {
-                Some(w) if w.accepting && self.is_late(w) => late += 1,
-                Some(w) if w.accepting => accepting += 1,
+            match workers::current(&self.workers, slot, self.generation) {
+                Some(w) if w.life == Life::Accepting && self.is_late(w) => late += 1,
+                Some(w) if w.life == Life::Accepting => accepting += 1,
                 _ => {}
             }
         }
@@ -754,7 +712,7 @@ impl Master {
         } else {
             String::new()
         };
-        let state = if self.successor.is_some() || self.handing_over {
+        let state = if !matches!(self.upgrade, Upgrade::Idle) {
             " (old)"
         } else if self.stopping.is_some() {
             " (stopping)"
@@ -812,6 +770,14 @@ fn warn_if_descriptors_fall_short(config: &Config) {
              systemd's LimitNOFILE=)",
             config.max_conns
         );
+    }
+}
+
+/// `1 request`, `2 requests`.
+fn plural(n: u64, what: &str) -> String {
+    match n {
+        1 => format!("1 {what}"),
+        n => format!("{n} {what}s"),
     }
 }
 

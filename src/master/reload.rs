@@ -138,7 +138,9 @@ impl Master {
             }
         }
         for w in &self.workers {
-            let _ = w.channel.send(Command::ReopenLogs);
+            if let Some(channel) = &w.channel {
+                let _ = channel.send(Command::ReopenLogs);
+            }
         }
     }
 }

@@ -1,0 +1,181 @@
+//! The worker processes as the master sees them, and the rules over the set.
+//!
+//! Owns each worker's life cycle ([`Life`]: an enum, so that "retiring but
+//! accepting" or "killed and replaced" cannot be written down) and the plain
+//! functions that decide over the set — which slots need a worker, which workers to
+//! retire, whether every slot accepts — so that unit tests call them without forking.
+//! It does not fork, signal or read channels: the master does, and records here what
+//! happened.
+//!
+//! A slot keeps its number across respawns and rotations; during a rotation (HUP) or
+//! a replacement a slot briefly has two workers, the old one retired only once the
+//! new one accepts.
+
+use std::time::Instant;
+
+use nix::unistd::Pid;
+
+use crate::control::MasterEnd;
+
+/// Where a worker is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Life {
+    /// Forked; has not yet reported that its listeners are in its poll set.
+    Starting,
+    /// Serving its slot.
+    Accepting,
+    /// Still serving, but to be replaced (it reached --max-requests, or outgrew
+    /// --max-worker-memory): its slot gets a new worker, and it retires once that
+    /// one accepts.
+    Replacing,
+    /// Told to stop; its exit is expected.
+    Retiring,
+    /// SIGKILLed by the master, for this reason; not reaped yet.
+    Killed(&'static str),
+}
+
+/// One worker process.
+#[derive(Debug)]
+pub(super) struct WorkerProcess {
+    pub pid: Pid,
+    pub slot: usize,
+    pub generation: u64,
+    /// Its scoreboard cell.
+    pub cell: usize,
+    pub spawned_at: Instant,
+    pub life: Life,
+    /// Its control channel, until the worker closes it (then there is nothing to
+    /// poll: its exit follows).
+    pub channel: Option<MasterEnd>,
+}
+
+impl WorkerProcess {
+    /// Serves its slot in `generation`: the one counted for the slot.
+    pub fn is_current(&self, generation: u64) -> bool {
+        self.generation == generation && matches!(self.life, Life::Starting | Life::Accepting)
+    }
+
+    /// Whether its exit, when it comes, was asked for.
+    pub fn is_ending(&self) -> bool {
+        matches!(self.life, Life::Retiring | Life::Killed(_))
+    }
+}
+
+/// The worker serving `slot` in `generation`, if any.
+pub(super) fn current(
+    workers: &[WorkerProcess],
+    slot: usize,
+    generation: u64,
+) -> Option<&WorkerProcess> {
+    workers
+        .iter()
+        .find(|w| w.slot == slot && w.is_current(generation))
+}
+
+/// The slots among `0..target` with no worker of `generation`.
+pub(super) fn slots_to_fill(
+    workers: &[WorkerProcess],
+    target: usize,
+    generation: u64,
+) -> Vec<usize> {
+    (0..target)
+        .filter(|&slot| current(workers, slot, generation).is_none())
+        .collect()
+}
+
+/// The workers to retire now: those in a slot beyond `target`, and those of an
+/// older generation or being replaced, once the current worker of their slot
+/// accepts (never before: the slot must not go without a worker).
+pub(super) fn to_retire(workers: &[WorkerProcess], target: usize, generation: u64) -> Vec<Pid> {
+    workers
+        .iter()
+        .filter(|w| !w.is_ending())
+        .filter(|w| {
+            w.slot >= target
+                || ((w.generation < generation || w.life == Life::Replacing)
+                    && current(workers, w.slot, generation)
+                        .is_some_and(|c| c.life == Life::Accepting))
+        })
+        .map(|w| w.pid)
+        .collect()
+}
+
+/// Whether every slot of `0..target` has an accepting worker of `generation`.
+pub(super) fn all_accepting(workers: &[WorkerProcess], target: usize, generation: u64) -> bool {
+    target > 0
+        && (0..target).all(|slot| {
+            current(workers, slot, generation).is_some_and(|w| w.life == Life::Accepting)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn worker(pid: i32, slot: usize, generation: u64, life: Life) -> WorkerProcess {
+        WorkerProcess {
+            pid: Pid::from_raw(pid),
+            slot,
+            generation,
+            cell: 0,
+            spawned_at: Instant::now(),
+            life,
+            channel: None,
+        }
+    }
+
+    fn pids(list: Vec<Pid>) -> Vec<i32> {
+        list.into_iter().map(Pid::as_raw).collect()
+    }
+
+    #[test]
+    fn a_rotation_retires_an_old_worker_only_once_its_successor_accepts() {
+        let mut set = vec![
+            worker(10, 0, 1, Life::Accepting),
+            worker(11, 1, 1, Life::Accepting),
+        ];
+        assert_eq!(slots_to_fill(&set, 2, 2), vec![0, 1]);
+        set.push(worker(20, 0, 2, Life::Starting));
+        set.push(worker(21, 1, 2, Life::Starting));
+        assert!(
+            to_retire(&set, 2, 2).is_empty(),
+            "not before the new ones accept"
+        );
+        set[2].life = Life::Accepting;
+        assert_eq!(pids(to_retire(&set, 2, 2)), vec![10]);
+        assert!(!all_accepting(&set, 2, 2));
+        set[3].life = Life::Accepting;
+        assert!(all_accepting(&set, 2, 2));
+    }
+
+    #[test]
+    fn a_shrink_retires_the_slots_beyond_the_target_at_once() {
+        let set = vec![
+            worker(10, 0, 1, Life::Accepting),
+            worker(11, 1, 1, Life::Starting),
+            worker(12, 2, 1, Life::Accepting),
+        ];
+        assert_eq!(pids(to_retire(&set, 1, 1)), vec![11, 12]);
+        assert!(slots_to_fill(&set, 1, 1).is_empty());
+    }
+
+    #[test]
+    fn a_worker_being_replaced_leaves_its_slot_to_fill_and_retires_after() {
+        let mut set = vec![worker(10, 0, 1, Life::Replacing)];
+        assert_eq!(slots_to_fill(&set, 1, 1), vec![0]);
+        assert!(to_retire(&set, 1, 1).is_empty());
+        set.push(worker(11, 0, 1, Life::Accepting));
+        assert_eq!(pids(to_retire(&set, 1, 1)), vec![10]);
+    }
+
+    #[test]
+    fn ending_workers_are_neither_current_nor_retired_again() {
+        let set = vec![
+            worker(10, 0, 1, Life::Retiring),
+            worker(11, 1, 1, Life::Killed("no heartbeat")),
+        ];
+        assert_eq!(slots_to_fill(&set, 2, 1), vec![0, 1]);
+        assert!(to_retire(&set, 0, 1).is_empty());
+        assert!(set.iter().all(WorkerProcess::is_ending));
+    }
+}
