@@ -203,7 +203,7 @@ pub fn load(args: &[OsString]) -> Result<Config, LoadError> {
         LoadError::File(vec![format!(
             "cannot read config file {}: {}",
             path.display(),
-            crate::listeners::plain(&e)
+            crate::errors::plain(&e)
         )])
     })?;
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {

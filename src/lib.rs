@@ -13,6 +13,7 @@
 //! | [`connection`] | one client connection: buffers, reading, writing, closing |
 //! | [`codec`] | the RAAS line protocol, pure (bytes in, bytes out) |
 //! | [`control`] | the messages on the master/worker control pipe |
+//! | [`errors`] | system errors in plain words, shared by every module |
 //! | [`signals`] | turning signals into counted events on a self-pipe |
 //! | [`process`] | fork with signals blocked around it |
 //! | [`title`] | the process title seen in `ps` and the comm name |
@@ -27,6 +28,7 @@ pub mod codec;
 pub mod config;
 pub mod connection;
 pub mod control;
+pub mod errors;
 pub mod listeners;
 pub mod logging;
 pub mod master;

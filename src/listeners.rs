@@ -1,21 +1,20 @@
 //! Listen sockets: binding them in the master, accepting from them in the workers.
 //!
 //! Owns the socket options every listener gets (SO_REUSEADDR, the backlog,
-//! non-blocking, close-on-exec) and the plain-words error a failed bind reports.
+//! non-blocking, close-on-exec) and the error a failed bind reports.
 //! A `Listener` is inherited by every worker across fork; it never unlinks a unix
 //! socket path on drop, because workers drop their copies while the master still
 //! serves: only the master removes socket files, once, at exit.
 //!
 //! Listeners can also arrive already bound, by descriptor: from the previous master
-//! during a binary upgrade (`RAASD_LISTEN_FDS`, `fd=address` pairs separated by `;`,
-//! the address as configured) or from systemd socket activation (`LISTEN_PID`,
-//! `LISTEN_FDS`, `LISTEN_FDNAMES`). Adopting one never binds, so no connection is
-//! refused while the socket changes hands.
+//! during a binary upgrade (the format is [`crate::upgrade`]'s) or from systemd socket
+//! activation (`LISTEN_PID`, `LISTEN_FDS`). Adopting one never binds, so no connection
+//! is refused while the socket changes hands.
 
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
 
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -25,6 +24,7 @@ use std::path::{Path, PathBuf};
 use socket2::{Domain, SockAddr, SockRef, Socket, Type};
 
 use crate::config::ListenAddr;
+use crate::errors::plain;
 use crate::privileges::Identity;
 
 /// A bound, listening, non-blocking socket.
@@ -49,21 +49,6 @@ impl fmt::Display for BindError {
 
 impl std::error::Error for BindError {}
 
-/// An io::Error in plain words: "address already in use", not
-/// "Address already in use (os error 98)".
-pub fn plain(err: &io::Error) -> String {
-    let text = err.to_string();
-    let text = match text.find(" (os error") {
-        Some(cut) => &text[..cut],
-        None => &text,
-    };
-    let mut chars = text.chars();
-    match chars.next() {
-        Some(first) => first.to_lowercase().chain(chars).collect(),
-        None => String::new(),
-    }
-}
-
 /// A listener and the address it was configured as (which, for port 0, differs
 /// from the address bound). Reloads match addresses by the configured form.
 #[derive(Debug)]
@@ -71,9 +56,6 @@ pub struct Configured {
     pub addr: ListenAddr,
     pub listener: Listener,
 }
-
-/// The environment variable naming the listen sockets a new master inherits.
-pub const INHERITED_FDS: &str = "RAASD_LISTEN_FDS";
 
 /// Opens a listener for every address: the one in `inherited` with that address when
 /// there is one, else a new bind. On failure, sockets bound here are closed and
@@ -144,33 +126,10 @@ pub enum Inheritance {
     Systemd,
 }
 
-/// Adopts the listen sockets passed to this process, if any.
-pub fn inherited() -> Result<(Inheritance, Vec<Configured>), String> {
-    if let Ok(spec) = std::env::var(INHERITED_FDS) {
-        let mut adopted = Vec::new();
-        for pair in spec.split(';').filter(|p| !p.is_empty()) {
-            let (fd, addr) = pair
-                .split_once('=')
-                .ok_or_else(|| format!("{INHERITED_FDS}: '{pair}' is not fd=address"))?;
-            let fd: RawFd = fd
-                .parse()
-                .map_err(|_| format!("{INHERITED_FDS}: bad descriptor '{fd}'"))?;
-            let addr: ListenAddr = addr.parse().map_err(|e| format!("{INHERITED_FDS}: {e}"))?;
-            let listener = adopt(fd, &addr)
-                .map_err(|e| format!("cannot adopt inherited {addr} (fd {fd}): {}", plain(&e)))?;
-            adopted.push(Configured { addr, listener });
-        }
-        // Sockets systemd gave the first master stay the only ones after upgrades.
-        let how = match std::env::var(crate::upgrade::SOCKETS_FIXED) {
-            Ok(fixed) if fixed == "1" => Inheritance::Systemd,
-            _ => Inheritance::Upgrade,
-        };
-        return Ok((how, adopted));
-    }
+/// The sockets systemd passed (socket activation: `LISTEN_PID`, `LISTEN_FDS`),
+/// adopted; empty when it passed none.
+pub fn systemd_sockets() -> Result<Vec<Configured>, String> {
     let fds = sd_notify::listen_fds().map_err(|e| format!("socket activation: {e}"))?;
-    if fds.len() == 0 {
-        return Ok((Inheritance::Nothing, Vec::new()));
-    }
     let mut adopted = Vec::new();
     for fd in fds {
         let listener = adopt(fd, &ListenAddr::Tcp(([0, 0, 0, 0], 0).into()))
@@ -181,11 +140,12 @@ pub fn inherited() -> Result<(Inheritance, Vec<Configured>), String> {
         };
         adopted.push(Configured { addr, listener });
     }
-    Ok((Inheritance::Systemd, adopted))
+    Ok(adopted)
 }
 
-/// Takes ownership of a listening stream socket passed by descriptor number.
-fn adopt(fd: RawFd, addr: &ListenAddr) -> io::Result<Listener> {
+/// Takes ownership of a listening stream socket passed by descriptor number
+/// (`addr` names a unix socket whose address the kernel does not report).
+pub fn adopt(fd: RawFd, addr: &ListenAddr) -> io::Result<Listener> {
     let owned = crate::process::take_inherited_fd(fd)?;
     if !nix::sys::socket::getsockopt(&owned, nix::sys::socket::sockopt::AcceptConn)? {
         return Err(io::Error::other("not a listening socket"));
@@ -209,19 +169,17 @@ fn adopt(fd: RawFd, addr: &ListenAddr) -> io::Result<Listener> {
 }
 
 /// Lets the listeners survive exec (for a binary upgrade), or makes them
-/// close-on-exec again; returns the `RAASD_LISTEN_FDS` value naming them.
-pub fn set_inheritable(listeners: &[Configured], inheritable: bool) -> io::Result<String> {
+/// close-on-exec again.
+pub fn set_inheritable(listeners: &[Configured], inheritable: bool) -> io::Result<()> {
     let flags = if inheritable {
         FdFlag::empty()
     } else {
         FdFlag::FD_CLOEXEC
     };
-    let mut spec = Vec::with_capacity(listeners.len());
     for c in listeners {
         fcntl(c.listener.as_fd(), FcntlArg::F_SETFD(flags))?;
-        spec.push(format!("{}={}", c.listener.as_fd().as_raw_fd(), c.addr));
     }
-    Ok(spec.join(";"))
+    Ok(())
 }
 
 fn bind(addr: &ListenAddr, backlog: u32) -> io::Result<Listener> {
@@ -451,12 +409,6 @@ impl AsFd for Stream {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn errors_read_as_plain_words() {
-        let e = io::Error::from_raw_os_error(libc::EADDRINUSE);
-        assert_eq!(plain(&e), "address already in use");
-    }
 
     #[test]
     fn a_port_in_use_is_reported_with_its_address() {

@@ -108,7 +108,7 @@ pub fn reopen(owner: Option<(u32, u32)>) -> Result<(), String> {
                 format!(
                     "cannot give log file {} to the workers' user: {}",
                     path.display(),
-                    crate::listeners::plain(&e)
+                    crate::errors::plain(&e)
                 )
             })?;
         }
@@ -126,7 +126,7 @@ fn open(path: &Path) -> Result<File, String> {
             format!(
                 "cannot open log file {}: {}",
                 path.display(),
-                crate::listeners::plain(&e)
+                crate::errors::plain(&e)
             )
         })
 }

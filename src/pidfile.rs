@@ -10,7 +10,7 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
-use crate::listeners::plain;
+use crate::errors::plain;
 
 /// A pid file this process wrote.
 #[derive(Debug)]

@@ -85,6 +85,20 @@ pub fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(owned)
 }
 
+/// Removes environment variables that handed this process descriptors or state,
+/// once they have been taken. Only while the process has one thread (as the master
+/// has at start): otherwise they are left, which is harmless.
+pub fn forget_environment(names: &[&str]) {
+    if thread_count().ok() != Some(1) {
+        return;
+    }
+    for name in names {
+        // SAFETY: the process has a single thread (checked above), so nothing reads or
+        // writes the environment concurrently with this removal.
+        unsafe { std::env::remove_var(name) };
+    }
+}
+
 fn thread_count() -> io::Result<usize> {
     let status = std::fs::read_to_string("/proc/self/status")?;
     status

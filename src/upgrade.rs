@@ -19,8 +19,12 @@ use std::process::Command;
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use nix::unistd::Pid;
 
+use crate::config::ListenAddr;
 use crate::listeners::{self, Configured};
 
+/// Names the listen sockets a new master inherits: `fd=address` pairs separated by
+/// `;`, the address as configured (so that a reload matches it).
+pub const LISTEN_FDS: &str = "RAASD_LISTEN_FDS";
 pub const READY_FD: &str = "RAASD_READY_FD";
 pub const GENERATION: &str = "RAASD_GENERATION";
 /// Set when the listeners came from systemd: the successor serves exactly them too.
@@ -54,7 +58,8 @@ pub fn start_successor(
     let (ready, ready_for_child) = UnixStream::pair()?;
     ready.set_nonblocking(true)?;
     fcntl(&ready_for_child, FcntlArg::F_SETFD(FdFlag::empty()))?;
-    let spec = listeners::set_inheritable(listeners, true)?;
+    listeners::set_inheritable(listeners, true)?;
+    let spec = listen_fds_spec(listeners);
     let mut command = Command::new(exe);
     if sockets_fixed {
         command.env(SOCKETS_FIXED, "1");
@@ -69,7 +74,7 @@ pub fn start_successor(
     command.current_dir(start_dir).env("PWD", start_dir);
     let spawned = command
         .args(args.iter().skip(1))
-        .env(listeners::INHERITED_FDS, spec)
+        .env(LISTEN_FDS, spec)
         .env(READY_FD, ready_for_child.as_raw_fd().to_string())
         .env(GENERATION, generation.to_string())
         // Socket activation was ours; the successor inherits raasd's own hand-over.
@@ -144,6 +149,69 @@ impl Predecessor {
         let _ = (&self.ready).write_all(&message);
     }
 }
+
+/// The `RAASD_LISTEN_FDS` value naming `listeners`.
+fn listen_fds_spec(listeners: &[Configured]) -> String {
+    listeners
+        .iter()
+        .map(|c| format!("{}={}", c.listener.as_fd().as_raw_fd(), c.addr))
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
+/// Parses a `RAASD_LISTEN_FDS` value; a descriptor named twice is refused (it would
+/// get two owners).
+fn parse_listen_fds(spec: &str) -> Result<Vec<(RawFd, ListenAddr)>, String> {
+    let mut pairs: Vec<(RawFd, ListenAddr)> = Vec::new();
+    for pair in spec.split(';').filter(|p| !p.is_empty()) {
+        let (fd, addr) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("{LISTEN_FDS}: '{pair}' is not fd=address"))?;
+        let fd: RawFd = fd
+            .parse()
+            .map_err(|_| format!("{LISTEN_FDS}: bad descriptor '{fd}'"))?;
+        let addr: ListenAddr = addr.parse().map_err(|e| format!("{LISTEN_FDS}: {e}"))?;
+        if pairs.iter().any(|(seen, _)| *seen == fd) {
+            return Err(format!("{LISTEN_FDS}: descriptor {fd} is named twice"));
+        }
+        pairs.push((fd, addr));
+    }
+    Ok(pairs)
+}
+
+/// The listen sockets the previous master handed over, adopted, and whether they
+/// are fixed (systemd gave them to the first master: they stay the only ones); None
+/// when this master was not started by an upgrade.
+pub fn inherited_listeners() -> Result<Option<(bool, Vec<Configured>)>, String> {
+    let Ok(spec) = std::env::var(LISTEN_FDS) else {
+        return Ok(None);
+    };
+    let mut adopted = Vec::new();
+    for (fd, addr) in parse_listen_fds(&spec)? {
+        let listener = listeners::adopt(fd, &addr).map_err(|e| {
+            format!(
+                "cannot adopt inherited {addr} (fd {fd}): {}",
+                crate::errors::plain(&e)
+            )
+        })?;
+        adopted.push(Configured { addr, listener });
+    }
+    let fixed = std::env::var(SOCKETS_FIXED).is_ok_and(|v| v == "1");
+    Ok(Some((fixed, adopted)))
+}
+
+/// The environment variables by which descriptors and state were handed to this
+/// process: once taken, they are removed, so that nothing adopts a descriptor twice
+/// and no child of ours inherits a stale name.
+pub const HANDED_OVER_VARIABLES: [&str; 7] = [
+    LISTEN_FDS,
+    READY_FD,
+    GENERATION,
+    SOCKETS_FIXED,
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+];
 
 /// Sends `signal` to every process of the group a successor leads; false when the
 /// group has no process left.
@@ -247,4 +315,30 @@ pub fn starting_generation() -> u64 {
         .ok()
         .and_then(|g| g.parse().ok())
         .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_listen_fds_format_parses_and_refuses_what_is_wrong() {
+        let pairs = parse_listen_fds("5=127.0.0.1:2200;6=unix:/run/raasd/raasd.sock").unwrap();
+        assert_eq!(pairs.len(), 2);
+        assert_eq!(
+            (pairs[0].0, pairs[0].1.to_string()),
+            (5, "127.0.0.1:2200".to_string())
+        );
+        assert_eq!(pairs[1].1.to_string(), "unix:/run/raasd/raasd.sock");
+        assert!(parse_listen_fds("").unwrap().is_empty());
+        for (bad, says) in [
+            ("5", "is not fd=address"),
+            ("x=127.0.0.1:1", "bad descriptor"),
+            ("5=nowhere", "RAASD_LISTEN_FDS"),
+            ("5=127.0.0.1:1;5=127.0.0.1:2", "named twice"),
+        ] {
+            let err = parse_listen_fds(bad).unwrap_err();
+            assert!(err.contains(says), "{bad:?}: {err}");
+        }
+    }
 }

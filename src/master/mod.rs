@@ -152,6 +152,18 @@ impl Master {
         args: Vec<OsString>,
         predecessor: &mut Option<Predecessor>,
     ) -> Result<Master, String> {
+        // Inherited descriptors first, before anything else is opened, each by exactly
+        // one owner; then the variables that named them go.
+        let (inheritance, mut inherited) = match upgrade::inherited_listeners()? {
+            Some((true, adopted)) => (Inheritance::Systemd, adopted),
+            Some((false, adopted)) => (Inheritance::Upgrade, adopted),
+            None => match listeners::systemd_sockets()? {
+                adopted if adopted.is_empty() => (Inheritance::Nothing, adopted),
+                adopted => (Inheritance::Systemd, adopted),
+            },
+        };
+        let generation = upgrade::starting_generation();
+        process::forget_environment(&upgrade::HANDED_OVER_VARIABLES);
         let launch_dir = upgrade::launch_directory()
             .map_err(|e| format!("cannot read the working directory: {e}"))?;
         // The config file by its full logical path: a reload reads it there whatever
@@ -163,7 +175,7 @@ impl Master {
                     format!(
                         "cannot change into working directory {}: {}",
                         dir.display(),
-                        listeners::plain(&e)
+                        crate::errors::plain(&e)
                     )
                 })?;
                 launch_dir.join(dir)
@@ -183,7 +195,6 @@ impl Master {
         let identity = privileges::resolve(config.user.as_deref(), config.group.as_deref())?;
         let scoreboard =
             Scoreboard::new().map_err(|e| format!("cannot map the scoreboard: {e}"))?;
-        let (inheritance, mut inherited) = listeners::inherited()?;
         let listeners = if inheritance == Inheritance::Systemd {
             info!(
                 "socket activation: serving the {} sockets systemd passed; --listen is not used",
@@ -261,7 +272,7 @@ impl Master {
             pid_file,
             workers: Vec::new(),
             nudge: Some(Nudge::new().map_err(|e| format!("cannot create an eventfd: {e}"))?),
-            generation: upgrade::starting_generation(),
+            generation,
             stopping: None,
             all_accepting_announced: false,
             fork_retry_at: None,
