@@ -630,6 +630,81 @@ mod tests {
     }
 
     #[test]
+    fn check_config_prints_every_option_and_reads_back_the_same() {
+        let set = load_args(&[
+            "raasd",
+            "-w",
+            "3",
+            "-l",
+            "127.0.0.1:7",
+            "-l",
+            "unix:/tmp/x.sock",
+            "-b",
+            "9",
+            "--graceful-timeout",
+            "4",
+            "--max-line",
+            "99",
+            "--idle-timeout",
+            "5",
+            "--unit",
+            "bytes",
+            "--timeout",
+            "6",
+            "--line-timeout",
+            "7",
+            "--max-pending",
+            "4096",
+            "--max-conns",
+            "8",
+            "--max-requests",
+            "9",
+            "--max-requests-jitter",
+            "2",
+            "--max-worker-memory",
+            "64",
+            "--upgrade-timeout",
+            "11",
+            "--tcp-keepalive",
+            "0",
+            "--working-directory",
+            "/srv",
+            "--user",
+            "nobody",
+            "--group",
+            "nogroup",
+            "--socket-mode",
+            "0600",
+            "--pid",
+            "/run/x.pid",
+            "--log-file",
+            "/tmp/x.log",
+            "--log-level",
+            "debug",
+        ])
+        .unwrap();
+        let printed = set.to_toml();
+        for arg in Config::command().get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if !COMMAND_LINE_ONLY.contains(&long) {
+                assert!(
+                    printed
+                        .lines()
+                        .any(|l| l.starts_with(&format!("{long} = "))),
+                    "--check-config does not print '{long}':\n{printed}"
+                );
+            }
+        }
+        let path = temp_file("round-trip", &printed);
+        let read_back = load_args(&["raasd", "-c", path.to_str().unwrap()]).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(read_back.to_toml(), printed);
+        let mut read_back = read_back;
+        read_back.config = None;
+        assert_eq!(format!("{read_back:?}"), format!("{set:?}"));
+    }
+
+    #[test]
     fn the_command_line_overrides_the_file() {
         let path = temp_file(
             "override",

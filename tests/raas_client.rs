@@ -5,35 +5,26 @@
 //! Every process started here is stopped by pid in a guard's `Drop`, even when the test
 //! fails; waits poll with a deadline instead of sleeping a fixed time.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::poll_until;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use raasd::codec::{Unit, reverse_into};
 
-const RAASD: &str = env!("CARGO_BIN_EXE_raasd");
 const RAAS: &str = env!("CARGO_BIN_EXE_raas");
 /// Deadline for anything that should happen soon (start-up, exit, a short run).
 const SOON: Duration = Duration::from_secs(20);
 
-fn poll_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < deadline {
-        if cond() {
-            return true;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-    cond()
-}
-
-/// A child process killed by pid when dropped (if it is still running).
+/// A `raas` client process, killed by pid when dropped (if it is still running).
 struct Guard {
     child: Child,
     name: &'static str,
@@ -77,66 +68,39 @@ impl Drop for Guard {
     }
 }
 
-/// Collects a stream's lines in the background.
-fn capture(stream: impl Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let sink = lines.clone();
-    thread::spawn(move || {
-        for line in BufReader::new(stream).lines() {
-            let Ok(line) = line else { break };
-            sink.lock().unwrap().push(line);
-        }
-    });
-    lines
-}
-
-/// A raasd master with 2 workers on 127.0.0.1 (port 0 = any free one).
-struct Server {
-    guard: Guard,
+/// A raasd master with 2 workers on 127.0.0.1 (port 0 = any free one), in the shared
+/// guard of `common` (stopped by pid with every process it started, its log printed
+/// when the test fails).
+struct Raasd {
+    server: common::Server,
     port: u16,
-    log: Arc<Mutex<Vec<String>>>,
 }
 
-impl Server {
-    fn start(port: u16) -> Server {
-        let child = Command::new(RAASD)
-            .args(["-w", "2", "-l", &format!("127.0.0.1:{port}")])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning raasd");
-        let mut guard = Guard {
-            child,
-            name: "raasd",
-        };
-        let log = capture(guard.child.stderr.take().expect("stderr piped"));
-        let ready = poll_until(SOON, || {
-            let log = log.lock().unwrap();
-            log.iter().any(|l| l.contains("all 2 workers accepting"))
-        });
-        let text = log.lock().unwrap().join("\n");
-        assert!(ready, "raasd did not become ready; its log:\n{text}");
-        let port = text
-            .lines()
-            .find_map(|l| l.split("listening on 127.0.0.1:").nth(1))
-            .and_then(|p| p.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no listening line in raasd's log:\n{text}"));
-        Server { guard, port, log }
+impl Raasd {
+    fn start(port: u16) -> Raasd {
+        let listen = format!("127.0.0.1:{port}");
+        let server = common::Server::start(&["-w", "2", "-l", &listen]);
+        server.wait_for_log("all 2 workers accepting", SOON);
+        let port = server.addr().port();
+        Raasd { server, port }
     }
 
     fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
+    fn pid(&self) -> i32 {
+        self.server.pid()
+    }
+
     /// Graceful stop (TERM), waiting for the master to exit.
     fn stop(&mut self) {
-        kill(Pid::from_raw(self.guard.pid()), Signal::SIGTERM).expect("sending TERM");
-        let status = self.guard.wait(SOON);
+        self.server.signal(Signal::SIGTERM);
+        let status = self.server.wait_exit(SOON);
         assert!(
             status.success(),
             "raasd exited with {status}; log:\n{}",
-            self.log.lock().unwrap().join("\n")
+            self.server.log()
         );
     }
 }
@@ -306,7 +270,7 @@ fn first_difference(got: &[u8], want: &[u8]) -> String {
 
 #[test]
 fn streams_a_multi_megabyte_input_in_order() {
-    let server = Server::start(0);
+    let server = Raasd::start(0);
     let mut input = make_input(60_000, 1);
     input.extend_from_slice("last line without newline \u{1F1EF}\u{1F1F5}".as_bytes());
     assert!(input.len() > 3 << 20, "input is {} bytes", input.len());
@@ -328,7 +292,7 @@ fn streams_a_multi_megabyte_input_in_order() {
 
 #[test]
 fn survives_a_server_restart_mid_stream() {
-    let mut server = Server::start(0);
+    let mut server = Raasd::start(0);
     let port = server.port;
     let input = make_input(40_000, 2);
     let want = reference(&input);
@@ -360,7 +324,7 @@ fn survives_a_server_restart_mid_stream() {
     );
     server.stop();
     let _ = old_gone.send(());
-    let restarted = Server::start(port);
+    let restarted = Raasd::start(port);
 
     let run = raas.finish(SOON);
     let _ = feeder.join();
@@ -434,7 +398,7 @@ fn u(json: &serde_json::Value, pointer: &str) -> u64 {
 
 #[test]
 fn bench_loads_raasd_without_errors() {
-    let server = Server::start(0);
+    let server = Raasd::start(0);
     let run = run_raas(
         &[
             "bench",
@@ -463,7 +427,7 @@ fn bench_loads_raasd_without_errors() {
 
 #[test]
 fn bench_json_has_the_documented_fields() {
-    let server = Server::start(0);
+    let server = Raasd::start(0);
     let (run, json) = bench_json(&[
         "--addr",
         &server.addr(),
@@ -546,8 +510,8 @@ fn bench_counts_refusals_on_a_closed_port() {
 
 #[test]
 fn bench_chaos_rotations_lose_nothing() {
-    let server = Server::start(0);
-    let pid = server.guard.pid().to_string();
+    let server = Raasd::start(0);
+    let pid = server.pid().to_string();
     let (run, json) = bench_json(&[
         &server.addr(),
         "-c",

@@ -13,9 +13,9 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -63,35 +63,6 @@ fn write_file(path: &Path, text: &str) {
 
 fn start_load(target: impl Into<Target>) -> Load {
     Load::start(target, LoadShape::default())
-}
-
-/// The live worker children of `master`, sorted by slot then pid.
-fn workers_of(master: i32) -> Vec<Worker> {
-    let mut out: Vec<Worker> = children_of(master)
-        .into_iter()
-        .filter(|&pid| alive(pid))
-        .filter_map(|pid| {
-            let title = cmdline_title(pid)?;
-            let slot = worker_slot(&title)?;
-            Some(Worker { pid, slot, title })
-        })
-        .collect();
-    out.sort_by_key(|w| (w.slot, w.pid));
-    out
-}
-
-/// Waits for exactly `n` workers of `master` in slots 0..n.
-fn wait_workers_of(master: i32, n: usize) -> Vec<Worker> {
-    let mut last = Vec::new();
-    let ok = poll_until(SOON, || {
-        last = workers_of(master);
-        last.len() == n && last.iter().map(|w| w.slot).eq(0..n)
-    });
-    assert!(
-        ok,
-        "timed out waiting for {n} workers of {master}; last seen {last:?}"
-    );
-    last
 }
 
 /// The generation in a title: `raasd worker[0] gen 3: ...` gives 3.
@@ -299,133 +270,6 @@ fn wait_file_line(path: &Path, needle: &str, n: usize) -> String {
 
 fn text_of(path: &Path) -> String {
     fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
-}
-
-// ---------------------------------------------------------------------------------------
-// A raasd started by a command of the test's own (another binary path, socket
-// activation through sh)
-// ---------------------------------------------------------------------------------------
-
-struct Daemon {
-    child: Mutex<Child>,
-    pid: i32,
-    lines: Arc<Mutex<Vec<String>>>,
-    closed: Arc<AtomicBool>,
-}
-
-impl Daemon {
-    /// Spawns `cmd` (stdout and stderr captured), retrying while the binary is busy
-    /// (ETXTBSY: a file just written may briefly stay open in a child another test
-    /// thread forks).
-    fn spawn(mut cmd: Command) -> Daemon {
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-        let started = Instant::now();
-        let mut child = loop {
-            match cmd.spawn() {
-                Ok(child) => break child,
-                Err(e)
-                    if e.raw_os_error() == Some(nix::errno::Errno::ETXTBSY as i32)
-                        && started.elapsed() < SOON =>
-                {
-                    thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => panic!("cannot start {cmd:?}: {e}"),
-            }
-        };
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let closed = Arc::new(AtomicBool::new(false));
-        let err = child.stderr.take().unwrap();
-        let out = child.stdout.take().unwrap();
-        for (stream, done) in [
-            (Box::new(err) as Box<dyn Read + Send>, Some(closed.clone())),
-            (Box::new(out), None),
-        ] {
-            let lines = lines.clone();
-            thread::spawn(move || {
-                let mut reader = BufReader::new(stream);
-                let mut buf = Vec::new();
-                while let Ok(n) = reader.read_until(b'\n', &mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    let line = String::from_utf8_lossy(&buf).trim_end().to_owned();
-                    lines.lock().unwrap_or_else(|e| e.into_inner()).push(line);
-                    buf.clear();
-                }
-                if let Some(done) = done {
-                    done.store(true, Ordering::SeqCst);
-                }
-            });
-        }
-        Daemon {
-            pid: child.id() as i32,
-            child: Mutex::new(child),
-            lines,
-            closed,
-        }
-    }
-
-    fn log_lines(&self) -> Vec<String> {
-        self.lines.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn wait_for_log(&self, needle: &str) -> String {
-        let mut found = None;
-        let ok = poll_until(SOON, || {
-            found = self.log_lines().into_iter().find(|l| l.contains(needle));
-            found.is_some() || self.try_status().is_some()
-        });
-        match found {
-            Some(line) => line,
-            None => panic!(
-                "no log line containing {needle:?} (timed out: {}, exit status {:?})",
-                !ok,
-                self.try_status()
-            ),
-        }
-    }
-
-    fn try_status(&self) -> Option<ExitStatus> {
-        self.child
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .try_wait()
-            .ok()
-            .flatten()
-    }
-
-    fn wait_exit(&self) -> ExitStatus {
-        let mut status = None;
-        let ok = poll_until(SOON, || {
-            status = self.try_status();
-            status.is_some()
-        });
-        assert!(ok, "the master (pid {}) did not exit", self.pid);
-        status.unwrap()
-    }
-
-    fn signal(&self, sig: Signal) {
-        kill(Pid::from_raw(self.pid), sig).unwrap_or_else(|e| panic!("kill {sig:?}: {e}"));
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.try_status().is_none() {
-            kill_tree(self.pid, proc_starttime(self.pid));
-            let _ = self.child.lock().unwrap_or_else(|e| e.into_inner()).wait();
-        }
-        if thread::panicking() {
-            poll_until(Duration::from_millis(500), || {
-                self.closed.load(Ordering::SeqCst)
-            });
-            eprintln!("---- raasd (pid {}) output ----", self.pid);
-            for line in self.log_lines() {
-                eprintln!("{line}");
-            }
-            eprintln!("---- end of raasd output ----");
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1078,17 +922,25 @@ fn usr2_rolls_back_when_the_new_binary_exits_at_once() {
     // ETXTBSY).
     let copied = Command::new("cp").arg(BIN).arg(&exe).status().expect("cp");
     assert!(copied.success());
-    adopt_orphans();
-    let mut cmd = Command::new(&exe);
-    cmd.args(["-w", "2", "-l", "127.0.0.1:0", "--graceful-timeout", "10"])
-        .args(["--pid", path_str(&pid_file)])
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null());
-    let d = Daemon::spawn(cmd);
-    d.wait_for_log("all 2 workers accepting");
+    let d = Server::start_program(
+        &exe,
+        &[
+            "-w",
+            "2",
+            "-l",
+            "127.0.0.1:0",
+            "--graceful-timeout",
+            "10",
+            "--pid",
+            path_str(&pid_file),
+        ],
+        &[],
+        |_| {},
+    );
+    d.wait_for_log("all 2 workers accepting", SOON);
     let addr = first_listen_addr(&d.log_lines()).expect("a `listening on` line");
-    let workers = wait_workers_of(d.pid, 2);
-    assert_eq!(read_pid_file(&pid_file), Some(d.pid));
+    let workers = wait_workers_of(d.pid(), 2);
+    assert_eq!(read_pid_file(&pid_file), Some(d.pid()));
     let load = start_load(addr);
     load.wait_replies(200, SOON);
 
@@ -1101,15 +953,15 @@ fn usr2_rolls_back_when_the_new_binary_exits_at_once() {
         .expect("sh");
     assert!(replaced.success());
     d.signal(Signal::SIGUSR2);
-    let failed = d.wait_for_log("upgrade failed, rolling back");
-    let started = d.wait_for_log("upgrade: started ");
+    let failed = d.wait_for_log("upgrade failed, rolling back", SOON);
+    let started = d.wait_for_log("upgrade: started ", SOON);
     assert!(
         started.contains(&format!("started {} as pid", exe.display())),
         "the master should execute the path it was started from: {started:?}"
     );
     eprintln!("{failed}");
     assert_rolled_back(
-        d.pid,
+        d.pid(),
         &d.log_lines(),
         &pid_file,
         &workers,
@@ -1400,37 +1252,48 @@ fn usr1_with_user_moves_every_worker_to_the_new_file() {
 /// bound by the test as descriptor 3, LISTEN_FDS=1, LISTEN_PID=its own pid, and
 /// NOTIFY_SOCKET. `-l unix:UNUSED` is given too, and must not be used. Returns the
 /// daemon (once READY=1 arrived), the listener's address and its inode.
-fn start_activated(notify: &Notify, unused: &Path) -> (Daemon, SocketAddr, u64) {
+fn start_activated(notify: &Notify, unused: &Path) -> (Server, SocketAddr, u64) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().unwrap();
     let inode = tcp_listen_inode(addr).expect("the listener in /proc/net/tcp");
     // The listener becomes the child's stdin, which sh moves to descriptor 3; sh then
     // executes raasd in its own process, so LISTEN_PID=$$ is raasd's pid. (No
     // descriptor of the test is made inheritable: other tests fork concurrently.)
-    adopt_orphans();
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(r#"export LISTEN_PID=$$ LISTEN_FDS=1; exec "$0" "$@" 3<&0 0</dev/null"#)
-        .arg(BIN)
-        .args(["-w", "2", "--graceful-timeout", "10"])
-        .arg("-l")
-        .arg(format!("unix:{}", unused.display()))
-        .env_remove("RUST_LOG")
-        .env_remove("LISTEN_FDNAMES")
-        .env("NOTIFY_SOCKET", &notify.path)
-        .stdin(Stdio::from(OwnedFd::from(listener)));
-    let d = Daemon::spawn(cmd);
+    let unused = format!("unix:{}", unused.display());
+    let notify_path = notify.path.to_str().expect("a UTF-8 path").to_owned();
+    let d = Server::start_program(
+        Path::new("sh"),
+        &[
+            "-c",
+            r#"export LISTEN_PID=$$ LISTEN_FDS=1; exec "$0" "$@" 3<&0 0</dev/null"#,
+            BIN,
+            "-w",
+            "2",
+            "--graceful-timeout",
+            "10",
+            "-l",
+            &unused,
+        ],
+        &[("NOTIFY_SOCKET", &notify_path)],
+        move |cmd| {
+            cmd.env_remove("LISTEN_FDNAMES")
+                .stdin(Stdio::from(OwnedFd::from(listener)));
+        },
+    );
     notify.expect("READY=1");
-    d.wait_for_log("socket activation: serving the 1 sockets systemd passed");
-    d.wait_for_log("listening on ");
+    d.wait_for_log(
+        "socket activation: serving the 1 sockets systemd passed",
+        SOON,
+    );
+    d.wait_for_log("listening on ", SOON);
     assert_eq!(first_listen_addr(&d.log_lines()), Some(addr));
     assert!(
-        !exists(unused),
+        !exists(Path::new(unused.trim_start_matches("unix:"))),
         "--listen must not be used under socket activation"
     );
-    assert_eq!(proc_comm(d.pid).as_deref(), Some("raasd-master"));
+    assert_eq!(proc_comm(d.pid()).as_deref(), Some("raasd-master"));
     assert!(
-        holds_socket(d.pid, inode),
+        holds_socket(d.pid(), inode),
         "the master holds the passed socket"
     );
     (d, addr, inode)
@@ -1442,9 +1305,9 @@ fn socket_activation_serves_the_passed_socket() {
     let notify = Notify::bind(dir.join("notify.sock"));
     let unused = dir.join("unused.sock");
     let (d, addr, _) = start_activated(&notify, &unused);
-    let workers = wait_workers_of(d.pid, 2);
+    let workers = wait_workers_of(d.pid(), 2);
     wait_title(
-        d.pid,
+        d.pid(),
         &format!("raasd master gen 1 -w 2 {addr}: 2/2 workers"),
     );
 
@@ -1454,7 +1317,7 @@ fn socket_activation_serves_the_passed_socket() {
 
     d.signal(Signal::SIGTERM);
     notify.expect("STOPPING=1");
-    let status = d.wait_exit();
+    let status = d.wait_exit(SOON);
     assert_eq!(status.code(), Some(0), "{status:?}");
     wait_until("the workers to exit", SOON, || {
         workers.iter().all(|w| !alive(w.pid))
@@ -1470,12 +1333,12 @@ fn socket_activation_survives_an_upgrade() {
     let notify = Notify::bind(dir.join("notify.sock"));
     let unused = dir.join("unused.sock");
     let (d, addr, inode) = start_activated(&notify, &unused);
-    let old_workers = wait_workers_of(d.pid, 2);
+    let old_workers = wait_workers_of(d.pid(), 2);
     let load = start_load(addr);
     load.wait_replies(200, SOON);
 
     d.signal(Signal::SIGUSR2);
-    let new_pid = successor_pid(&d.wait_for_log("upgrade: started "));
+    let new_pid = successor_pid(&d.wait_for_log("upgrade: started ", SOON));
     let _successor = Adopted::new(new_pid);
     // The old master, systemd's main pid, names the new one and vouches for it.
     let handed = notify.next("MAINPID and READY after USR2");
@@ -1484,7 +1347,7 @@ fn socket_activation_survives_an_upgrade() {
             && handed.lines().any(|l| l == "READY=1"),
         "after USR2: {handed:?}"
     );
-    let status = d.wait_exit();
+    let status = d.wait_exit(SOON);
     assert_eq!(status.code(), Some(0), "the old master: {status:?}");
     wait_until("the old workers to be gone", SOON, || {
         old_workers.iter().all(|w| !alive(w.pid))

@@ -276,6 +276,36 @@ pub fn socket_fd_count(pid: i32) -> usize {
         .count()
 }
 
+/// The live worker children of `master` (a master the test may not have started
+/// itself, such as one started by an upgrade), sorted by slot then pid.
+pub fn workers_of(master: i32) -> Vec<Worker> {
+    let mut out: Vec<Worker> = children_of(master)
+        .into_iter()
+        .filter(|&pid| alive(pid))
+        .filter_map(|pid| {
+            let title = cmdline_title(pid)?;
+            let slot = worker_slot(&title)?;
+            Some(Worker { pid, slot, title })
+        })
+        .collect();
+    out.sort_by_key(|w| (w.slot, w.pid));
+    out
+}
+
+/// Waits for exactly `n` workers of `master` in slots 0..n.
+pub fn wait_workers_of(master: i32, n: usize) -> Vec<Worker> {
+    let mut last = Vec::new();
+    let ok = poll_until(SOON, || {
+        last = workers_of(master);
+        last.len() == n && last.iter().map(|w| w.slot).eq(0..n)
+    });
+    assert!(
+        ok,
+        "timed out waiting for {n} workers of {master} in slots 0..{n}; last seen {last:?}"
+    );
+    last
+}
+
 /// Waits until the title of `pid` is exactly `want`.
 pub fn wait_title(pid: i32, want: &str) {
     let mut last = None;
@@ -448,9 +478,18 @@ impl Server {
             });
         }
         setup(&mut cmd);
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+        // A binary a test has just written may briefly stay open for writing in a child
+        // another test thread forks (ETXTBSY): try again for a moment.
+        let started = Instant::now();
+        let mut child = loop {
+            match cmd.spawn() {
+                Ok(child) => break child,
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && started.elapsed() < SOON => {
+                    thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("cannot start {}: {e}", program.display()),
+            }
+        };
         let stderr = Arc::new(Output::default());
         let stdout = Arc::new(Output::default());
         match child.stderr.take() {
@@ -576,36 +615,20 @@ impl Server {
     /// The live worker children of the master (title `raasd worker[N]...`, not zombies),
     /// sorted by slot then pid.
     pub fn workers(&self) -> Vec<Worker> {
-        let mut out = Vec::new();
-        for pid in children_of(self.pid) {
-            if !alive(pid) {
-                continue;
-            }
-            let Some(title) = cmdline_title(pid) else {
-                continue;
-            };
-            let Some(slot) = worker_slot(&title) else {
-                continue;
-            };
-            self.remember(pid);
-            out.push(Worker { pid, slot, title });
+        let out = workers_of(self.pid);
+        for w in &out {
+            self.remember(w.pid);
         }
-        out.sort_by_key(|w| (w.slot, w.pid));
         out
     }
 
     /// Waits until there are exactly `n` live workers in slots 0..n and returns them.
     pub fn wait_workers(&self, n: usize) -> Vec<Worker> {
-        let mut last = Vec::new();
-        let ok = poll_until(SOON, || {
-            last = self.workers();
-            last.len() == n && last.iter().map(|w| w.slot).eq(0..n)
-        });
-        assert!(
-            ok,
-            "timed out waiting for {n} workers in slots 0..{n}; last seen: {last:?}"
-        );
-        last
+        let out = wait_workers_of(self.pid, n);
+        for w in &out {
+            self.remember(w.pid);
+        }
+        out
     }
 
     /// Sends a signal to the master.
