@@ -174,6 +174,16 @@ impl Codec {
         self.partial.len()
     }
 
+    /// The incomplete line buffered, to travel with a connection handed over.
+    pub fn pending(&self) -> &[u8] {
+        &self.partial
+    }
+
+    /// Whether a line was too long: the conversation is over.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
     /// Changes the unit for every line not yet answered, including a pending one.
     pub fn set_unit(&mut self, unit: Unit) {
         self.unit = unit;

@@ -124,6 +124,13 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(0..=32_767))]
     pub tcp_keepalive: u64,
 
+    /// Hand established connections over, live, to the workers that stay when a
+    /// worker retires (reload, resize, recycling, upgrade); off: they are served to
+    /// their end and closed, as Unicorn does.
+    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set,
+          value_parser = PossibleValuesParser::new(["on", "off"]).map(|s| s == "on"))]
+    pub handover: bool,
+
     /// Directory raasd runs in and a binary upgrade starts from [default: where raasd
     /// was started, as the shell's $PWD names it].
     #[arg(long, value_name = "DIR")]
@@ -423,6 +430,10 @@ impl Config {
         out += &format!("max-worker-memory = {}\n", self.max_worker_memory);
         out += &format!("upgrade-timeout = {}\n", self.upgrade_timeout);
         out += &format!("tcp-keepalive = {}\n", self.tcp_keepalive);
+        out += &format!(
+            "handover = {}\n",
+            quoted(if self.handover { "on" } else { "off" })
+        );
         out += &optional(
             "working-directory",
             self.working_directory

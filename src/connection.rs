@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use crate::codec::Codec;
 use crate::config::Serving;
+use crate::handoff::Parcel;
 use crate::listeners::Stream;
 
 /// Reads a connection may do before the others get their turn.
@@ -123,6 +124,46 @@ impl Connection {
             idle_timeout: serving.idle_timeout,
             stopping_grace: None,
             bytes_in_at_stop: 0,
+        }
+    }
+
+    /// A connection handed over by another worker: its unsent replies come first,
+    /// and the incomplete line it had read is the start of the next one.
+    pub fn resume(parcel: Parcel, serving: &Serving, now: Instant) -> Connection {
+        let mut connection = Connection::new(parcel.stream, serving, now);
+        connection.out = parcel.unsent;
+        if !parcel.partial_line.is_empty() {
+            connection.line_started = Some(now);
+            if connection
+                .codec
+                .feed(&parcel.partial_line, &mut connection.out)
+                .is_err()
+            {
+                // Longer than this worker's --max-line (a reload lowered it).
+                connection.end_conversation();
+            }
+        }
+        connection
+    }
+
+    /// Writes what it can, then says whether the connection can travel to another
+    /// worker: not when it is no longer a plain open conversation (the client closed,
+    /// a line was too long, it is stopping or broken); it then stays here, to be
+    /// served to its end.
+    pub fn can_travel(&mut self, now: Instant) -> bool {
+        self.state == State::Open
+            && !self.hung_up
+            && self.stopping_grace.is_none()
+            && !self.codec.is_poisoned()
+            && self.write_out(now).is_ok()
+    }
+
+    /// The connection as a parcel (see [`Connection::can_travel`]).
+    pub fn into_parcel(self) -> Parcel {
+        Parcel {
+            unsent: self.out[self.written..].to_vec(),
+            partial_line: self.codec.pending().to_vec(),
+            stream: self.stream,
         }
     }
 

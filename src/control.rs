@@ -8,6 +8,7 @@
 //! |---|---|---|
 //! | master → worker | `g` | graceful stop: drain the accept queue, answer, close, exit 0 |
 //! | master → worker | `q` | quick stop: exit at once |
+//! | master → worker | `h` | hand over: pass every connection it can to the workers that stay (see [`crate::handoff`]), serve the rest to their end, exit 0 |
 //! | master → worker | `o` | reopen the log file (USR1) |
 //! | worker → master | `r` | ready: the listeners are in the worker's poll set |
 //! | worker → master | `m` | replace me: this worker reached --max-requests |
@@ -23,6 +24,7 @@ use std::os::unix::net::UnixStream;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
     GracefulStop,
+    HandOver,
     QuickStop,
     ReopenLogs,
 }
@@ -64,6 +66,7 @@ impl MasterEnd {
     pub fn send(&self, command: Command) -> io::Result<()> {
         let byte = match command {
             Command::GracefulStop => b'g',
+            Command::HandOver => b'h',
             Command::QuickStop => b'q',
             Command::ReopenLogs => b'o',
         };
@@ -91,6 +94,7 @@ impl WorkerEnd {
     pub fn receive(&self) -> Received<Command> {
         receive(&self.0, |byte| match byte {
             b'g' => Some(Command::GracefulStop),
+            b'h' => Some(Command::HandOver),
             b'q' => Some(Command::QuickStop),
             b'o' => Some(Command::ReopenLogs),
             _ => None,

@@ -14,6 +14,7 @@
 //! | [`codec`] | the RAAS line protocol, pure (bytes in, bytes out) |
 //! | [`control`] | the messages on the master/worker control pipe |
 //! | [`errors`] | system errors in plain words, shared by every module |
+//! | [`handoff`] | live connection hand-over between workers: the queue, the wire format, both sides |
 //! | [`signals`] | turning signals into counted events on a self-pipe |
 //! | [`process`] | fork with signals blocked around it |
 //! | [`title`] | the process title seen in `ps` and the comm name |
@@ -29,6 +30,7 @@ pub mod config;
 pub mod connection;
 pub mod control;
 pub mod errors;
+pub mod handoff;
 pub mod listeners;
 pub mod logging;
 pub mod master;

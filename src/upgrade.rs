@@ -20,6 +20,7 @@ use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 use nix::unistd::Pid;
 
 use crate::config::ListenAddr;
+use crate::handoff::Queue;
 use crate::listeners::{self, Configured};
 
 /// Names the listen sockets a new master inherits: `fd=address` pairs separated by
@@ -40,7 +41,8 @@ pub struct Successor {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Readiness {
     NotYet,
-    Ready,
+    /// Ready; with the version of the hand-over format it takes connections in.
+    Ready(Option<u8>),
     /// It failed: with its start-up error when it could say it, or closed without a
     /// word (it died).
     Failed(Option<String>),
@@ -50,7 +52,7 @@ pub enum Readiness {
 pub fn start_successor(
     exe: &Path,
     args: &[OsString],
-    listeners: &[Configured],
+    (listeners, queue): (&[Configured], Option<&Queue>),
     generation: u64,
     sockets_fixed: bool,
     start_dir: &Path,
@@ -61,6 +63,14 @@ pub fn start_successor(
     listeners::set_inheritable(listeners, true)?;
     let spec = listen_fds_spec(listeners);
     let mut command = Command::new(exe);
+    if let Some(queue) = queue {
+        for end in queue.descriptors() {
+            fcntl(end, FcntlArg::F_SETFD(FdFlag::empty()))?;
+        }
+        command.env(crate::handoff::ENV, queue.env_value());
+    } else {
+        command.env_remove(crate::handoff::ENV);
+    }
     if sockets_fixed {
         command.env(SOCKETS_FIXED, "1");
     } else {
@@ -84,6 +94,9 @@ pub fn start_successor(
         .spawn();
     // Whatever happened, no later child may inherit these.
     let _ = listeners::set_inheritable(listeners, false);
+    for end in queue.iter().flat_map(|q| q.descriptors()) {
+        let _ = fcntl(end, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+    }
     drop(ready_for_child);
     let child = spawned?;
     Ok(Successor {
@@ -101,10 +114,7 @@ impl Successor {
         let mut said = [0u8; 4096];
         match (&self.ready).read(&mut said) {
             Ok(0) => Readiness::Failed(None),
-            Ok(n) if said[0] == b'R' => {
-                let _ = n;
-                Readiness::Ready
-            }
+            Ok(n) if said[0] == b'R' => Readiness::Ready((n > 1).then(|| said[1])),
             Ok(n) => Readiness::Failed(Some(
                 String::from_utf8_lossy(&said[1..n]).trim_end().to_string(),
             )),
@@ -136,9 +146,12 @@ impl Predecessor {
         }))
     }
 
-    /// Tells the old master that this one serves; consumes the channel.
-    pub fn announce_ready(self) -> io::Result<()> {
-        (&self.ready).write_all(b"R")
+    /// Tells the old master that this one serves, and in which hand-over format it
+    /// takes connections (none: the old workers drain); consumes the channel.
+    pub fn announce_ready(self, takes_connections: Option<u8>) -> io::Result<()> {
+        let mut message = vec![b'R'];
+        message.extend(takes_connections);
+        (&self.ready).write_all(&message)
     }
 
     /// Tells the old master why this one could not start (so that its log says it,
@@ -203,7 +216,8 @@ pub fn inherited_listeners() -> Result<Option<(bool, Vec<Configured>)>, String> 
 /// The environment variables by which descriptors and state were handed to this
 /// process: once taken, they are removed, so that nothing adopts a descriptor twice
 /// and no child of ours inherits a stale name.
-pub const HANDED_OVER_VARIABLES: [&str; 7] = [
+pub const HANDED_OVER_VARIABLES: [&str; 8] = [
+    crate::handoff::ENV,
     LISTEN_FDS,
     READY_FD,
     GENERATION,

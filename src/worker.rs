@@ -27,6 +27,7 @@ use crate::accept_gate::{AcceptGate, Nudge, OUT_OF_DESCRIPTORS, should_step_back
 use crate::config::Serving;
 use crate::connection::{Connection, Traffic, Turn};
 use crate::control::{Command, Report, WorkerEnd};
+use crate::handoff::{self, Queue};
 use crate::listeners::Listener;
 use crate::process::Blocked;
 use crate::scoreboard::{CellWriter, Counters, Scoreboard, monotonic_ms};
@@ -36,8 +37,9 @@ use crate::title;
 const CONTROL: u64 = u64::MAX;
 const SIGNALS: u64 = u64::MAX - 1;
 const NUDGE: u64 = u64::MAX - 2;
+const HANDOFF: u64 = u64::MAX - 3;
 /// Listener i has token LISTENERS - i; connection k has token k.
-const LISTENERS: u64 = u64::MAX - 3;
+const LISTENERS: u64 = u64::MAX - 4;
 /// How long a worker whose master died may take to finish.
 const ORPHAN_DRAIN: Duration = Duration::from_millis(500);
 /// The parent-death signal: it arms an alarm of [`ORPHAN_DEADLINE_SECS`], so an
@@ -45,6 +47,11 @@ const ORPHAN_DRAIN: Duration = Duration::from_millis(500);
 /// TERM from systemd means a graceful stop of up to --graceful-timeout.)
 const ORPHAN_SIGNAL: nix::sys::signal::Signal = nix::sys::signal::Signal::SIGUSR2;
 const ORPHAN_DEADLINE_SECS: u32 = 1;
+/// How long a stopping worker keeps its listen sockets after draining them, to drain
+/// them once more before it closes them: during a stop of the whole server the master
+/// has made them drop new handshakes, and a handshake already under way completes in
+/// this time; closing the last copy of a listener would reset it.
+const LISTENER_GRACE: Duration = Duration::from_millis(100);
 const SCRATCH: usize = 64 * 1024;
 const EVENTS: usize = 256;
 
@@ -60,7 +67,7 @@ pub const SIGNALS_HANDLED: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGQUIT, lib
 pub fn run(
     who: Who,
     listeners: Vec<Listener>,
-    nudge: Nudge,
+    (nudge, handoff): (Nudge, Option<Queue>),
     control: WorkerEnd,
     serving: Serving,
     (board, cell): (&Scoreboard, usize),
@@ -68,7 +75,7 @@ pub fn run(
 ) -> i32 {
     match Worker::new(
         who,
-        (listeners, nudge),
+        (listeners, nudge, handoff),
         control,
         serving,
         (board, cell),
@@ -117,19 +124,28 @@ struct Worker<'a> {
     scratch: Vec<u8>,
     /// Set once stopping: the moment the worker exits even with clients left.
     stop_deadline: Option<Instant>,
+    /// While stopping: when the listen sockets get their last drain and are closed.
+    listeners_close_at: Option<Instant>,
     /// The listeners are in the poll set.
     accepting: bool,
     /// The pause is a step back (over its share), which ends early once the share
     /// has caught up; a pause for want of descriptors does not.
     gate: AcceptGate,
     nudge: Nudge,
+    /// Where connections of retiring siblings arrive, and where this worker's go
+    /// when it retires (None with --handover off).
+    handoff: Option<Queue>,
+    /// Connections taken over from retiring siblings.
+    taken_over: u64,
+    /// Once retiring by hand-over: connections handed over, and to which generations.
+    handed_over: Option<(usize, Vec<u64>)>,
     title_shown: Option<Instant>,
 }
 
 impl<'a> Worker<'a> {
     fn new(
         who: Who,
-        (listeners, nudge): (Vec<Listener>, Nudge),
+        (listeners, nudge, handoff): (Vec<Listener>, Nudge, Option<Queue>),
         control: WorkerEnd,
         serving: Serving,
         (board, cell): (&'a Scoreboard, usize),
@@ -181,9 +197,13 @@ impl<'a> Worker<'a> {
             serving,
             scratch: vec![0; SCRATCH],
             stop_deadline: None,
+            listeners_close_at: None,
             accepting: false,
             gate: AcceptGate::default(),
             nudge,
+            handoff,
+            taken_over: 0,
+            handed_over: None,
             title_shown: None,
         };
         worker.update_accepting(Instant::now())?;
@@ -199,10 +219,14 @@ impl<'a> Worker<'a> {
         let mut next_tick = Instant::now() + self.serving.heartbeat;
         self.show_progress();
         loop {
-            let wake_at = [self.gate.paused_until(), self.stop_deadline]
-                .into_iter()
-                .flatten()
-                .fold(next_tick, Instant::min);
+            let wake_at = [
+                self.gate.paused_until(),
+                self.stop_deadline,
+                self.listeners_close_at,
+            ]
+            .into_iter()
+            .flatten()
+            .fold(next_tick, Instant::min);
             let timeout = if self.again.is_empty() {
                 wake_at.saturating_duration_since(Instant::now())
             } else {
@@ -233,9 +257,12 @@ impl<'a> Worker<'a> {
                 self.show_progress();
                 next_tick = now + self.serving.heartbeat;
             }
+            if self.listeners_close_at.is_some_and(|at| now >= at) {
+                self.close_listeners(now);
+            }
             self.free.append(&mut self.released);
             if let Some(deadline) = self.stop_deadline {
-                if self.open == 0 {
+                if self.open == 0 && self.listeners.is_empty() {
                     info!("stopped");
                     return Ok(());
                 }
@@ -262,6 +289,7 @@ impl<'a> Worker<'a> {
             }
             CONTROL => self.obey_master(now)?,
             NUDGE => self.take_nudge(now)?,
+            HANDOFF => self.take_over(now)?,
             token if token > LISTENERS - self.listeners.len() as u64 => {
                 self.accept_from((LISTENERS - token) as usize, now)?;
             }
@@ -290,6 +318,7 @@ impl<'a> Worker<'a> {
             match command {
                 Command::QuickStop => quick_exit(),
                 Command::GracefulStop => self.stop(now, "the master's request")?,
+                Command::HandOver => self.hand_over_and_stop(now)?,
                 Command::ReopenLogs => match crate::logging::reopen(None) {
                     Ok(()) => info!("log file reopened"),
                     Err(e) => {
@@ -341,6 +370,16 @@ impl<'a> Worker<'a> {
                     self.epoll.add(listener.as_fd(), listener_interest(which))?;
                 } else {
                     let _ = self.epoll.delete(listener.as_fd());
+                }
+            }
+            // Connections handed over are taken on the same terms as new ones.
+            if let Some(queue) = &self.handoff {
+                if wanted {
+                    let interest = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
+                    self.epoll
+                        .add(queue.rx(), EpollEvent::new(interest, HANDOFF))?;
+                } else {
+                    let _ = self.epoll.delete(queue.rx());
                 }
             }
         }
@@ -406,6 +445,111 @@ impl<'a> Worker<'a> {
         if self.gate.pause_for_descriptors(now) {
             warn!("cannot accept: {error}; pausing accepts for {OUT_OF_DESCRIPTORS:?}");
         }
+    }
+
+    /// Takes the batches retiring workers handed over, while this worker accepts and
+    /// holds no more than its share (then a sibling is nudged to take the rest).
+    fn take_over(&mut self, now: Instant) -> io::Result<()> {
+        let mut took = 0;
+        while self.gate.wants_listeners() {
+            let Some(queue) = &self.handoff else {
+                break;
+            };
+            let parcels = match handoff::receive(queue, self.who.generation) {
+                Ok(handoff::Received::Batch(parcels)) => parcels,
+                Ok(handoff::Received::Empty) => break,
+                Err(e) => {
+                    warn!("cannot take handed-over connections: {e}");
+                    break;
+                }
+            };
+            for parcel in parcels {
+                self.add_connection(Connection::resume(parcel, &self.serving, now))?;
+                took += 1;
+            }
+            self.update_accepting(now)?;
+            if self.holds_more_than_its_share() {
+                self.gate.step_back(now);
+                self.nudge.poke();
+                self.update_accepting(now)?;
+                break;
+            }
+        }
+        if took > 0 {
+            self.taken_over += took;
+            info!("took over {}", plural(took as usize, "connection"));
+            self.title_shown = None;
+            self.show_progress();
+        }
+        Ok(())
+    }
+
+    /// Retires by handing every connection it can over to the workers that stay:
+    /// out of service first (no accepting, no taking over), then each connection is
+    /// flushed and offered with its state; what nobody takes, and what cannot travel
+    /// (a client that closed, a conversation ending), is served to its end here.
+    fn hand_over_and_stop(&mut self, now: Instant) -> io::Result<()> {
+        if self.gate.is_stopping() {
+            return Ok(());
+        }
+        let Some(queue) = self.handoff.take() else {
+            return self.stop(now, "the master's request");
+        };
+        info!("retiring: handing my connections over");
+        self.gate.stop();
+        self.update_accepting(now)?;
+        let _ = self.epoll.delete(queue.rx());
+        let _ = self.epoll.delete(self.nudge.as_fd());
+        self.listeners.clear();
+        let mut parcels = Vec::new();
+        for index in 0..self.connections.len() {
+            let travels = match self.connections[index].as_mut() {
+                Some(connection) => connection.can_travel(now),
+                None => continue,
+            };
+            if travels && let Some(connection) = self.connections[index].take() {
+                let parcel = connection.into_parcel();
+                // Out of our epoll set before our copy closes: the receiver's copy
+                // shares the open file, so a close alone would leave it registered.
+                let _ = self.epoll.delete(parcel.stream.as_fd());
+                self.open -= 1;
+                self.released.push(index);
+                parcels.push(parcel);
+            }
+        }
+        let offered = parcels.len();
+        let outcome = handoff::hand_over(&queue, parcels);
+        let back = outcome.back.len();
+        let mut generations = outcome.generations.clone();
+        generations.sort_unstable();
+        let to: Vec<String> = generations.iter().map(u64::to_string).collect();
+        if offered == 0 {
+            info!("no connection to hand over");
+        } else if back == 0 {
+            info!(
+                "handed over {} to gen {}",
+                plural(outcome.taken, "connection"),
+                to.join(", ")
+            );
+        } else {
+            warn!(
+                "handed over {} to gen {}; {back} of {offered} not taken in time, served here to their end",
+                plural(outcome.taken, "connection"),
+                if to.is_empty() {
+                    "-".to_string()
+                } else {
+                    to.join(", ")
+                }
+            );
+        }
+        self.handed_over = Some((outcome.taken, generations));
+        for parcel in outcome.back {
+            self.add_connection(Connection::resume(parcel, &self.serving, now))?;
+        }
+        self.cell.set_connections(self.open as u64);
+        self.title_shown = None;
+        self.show_progress();
+        self.stop(now, "hand-over")
     }
 
     /// A sibling stepped back from a burst: take what is left in the accept queues.
@@ -505,10 +649,19 @@ impl<'a> Worker<'a> {
             return;
         }
         self.title_shown = Some(now);
-        title::set(&format!(
-            "raasd worker[{}] gen {}: {} conns, {} served",
-            self.who.slot, self.who.generation, self.open, self.traffic.served
-        ));
+        let (slot, generation) = (self.who.slot, self.who.generation);
+        let mut text = format!(
+            "raasd worker[{slot}] gen {generation}: {} conns, {} served",
+            self.open, self.traffic.served
+        );
+        if self.taken_over > 0 {
+            text += &format!(", took over {}", self.taken_over);
+        }
+        if let Some((count, to)) = &self.handed_over {
+            let to: Vec<String> = to.iter().map(u64::to_string).collect();
+            text += &format!(", handed over {count} to gen {}", to.join(","));
+        }
+        title::set(&text);
     }
 
     fn close(&mut self, index: usize) {
@@ -549,13 +702,9 @@ impl<'a> Worker<'a> {
         self.gate.stop();
         // A nudge woken here would be lost to the siblings that still serve.
         let _ = self.epoll.delete(self.nudge.as_fd());
-        for which in 0..self.listeners.len() {
-            if let Err(e) = self.accept_from(which, now) {
-                warn!("draining the accept queue: {e}");
-            }
-        }
+        self.drain_accept_queues(now);
         self.update_accepting(now)?;
-        self.listeners.clear();
+        self.listeners_close_at = Some(now + LISTENER_GRACE);
         for index in 0..self.connections.len() {
             if let Some(connection) = self.connections[index].as_mut() {
                 connection.stop(now);
@@ -563,6 +712,24 @@ impl<'a> Worker<'a> {
             }
         }
         Ok(())
+    }
+}
+
+impl Worker<'_> {
+    /// Accepts what waits in the accept queues (while stopping: to serve it).
+    fn drain_accept_queues(&mut self, now: Instant) {
+        for which in 0..self.listeners.len() {
+            if let Err(e) = self.accept_from(which, now) {
+                warn!("draining the accept queue: {e}");
+            }
+        }
+    }
+
+    /// The last drain of the listen sockets of a stopping worker, then their close.
+    fn close_listeners(&mut self, now: Instant) {
+        self.drain_accept_queues(now);
+        self.listeners.clear();
+        self.listeners_close_at = None;
     }
 }
 

@@ -89,10 +89,6 @@ impl Raasd {
         format!("127.0.0.1:{}", self.port)
     }
 
-    fn pid(&self) -> i32 {
-        self.server.pid()
-    }
-
     /// Graceful stop (TERM), waiting for the master to exit.
     fn stop(&mut self) {
         self.server.signal(Signal::SIGTERM);
@@ -509,37 +505,52 @@ fn bench_counts_refusals_on_a_closed_port() {
 }
 
 #[test]
-fn bench_chaos_rotations_lose_nothing() {
-    let server = Raasd::start(0);
-    let pid = server.pid().to_string();
-    let (run, json) = bench_json(&[
-        &server.addr(),
-        "-c",
-        "8",
-        "-p",
-        "4",
-        "--chaos",
-        &pid,
-        "--chaos-script",
-        "HUP,TTIN,TTOU",
-        "--chaos-interval",
-        "0.5",
-    ]);
-    assert!(
-        run.status.success(),
-        "{}: {json}\n{}",
-        run.status,
-        run.stderr
-    );
-    let phases = json["phases"].as_array().expect("phases");
-    assert_eq!(phases.len(), 4, "{json}");
-    assert_eq!(phases[1]["signal"], "HUP");
-    assert_eq!(u(&json, "/error_total"), 0, "{json}");
-    // Every phase had load.
-    for p in phases {
-        assert!(p["replies"].as_u64().unwrap() > 0, "{json}");
+fn bench_chaos_rotations_lose_nothing_and_move_every_connection() {
+    // With hand-over (the default), reload, resize and upgrade move the connections:
+    // not one reconnect. With --handover off they are drained: the clients reconnect
+    // and re-send, and still nothing fails.
+    for (handover, script) in [("on", "HUP,TTIN,TTOU,USR2"), ("off", "HUP,TTIN,TTOU")] {
+        let listen = "127.0.0.1:0";
+        let server = common::Server::start(&["-w", "2", "-l", listen, "--handover", handover]);
+        server.wait_for_log("all 2 workers accepting", SOON);
+        let addr = server.addr().to_string();
+        let pid = server.pid().to_string();
+        let (run, json) = bench_json(&[
+            &addr,
+            "-c",
+            "8",
+            "-p",
+            "4",
+            "--chaos",
+            &pid,
+            "--chaos-script",
+            script,
+            "--chaos-interval",
+            "0.5",
+        ]);
+        assert!(
+            run.status.success(),
+            "--handover {handover}: {}: {json}\n{}",
+            run.status,
+            run.stderr
+        );
+        let phases = json["phases"].as_array().expect("phases");
+        assert_eq!(phases.len(), script.split(',').count() + 1, "{json}");
+        assert_eq!(phases[1]["signal"], "HUP");
+        assert_eq!(u(&json, "/error_total"), 0, "{json}");
+        for p in phases {
+            assert!(p["replies"].as_u64().unwrap() > 0, "{json}");
+        }
+        let reconnects: u64 = phases
+            .iter()
+            .map(|p| p["reconnects"].as_u64().unwrap())
+            .sum();
+        if handover == "on" {
+            assert_eq!(reconnects, 0, "--handover on: {json}\n{}", server.log());
+        } else {
+            // The rotation closed connections with requests outstanding; they were
+            // sent again rather than failed.
+            assert!(u(&json, "/phases/1/reconnects") > 0, "{json}");
+        }
     }
-    // The rotation closed connections that had requests outstanding; they were sent
-    // again rather than failed.
-    assert!(u(&json, "/phases/1/reconnects") > 0, "{json}");
 }

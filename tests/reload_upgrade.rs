@@ -747,6 +747,8 @@ fn usr2_hands_over_to_a_new_master() {
         !alive(third_pid) && third_workers.iter().all(|w| !alive(w.pid))
     });
     assert!(!exists(&pid_file), "the last master left its pid file");
+    // (Waited for: the line may still be on its way through the pipe.)
+    s.wait_for_log_nth("] exiting", 3, SOON);
     assert_eq!(s.count_log("] exiting"), 3, "every master logs its exit");
     let err = TcpStream::connect(addr).expect_err("the port is closed");
     assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");

@@ -17,6 +17,7 @@ use nix::unistd::Pid;
 use sd_notify::NotifyState;
 
 use super::{Master, notify_systemd};
+use crate::handoff;
 use crate::listeners::Inheritance;
 use crate::pidfile::{self, PidFile};
 use crate::upgrade::{self, Readiness, Successor};
@@ -32,7 +33,9 @@ pub(super) enum Upgrade {
     },
     /// The new master took over: this one stops without removing what it now owns
     /// (the pid file, the unix socket files) and without telling systemd it stops.
-    HandedOver,
+    /// Its workers hand their connections to the new master's when that one takes
+    /// them (it speaks our hand-over format), else they serve them to their end.
+    HandedOver { connections_follow: bool },
 }
 
 impl Upgrade {
@@ -73,7 +76,7 @@ impl Master {
         match upgrade::start_successor(
             &self.exe,
             &self.args,
-            &self.listeners,
+            (&self.listeners, self.handoff.as_ref()),
             generation,
             sockets_fixed,
             &self.start_dir,
@@ -95,15 +98,26 @@ impl Master {
     }
 
     /// The successor is ready: it owns the sockets and the pid file now. Retire.
-    pub(super) fn hand_over(&mut self) {
-        let Upgrade::Waiting { successor, .. } =
-            std::mem::replace(&mut self.upgrade, Upgrade::HandedOver)
-        else {
+    pub(super) fn hand_over(&mut self, hand_over_version: Option<u8>) {
+        let connections_follow = self.config.handover
+            && self.handoff.is_some()
+            && hand_over_version == Some(handoff::VERSION);
+        let Upgrade::Waiting { successor, .. } = std::mem::replace(
+            &mut self.upgrade,
+            Upgrade::HandedOver { connections_follow },
+        ) else {
             return;
         };
         info!(
-            "upgrade: new master pid {} is ready; retiring",
-            successor.pid
+            "upgrade: new master pid {} is ready; retiring, {}",
+            successor.pid,
+            if connections_follow {
+                "handing the connections over to its workers"
+            } else if self.config.handover {
+                "draining the connections (it does not take them: another hand-over format)"
+            } else {
+                "draining the connections (--handover off)"
+            }
         );
         // systemd (NotifyAccess=main) hears only the main pid: name the successor
         // and vouch for its readiness in one message, before leaving.
@@ -181,7 +195,7 @@ impl Master {
             return;
         };
         match successor.readiness() {
-            Readiness::Ready => self.hand_over(),
+            Readiness::Ready(version) => self.hand_over(version),
             Readiness::Failed(None) => {
                 self.roll_back_upgrade("the new master exited before it was ready")
             }
@@ -213,7 +227,8 @@ impl Master {
                     );
                 }
             }
-            if let Err(e) = predecessor.announce_ready() {
+            let takes_connections = self.handoff.as_ref().map(|_| handoff::VERSION);
+            if let Err(e) = predecessor.announce_ready(takes_connections) {
                 warn!("cannot tell the old master that this one is ready: {e}");
             }
         }

@@ -32,6 +32,7 @@ use sd_notify::NotifyState;
 use crate::accept_gate::Nudge;
 use crate::config::{self, Config, MAX_WORKERS};
 use crate::control::{self, Command, MasterEnd, Report};
+use crate::handoff::{self, Queue};
 use crate::listeners::{self, Configured, Inheritance};
 use crate::pidfile::{self, PidFile};
 use crate::privileges::{self, Identity};
@@ -130,6 +131,8 @@ pub struct Master {
     /// Shared by every worker: wakes one to take the rest of a burst (see
     /// [`crate::accept_gate`]). Taken by a worker after fork.
     nudge: Option<Nudge>,
+    /// Where retiring workers hand their connections over (None with --handover off).
+    handoff: Option<Queue>,
     /// How many worker slots are wanted.
     target: usize,
     /// Raised by each rotation; workers of older generations are retired.
@@ -163,6 +166,19 @@ impl Master {
             },
         };
         let generation = upgrade::starting_generation();
+        // The predecessor's hand-over queue, when it speaks our format: its retiring
+        // workers hand their connections to ours through it.
+        let inherited_queue = match std::env::var(handoff::ENV) {
+            Ok(value) => Queue::inherited(&value)?,
+            Err(_) => None,
+        };
+        let handoff = match (config.handover, inherited_queue) {
+            (false, _) => None,
+            (true, Some(queue)) => Some(queue),
+            (true, None) => {
+                Some(Queue::new().map_err(|e| format!("cannot create the hand-over queue: {e}"))?)
+            }
+        };
         process::forget_environment(&upgrade::HANDED_OVER_VARIABLES);
         let launch_dir = upgrade::launch_directory()
             .map_err(|e| format!("cannot read the working directory: {e}"))?;
@@ -272,6 +288,7 @@ impl Master {
             pid_file,
             workers: Vec::new(),
             nudge: Some(Nudge::new().map_err(|e| format!("cannot create an eventfd: {e}"))?),
+            handoff,
             generation,
             stopping: None,
             all_accepting_announced: false,
@@ -424,8 +441,23 @@ impl Master {
         }
         self.health
             .forget_backoff_of_healthy_slots(&self.workers, self.generation, now);
-        for pid in workers::to_retire(&self.workers, self.target, self.generation) {
-            self.retire(pid);
+        let retiring = workers::to_retire(&self.workers, self.target, self.generation);
+        for w in self
+            .workers
+            .iter_mut()
+            .filter(|w| retiring.contains(&w.pid))
+        {
+            w.life = Life::Retiring;
+        }
+        // Connections move to the workers that stay, when there are any.
+        let receivers = self.workers.iter().any(|w| w.life == Life::Accepting);
+        let command = if receivers && self.config.handover && self.handoff.is_some() {
+            Command::HandOver
+        } else {
+            Command::GracefulStop
+        };
+        for pid in retiring {
+            self.retire(pid, command);
         }
         let all_accepting = workers::all_accepting(&self.workers, self.target, self.generation);
         if all_accepting && !self.all_accepting_announced {
@@ -438,12 +470,16 @@ impl Master {
         }
     }
 
-    fn retire(&mut self, pid: Pid) {
+    fn retire(&mut self, pid: Pid, command: Command) {
         if let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) {
-            info!("retiring worker[{}] pid {pid}", w.slot);
+            let how = match command {
+                Command::HandOver => "handing its connections over",
+                _ => "draining its connections",
+            };
+            info!("retiring worker[{}] pid {pid}, {how}", w.slot);
             w.life = Life::Retiring;
             if let Some(channel) = &w.channel {
-                let _ = channel.send(Command::GracefulStop);
+                let _ = channel.send(command);
             }
         }
     }
@@ -532,7 +568,10 @@ impl Master {
         let code = worker::run(
             who,
             listeners,
-            self.nudge.take().expect("the master's nudge"),
+            (
+                self.nudge.take().expect("the master's nudge"),
+                self.handoff.take(),
+            ),
             channel,
             serving,
             (&self.scoreboard, cell),
@@ -556,7 +595,14 @@ impl Master {
                 why,
                 timeout.as_secs()
             );
-            (Command::GracefulStop, timeout)
+            // After an upgrade to a master that takes connections, they move to its
+            // workers; on any other stop they are served to their end.
+            match self.upgrade {
+                Upgrade::HandedOver {
+                    connections_follow: true,
+                } => (Command::HandOver, timeout),
+                _ => (Command::GracefulStop, timeout),
+            }
         };
         for w in &mut self.workers {
             if !matches!(w.life, Life::Killed(_)) {
@@ -566,7 +612,7 @@ impl Master {
                 let _ = channel.send(command);
             }
         }
-        let handing_over = matches!(self.upgrade, Upgrade::HandedOver);
+        let handing_over = matches!(self.upgrade, Upgrade::HandedOver { .. });
         if !handing_over {
             notify_systemd(&[NotifyState::Stopping]);
         }

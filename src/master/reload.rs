@@ -63,6 +63,12 @@ impl Master {
         if config.max_conns != self.config.max_conns || config.listen != self.config.listen {
             super::warn_if_descriptors_fall_short(&config);
         }
+        if config.handover && self.handoff.is_none() {
+            match crate::handoff::Queue::new() {
+                Ok(queue) => self.handoff = Some(queue),
+                Err(e) => warn!("reload: cannot create the hand-over queue: {e}"),
+            }
+        }
         logging::set_level(config.log_level);
         self.identity = identity;
         self.target = config.workers.resolve();

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod load;
+pub mod sticky;
 
 use std::collections::BTreeSet;
 use std::fs;
