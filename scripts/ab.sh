@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # scripts/ab.sh: compares two raasd builds under the same load, alternating runs so
 # that the noise of a shared machine falls on both alike, and prints the median of
-# each scenario and their ratio (B / A).
+# each scenario and their ratio (B / A): replies per second, and the server's CPU time
+# (master and workers, read from /proc) per reply.
 #
 #   scripts/ab.sh A_BIN_DIR B_BIN_DIR
 #
@@ -37,8 +38,25 @@ run() {
         (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
         sleep 0.02
     done
-    timeout $((SECS + 20)) "$RAAS" bench "127.0.0.1:$port" --duration "$SECS" --json "$@" 2>/dev/null |
-        python3 -c 'import json,sys; print(int(json.load(sys.stdin)["rps"]))'
+    local json
+    json=$(timeout $((SECS + 20)) "$RAAS" bench "127.0.0.1:$port" --duration "$SECS" --json "$@" 2>/dev/null)
+    # Replies per second, and the server's CPU time (master and workers, from /proc)
+    # per reply in microseconds, as "RPS/CPU".
+    python3 - "$SERVER" "$json" <<'PY'
+import json, os, sys
+pid, r = int(sys.argv[1]), json.loads(sys.argv[2])
+ticks = os.sysconf("SC_CLK_TCK")
+def cpu(p):
+    try:
+        f = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+        return int(f[11]) + int(f[12])
+    except OSError:
+        return 0
+kids = [int(d) for d in os.listdir("/proc") if d.isdigit() and os.path.exists(f"/proc/{d}/stat")
+        and open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1] == str(pid)]
+total = cpu(pid) + sum(cpu(k) for k in kids)
+print(f'{int(r["rps"])}/{total / ticks * 1e6 / max(r["replies"], 1):.2f}')
+PY
     kill -TERM "$SERVER" 2>/dev/null
     wait "$SERVER" 2>/dev/null
     SERVER=""
@@ -46,7 +64,7 @@ run() {
 
 median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : int((a[NR/2]+a[NR/2+1])/2)}'; }
 
-printf '%-28s %12s %12s %7s\n' scenario "A median/s" "B median/s" "B/A"
+printf '%-28s %12s %12s %7s %9s %9s %7s\n' scenario "A median/s" "B median/s" "B/A" "A us/rep" "B us/rep" "B/A"
 for scenario in "--mode connect --conns 16" "--mode persist --conns 50 --pipeline 1" "--mode persist --conns 50 --pipeline 16"; do
     a_runs=()
     b_runs=()
@@ -56,8 +74,11 @@ for scenario in "--mode connect --conns 16" "--mode persist --conns 50 --pipelin
         # shellcheck disable=SC2086
         b_runs+=("$(run "$B" $scenario)")
     done
-    a=$(printf '%s\n' "${a_runs[@]}" | median)
-    b=$(printf '%s\n' "${b_runs[@]}" | median)
-    printf '%-28s %12s %12s %7s   (A: %s; B: %s)\n' "${scenario//--mode /}" "$a" "$b" \
-        "$(python3 -c "print(f'{$b/$a:.2f}' if $a else '-')")" "${a_runs[*]}" "${b_runs[*]}"
+    a=$(printf '%s\n' "${a_runs[@]%/*}" | median)
+    b=$(printf '%s\n' "${b_runs[@]%/*}" | median)
+    a_cpu=$(printf '%s\n' "${a_runs[@]#*/}" | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}')
+    b_cpu=$(printf '%s\n' "${b_runs[@]#*/}" | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}')
+    printf '%-28s %12s %12s %7s %9s %9s %7s   (A: %s; B: %s)\n' "${scenario//--mode /}" "$a" "$b" \
+        "$(python3 -c "print(f'{$b/$a:.2f}' if $a else '-')")" "$a_cpu" "$b_cpu" \
+        "$(python3 -c "print(f'{$b_cpu/$a_cpu:.2f}' if $a_cpu else '-')")" "${a_runs[*]}" "${b_runs[*]}"
 done
