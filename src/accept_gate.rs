@@ -23,7 +23,7 @@ use crate::scoreboard::Load;
 
 /// How long a worker over its share stays out of accepting, unless a nudge or its
 /// siblings catching up end the pause sooner.
-pub const STEP_BACK: Duration = Duration::from_millis(2);
+pub const STEP_BACK: Duration = Duration::from_millis(5);
 /// Fewer connections than this never make a worker step back: connect-per-request
 /// clients come and go too fast for an imbalance of a few to matter, and stepping
 /// back for them cost 5 % of that throughput (scripts/ab.sh, floor 2 against none).

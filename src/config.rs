@@ -131,6 +131,15 @@ pub struct Config {
           value_parser = PossibleValuesParser::new(["on", "off"]).map(|s| s == "on"))]
     pub handover: bool,
 
+    /// Control socket (a unix socket path, mode 0600) for `raasd ctl`: status,
+    /// workers N, reload, upgrade, stop, reopen-logs.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
+    /// Serve Prometheus metrics at http://ADDR/metrics (HOST:PORT).
+    #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
+    pub metrics: Option<String>,
+
     /// Directory raasd runs in and a binary upgrade starts from [default: where raasd
     /// was started, as the shell's $PWD names it].
     #[arg(long, value_name = "DIR")]
@@ -440,6 +449,11 @@ impl Config {
                 .as_ref()
                 .map(|p| p.display().to_string()),
         );
+        out += &optional(
+            "control",
+            self.control.as_ref().map(|p| p.display().to_string()),
+        );
+        out += &optional("metrics", self.metrics.clone());
         out += &optional("user", self.user.clone());
         out += &optional("group", self.group.clone());
         out += &format!("socket-mode = \"{:04o}\"\n", self.socket_mode);
@@ -481,6 +495,12 @@ fn heartbeat_interval(timeout_secs: u64) -> Duration {
             (Duration::from_secs(secs) / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
         }
     }
+}
+
+fn parse_metrics_addr(s: &str) -> Result<String, String> {
+    s.parse::<SocketAddr>()
+        .map(|_| s.to_string())
+        .map_err(|_| format!("'{s}' is not HOST:PORT, such as 127.0.0.1:9187"))
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -684,6 +704,12 @@ mod tests {
             "nobody",
             "--group",
             "nogroup",
+            "--handover",
+            "off",
+            "--control",
+            "/run/raasd/ctl.sock",
+            "--metrics",
+            "127.0.0.1:9187",
             "--socket-mode",
             "0600",
             "--pid",

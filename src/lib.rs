@@ -6,6 +6,8 @@
 //! | module | owns |
 //! |---|---|
 //! | [`config`] | the command line and the validated settings |
+//! | [`console`] | the control socket and the metrics endpoint, served by the master's loop |
+//! | [`ctl`] | `raasd ctl`: the control socket's client |
 //! | [`listeners`] | binding listen sockets and accepting from them |
 //! | [`master`] | the supervisor loop: signals, worker slots, spawning, reaping, reloading, upgrading, stopping |
 //! | [`worker`] | the event loop of one worker process |
@@ -28,7 +30,9 @@ pub mod accept_gate;
 pub mod codec;
 pub mod config;
 pub mod connection;
+pub mod console;
 pub mod control;
+pub mod ctl;
 pub mod errors;
 pub mod handoff;
 pub mod listeners;

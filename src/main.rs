@@ -6,6 +6,9 @@ fn main() {
     // Collected first: once the process title overwrites the argv area, the original
     // arguments are gone, and reloads and binary upgrades need them.
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "ctl") {
+        std::process::exit(raasd::ctl::run(&args[1..]));
+    }
     let config = match config::load(&args) {
         Ok(config) => config,
         Err(LoadError::CommandLine(e)) => e.exit(),

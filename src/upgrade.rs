@@ -27,6 +27,35 @@ use crate::listeners::{self, Configured};
 /// `;`, the address as configured (so that a reload matches it).
 pub const LISTEN_FDS: &str = "RAASD_LISTEN_FDS";
 pub const READY_FD: &str = "RAASD_READY_FD";
+/// Names the console's sockets a new master inherits: `control=FD;metrics=FD`.
+pub const CONSOLE_FDS: &str = "RAASD_CONSOLE_FDS";
+
+/// The console sockets the previous master handed over: (name, descriptor).
+pub fn inherited_console() -> Result<Vec<(String, std::os::fd::OwnedFd)>, String> {
+    let Ok(spec) = std::env::var(CONSOLE_FDS) else {
+        return Ok(Vec::new());
+    };
+    let mut out: Vec<(String, std::os::fd::OwnedFd)> = Vec::new();
+    for pair in spec.split(';').filter(|p| !p.is_empty()) {
+        let (name, fd) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("{CONSOLE_FDS}: '{pair}' is not name=fd"))?;
+        let fd: RawFd = fd
+            .parse()
+            .map_err(|_| format!("{CONSOLE_FDS}: bad descriptor '{fd}'"))?;
+        if out.iter().any(|(n, _)| n == name) {
+            return Err(format!("{CONSOLE_FDS}: '{name}' is named twice"));
+        }
+        let owned = crate::process::take_inherited_fd(fd).map_err(|e| {
+            format!(
+                "{CONSOLE_FDS}: descriptor {fd}: {}",
+                crate::errors::plain(&e)
+            )
+        })?;
+        out.push((name.to_string(), owned));
+    }
+    Ok(out)
+}
 pub const GENERATION: &str = "RAASD_GENERATION";
 /// Set when the listeners came from systemd: the successor serves exactly them too.
 pub const SOCKETS_FIXED: &str = "RAASD_SOCKETS_FIXED";
@@ -52,7 +81,7 @@ pub enum Readiness {
 pub fn start_successor(
     exe: &Path,
     args: &[OsString],
-    (listeners, queue): (&[Configured], Option<&Queue>),
+    (listeners, queue, console): (&[Configured], Option<&Queue>, &crate::console::Console),
     generation: u64,
     sockets_fixed: bool,
     start_dir: &Path,
@@ -71,6 +100,20 @@ pub fn start_successor(
     } else {
         command.env_remove(crate::handoff::ENV);
     }
+    // The console's sockets, so that `raasd ctl` and scrapers reach the new master
+    // at the same addresses (a port can have only one listener).
+    let console_fds = console.descriptors();
+    for (_, fd) in &console_fds {
+        fcntl(fd, FcntlArg::F_SETFD(FdFlag::empty()))?;
+    }
+    command.env(
+        CONSOLE_FDS,
+        console_fds
+            .iter()
+            .map(|(name, fd)| format!("{name}={}", fd.as_raw_fd()))
+            .collect::<Vec<_>>()
+            .join(";"),
+    );
     if sockets_fixed {
         command.env(SOCKETS_FIXED, "1");
     } else {
@@ -94,6 +137,9 @@ pub fn start_successor(
         .spawn();
     // Whatever happened, no later child may inherit these.
     let _ = listeners::set_inheritable(listeners, false);
+    for (_, fd) in &console_fds {
+        let _ = fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+    }
     for end in queue.iter().flat_map(|q| q.descriptors()) {
         let _ = fcntl(end, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
     }
@@ -216,8 +262,9 @@ pub fn inherited_listeners() -> Result<Option<(bool, Vec<Configured>)>, String> 
 /// The environment variables by which descriptors and state were handed to this
 /// process: once taken, they are removed, so that nothing adopts a descriptor twice
 /// and no child of ours inherits a stale name.
-pub const HANDED_OVER_VARIABLES: [&str; 8] = [
+pub const HANDED_OVER_VARIABLES: [&str; 9] = [
     crate::handoff::ENV,
+    CONSOLE_FDS,
     LISTEN_FDS,
     READY_FD,
     GENERATION,

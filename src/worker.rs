@@ -615,6 +615,15 @@ impl<'a> Worker<'a> {
         self.traffic.served += traffic.served;
         self.traffic.bytes_in += traffic.bytes_in;
         self.traffic.bytes_out += traffic.bytes_out;
+        // Published at once (relaxed stores, no system call): the console's status
+        // and metrics read them.
+        self.cell.publish(&Counters {
+            connections: self.open as u64,
+            accepted: self.accepted,
+            served: self.traffic.served,
+            bytes_in: self.traffic.bytes_in,
+            bytes_out: self.traffic.bytes_out,
+        });
         let limit_reached = self
             .serving
             .max_requests

@@ -30,6 +30,7 @@ pub(super) enum Upgrade {
     Waiting {
         successor: Successor,
         deadline: Instant,
+        started: Instant,
     },
     /// The new master took over: this one stops without removing what it now owns
     /// (the pid file, the unix socket files) and without telling systemd it stops.
@@ -61,22 +62,22 @@ pub(super) struct Abandoned {
 impl Master {
     /// USR2: starts the binary installed at our path as a new master, handing it
     /// the listeners. It takes over once ready; if it fails, nothing changes here.
-    pub(super) fn start_upgrade(&mut self) {
+    pub(super) fn start_upgrade(&mut self) -> Result<(), String> {
         let busy = !matches!(self.upgrade, Upgrade::Idle);
         if self.stopping.is_some() || busy || self.predecessor.is_some() {
-            warn!("SIGUSR2 ignored: an upgrade or a stop is already under way");
-            return;
+            warn!("upgrade refused: an upgrade or a stop is already under way");
+            return Err("an upgrade or a stop is already under way".to_string());
         }
         if let Some(Err(e)) = self.pid_file.as_mut().map(PidFile::rename_to_oldbin) {
             error!("upgrade aborted: {e}");
-            return;
+            return Err(format!("upgrade aborted: {e}"));
         }
         let sockets_fixed = self.inheritance == Inheritance::Systemd;
         let generation = self.generation + 1;
         match upgrade::start_successor(
             &self.exe,
             &self.args,
-            (&self.listeners, self.handoff.as_ref()),
+            (&self.listeners, self.handoff.as_ref(), &self.console),
             generation,
             sockets_fixed,
             &self.start_dir,
@@ -90,11 +91,13 @@ impl Master {
                 self.upgrade = Upgrade::Waiting {
                     successor,
                     deadline: Instant::now() + self.config.upgrade_timeout(),
+                    started: Instant::now(),
                 };
                 self.title.clear();
             }
             Err(e) => self.roll_back_upgrade(&format!("cannot start {}: {e}", self.exe.display())),
         }
+        Ok(())
     }
 
     /// The successor is ready: it owns the sockets and the pid file now. Retire.
@@ -102,12 +105,25 @@ impl Master {
         let connections_follow = self.config.handover
             && self.handoff.is_some()
             && hand_over_version == Some(handoff::VERSION);
-        let Upgrade::Waiting { successor, .. } = std::mem::replace(
+        let Upgrade::Waiting {
+            successor, started, ..
+        } = std::mem::replace(
             &mut self.upgrade,
             Upgrade::HandedOver { connections_follow },
-        ) else {
+        )
+        else {
             return;
         };
+        let reply = serde_json::json!({
+            "ok": true,
+            "upgrade": "handed over",
+            "new_master": successor.pid.as_raw(),
+            "ready_after_ms": started.elapsed().as_millis() as u64,
+            "connections": if connections_follow { "handed over" } else { "drained" },
+        });
+        self.answer_upgrade_waiters(&reply.to_string());
+        // New clients go to the new master, which holds the same sockets.
+        self.console.close_listeners(false);
         info!(
             "upgrade: new master pid {} is ready; retiring, {}",
             successor.pid,
@@ -143,6 +159,15 @@ impl Master {
         }
         error!("upgrade failed, rolling back: {why}");
         self.title.clear();
+        self.answer_upgrade_waiters(&crate::console::error_reply(&format!("rolled back: {why}")));
+    }
+
+    /// Tells the `raasd ctl upgrade` clients waiting how the upgrade went.
+    pub(super) fn answer_upgrade_waiters(&mut self, reply: &str) {
+        let now = Instant::now();
+        for id in std::mem::take(&mut self.upgrade_waiters) {
+            self.console.reply(id, 200, reply, now);
+        }
     }
 
     /// Ends a successor that will not take over, with everything it started (its
@@ -190,6 +215,7 @@ impl Master {
         let Upgrade::Waiting {
             successor,
             deadline,
+            ..
         } = &self.upgrade
         else {
             return;

@@ -31,6 +31,7 @@ use sd_notify::NotifyState;
 
 use crate::accept_gate::Nudge;
 use crate::config::{self, Config, MAX_WORKERS};
+use crate::console::{Console, Totals};
 use crate::control::{self, Command, MasterEnd, Report};
 use crate::handoff::{self, Queue};
 use crate::listeners::{self, Configured, Inheritance};
@@ -46,6 +47,7 @@ use crate::{logging, title, worker};
 mod handover;
 mod health;
 mod reload;
+mod steering;
 mod workers;
 
 use handover::Upgrade;
@@ -133,6 +135,15 @@ pub struct Master {
     nudge: Option<Nudge>,
     /// Where retiring workers hand their connections over (None with --handover off).
     handoff: Option<Queue>,
+    /// The control socket and the metrics endpoint.
+    console: Console,
+    /// `raasd ctl upgrade` clients waiting to hear how the upgrade went.
+    upgrade_waiters: Vec<u64>,
+    /// When this master started (seconds since the epoch).
+    started_at: u64,
+    /// What workers gone since the master started had done, and why workers were
+    /// replaced: with the live workers' counters, the totals of `status`.
+    totals: Totals,
     /// How many worker slots are wanted.
     target: usize,
     /// Raised by each rotation; workers of older generations are retired.
@@ -166,6 +177,7 @@ impl Master {
             },
         };
         let generation = upgrade::starting_generation();
+        let inherited_console = upgrade::inherited_console()?;
         // The predecessor's hand-over queue, when it speaks our format: its retiring
         // workers hand their connections to ours through it.
         let inherited_queue = match std::env::var(handoff::ENV) {
@@ -256,6 +268,12 @@ impl Master {
             ),
             _ => None,
         };
+        let console = Console::open(
+            config.control.as_deref(),
+            config.metrics.as_deref(),
+            inherited_console,
+        )
+        .inspect_err(|_| owned_files(&listeners))?;
         if let Err(e) = title::init() {
             warn!("process titles unavailable: {e}");
         }
@@ -289,6 +307,10 @@ impl Master {
             workers: Vec::new(),
             nudge: Some(Nudge::new().map_err(|e| format!("cannot create an eventfd: {e}"))?),
             handoff,
+            console,
+            upgrade_waiters: Vec::new(),
+            started_at: epoch_seconds(),
+            totals: Totals::default(),
             generation,
             stopping: None,
             all_accepting_announced: false,
@@ -306,6 +328,7 @@ impl Master {
             self.handle_signals();
             self.reap_all_workers();
             self.read_worker_reports();
+            self.serve_console();
             if self.stopping.is_some() && self.workers.is_empty() {
                 break;
             }
@@ -319,6 +342,9 @@ impl Master {
             self.sleep_until_woken();
         }
         self.finish_abandoned_upgrade(true);
+        self.console.flush();
+        let handed_over = matches!(self.upgrade, Upgrade::HandedOver { .. });
+        self.console.close_listeners(!handed_over);
         if let Some(pid_file) = &self.pid_file {
             pid_file.remove();
         }
@@ -361,11 +387,15 @@ impl Master {
             let gone = self.workers.swap_remove(at);
             let served = self.scoreboard.counters(gone.cell);
             self.scoreboard.release(gone.cell);
+            self.totals.add_gone(&served);
             match gone.life {
-                Life::Killed(why) => warn!(
-                    "worker[{}] pid {pid} was killed by the master ({why})",
-                    gone.slot
-                ),
+                Life::Killed(why) => {
+                    self.totals.count_restart("killed by the master");
+                    warn!(
+                        "worker[{}] pid {pid} was killed by the master ({why})",
+                        gone.slot
+                    )
+                }
                 Life::Retiring => info!(
                     "worker[{}] pid {pid} exited ({how}) after {} on {}",
                     gone.slot,
@@ -375,7 +405,14 @@ impl Master {
                 _ if self.stopping.is_some() => {
                     info!("worker[{}] pid {pid} exited ({how})", gone.slot)
                 }
-                _ => self.note_unexpected_exit(&gone, how),
+                _ => {
+                    self.totals.count_restart(if how.is_own_failure() {
+                        "failed"
+                    } else {
+                        "ended from outside"
+                    });
+                    self.note_unexpected_exit(&gone, how)
+                }
             }
         }
     }
@@ -387,8 +424,12 @@ impl Master {
             match signal {
                 libc::SIGTERM | libc::SIGQUIT => self.stop(false, signals::name(signal)),
                 libc::SIGINT => self.stop(true, signals::name(signal)),
-                libc::SIGHUP => self.reload(),
-                libc::SIGUSR2 => self.start_upgrade(),
+                libc::SIGHUP => {
+                    let _ = self.reload();
+                }
+                libc::SIGUSR2 => {
+                    let _ = self.start_upgrade();
+                }
                 libc::SIGWINCH => self.drain_unless_on_a_terminal(),
                 libc::SIGUSR1 => self.reopen_logs(),
                 libc::SIGTTIN => self.resize(
@@ -442,6 +483,12 @@ impl Master {
         self.health
             .forget_backoff_of_healthy_slots(&self.workers, self.generation, now);
         let retiring = workers::to_retire(&self.workers, self.target, self.generation);
+        let replaced: Vec<Pid> = self
+            .workers
+            .iter()
+            .filter(|w| retiring.contains(&w.pid) && w.life == Life::Replacing)
+            .map(|w| w.pid)
+            .collect();
         for w in self
             .workers
             .iter_mut()
@@ -457,6 +504,12 @@ impl Master {
             Command::GracefulStop
         };
         for pid in retiring {
+            let reason = match self.workers.iter().find(|w| w.pid == pid) {
+                _ if replaced.contains(&pid) => "recycled",
+                Some(w) if w.slot >= self.target => "resize",
+                _ => "reload",
+            };
+            self.totals.count_restart(reason);
             self.retire(pid, command);
         }
         let all_accepting = workers::all_accepting(&self.workers, self.target, self.generation);
@@ -557,6 +610,8 @@ impl Master {
         }
         self.upgrade = Upgrade::Idle;
         self.predecessor = None;
+        // The console is the master's: a worker must hold none of its sockets.
+        self.console = Console::default();
         let listeners = std::mem::take(&mut self.listeners)
             .into_iter()
             .map(|c| c.listener)
@@ -624,6 +679,9 @@ impl Master {
                 successor.pid
             );
             self.abandon(successor.pid);
+            self.answer_upgrade_waiters(&crate::console::error_reply(
+                "abandoned: the server is stopping",
+            ));
         }
         // Our copies of the listen sockets go now: once the workers have drained the
         // accept queue and closed theirs, the port refuses connections. After a hand
@@ -667,8 +725,11 @@ impl Master {
     fn sleep_until_woken(&mut self) {
         let now = Instant::now();
         let deadline = match &self.stopping {
-            Some(s) if !s.killed => Some(s.deadline),
-            Some(_) => None,
+            Some(s) if !s.killed => Some(
+                s.deadline
+                    .min(self.console.next_deadline().unwrap_or(s.deadline)),
+            ),
+            Some(_) => self.console.next_deadline(),
             None => {
                 let checks = [
                     self.fork_retry_at,
@@ -677,6 +738,7 @@ impl Master {
                     (self.config.max_worker_memory > 0).then(|| self.health.next_memory_sample()),
                     self.upgrade.deadline(),
                     self.abandoned.as_ref().map(|a| a.kill_at),
+                    self.console.next_deadline(),
                     (!self.all_accepting_announced || self.health.is_backing_off())
                         .then(|| now + Duration::from_secs(1)),
                 ];
@@ -700,6 +762,15 @@ impl Master {
         fds.push(PollFd::new(signals.fd(), PollFlags::POLLIN));
         if let Upgrade::Waiting { successor, .. } = &self.upgrade {
             fds.push(PollFd::new(successor.fd(), PollFlags::POLLIN));
+        }
+        let interests = self.console.interests();
+        for interest in &interests {
+            let flags = if interest.writable {
+                PollFlags::POLLOUT
+            } else {
+                PollFlags::POLLIN
+            };
+            fds.push(PollFd::new(interest.fd, flags));
         }
         let first_worker = fds.len();
         fds.extend(
@@ -847,6 +918,12 @@ fn has_controlling_terminal() -> bool {
         .custom_flags(libc::O_NOCTTY)
         .open("/dev/tty")
         .is_ok()
+}
+
+fn epoch_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn seed() -> u64 {

@@ -29,9 +29,9 @@ impl Master {
     /// HUP: re-reads the configuration (the file and the original command line),
     /// applies it and rotates the workers onto it. An invalid configuration, or a
     /// new address that cannot be bound, changes nothing.
-    pub(super) fn reload(&mut self) {
+    pub(super) fn reload(&mut self) -> Result<(), String> {
         if self.stopping.is_some() {
-            return;
+            return Err("the server is stopping".to_string());
         }
         notify_systemd(&[NotifyState::Reloading]);
         self.systemd_ready = false;
@@ -75,11 +75,13 @@ impl Master {
         self.config = config;
         info!("configuration reloaded");
         self.rotate_workers();
+        Ok(())
     }
 
-    pub(super) fn reload_failed(&mut self, why: &str) {
+    pub(super) fn reload_failed(&mut self, why: &str) -> Result<(), String> {
         error!("reload failed, the running configuration stays: {why}");
         self.all_accepting_announced = false;
+        Err(why.to_string())
     }
 
     /// Makes the listeners match `config`: kept addresses keep their very socket (no

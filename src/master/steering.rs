@@ -1,0 +1,201 @@
+//! Answering the console: the master's status, its metrics, and the commands of
+//! `raasd ctl`, which have the same effects as the signals.
+//!
+//! The sockets and the protocols are [`crate::console`]'s; here the master reads
+//! its own state into a [`Status`] and dispatches a command to the verb a signal
+//! would have called. Nothing here blocks: an `upgrade` is answered when it ends.
+
+use std::time::Instant;
+
+use log::debug;
+
+use super::Master;
+use super::handover::Upgrade;
+use super::workers::{self, Life};
+use crate::console::{
+    self, ListenerStatus, MasterStatus, Request, Status, Totals, WorkerStatus, error_reply,
+};
+use crate::listeners::Listener;
+
+impl Master {
+    /// Serves the console's clients: takes the complete requests and answers them.
+    pub(super) fn serve_console(&mut self) {
+        let now = Instant::now();
+        for (id, request) in self.console.serve(now) {
+            let reply = match request {
+                Request::Status => {
+                    let status = self.status();
+                    serde_json::to_string(&status).unwrap_or_else(|e| error_reply(&e.to_string()))
+                }
+                Request::Metrics => {
+                    let status = self.status();
+                    self.console.reply(id, 200, &console::metrics(&status), now);
+                    continue;
+                }
+                Request::Workers(n) if self.stopping.is_some() => {
+                    let _ = n;
+                    error_reply("the server is stopping")
+                }
+                Request::Workers(n) => {
+                    self.resize(n, "raasd ctl workers");
+                    serde_json::json!({ "ok": true, "workers": n }).to_string()
+                }
+                Request::Reload => match self.reload() {
+                    Ok(()) => {
+                        serde_json::json!({ "ok": true, "generation": self.generation }).to_string()
+                    }
+                    Err(why) => error_reply(&format!("reload failed, nothing changed: {why}")),
+                },
+                Request::Upgrade => {
+                    // Answered when the new master is ready or the upgrade rolled back.
+                    self.upgrade_waiters.push(id);
+                    match self.start_upgrade() {
+                        Ok(()) => continue,
+                        Err(why) => {
+                            self.upgrade_waiters.retain(|&w| w != id);
+                            error_reply(&why)
+                        }
+                    }
+                }
+                Request::Stop { quick } => {
+                    let reply = serde_json::json!({ "ok": true, "stopping": if quick { "quick" } else { "graceful" } });
+                    self.console.reply(id, 200, &reply.to_string(), now);
+                    self.stop(quick, "raasd ctl stop");
+                    continue;
+                }
+                Request::ReopenLogs => {
+                    self.reopen_logs();
+                    serde_json::json!({ "ok": true }).to_string()
+                }
+            };
+            self.console.reply(id, 200, &reply, now);
+        }
+    }
+
+    /// The status of the server, read now.
+    pub(super) fn status(&mut self) -> Status {
+        let now_epoch = super::epoch_seconds();
+        let now = Instant::now();
+        let now_ms = crate::scoreboard::monotonic_ms();
+        let state = match (&self.upgrade, &self.stopping) {
+            (Upgrade::Waiting { .. }, _) => "upgrading",
+            (Upgrade::HandedOver { .. }, _) => "handed over",
+            (_, Some(_)) => "stopping",
+            _ => "serving",
+        };
+        let accepting = (0..self.target)
+            .filter(|&slot| {
+                workers::current(&self.workers, slot, self.generation)
+                    .is_some_and(|w| w.life == Life::Accepting)
+            })
+            .count();
+        let mut totals: Totals = self.totals.clone();
+        let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+            .ok()
+            .flatten()
+            .unwrap_or(4096) as u64;
+        let mut worker_status = Vec::with_capacity(self.workers.len());
+        for w in &self.workers {
+            let c = self.scoreboard.counters(w.cell);
+            totals.requests += c.served;
+            totals.connections += c.accepted;
+            totals.bytes_in += c.bytes_in;
+            totals.bytes_out += c.bytes_out;
+            let resident = std::fs::read_to_string(format!("/proc/{}/statm", w.pid))
+                .ok()
+                .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .map(|pages| pages * page);
+            worker_status.push(WorkerStatus {
+                slot: w.slot,
+                pid: w.pid.as_raw(),
+                generation: w.generation,
+                state: match w.life {
+                    Life::Starting => "starting",
+                    Life::Accepting => "accepting",
+                    Life::Replacing => "replacing",
+                    Life::Retiring => "retiring",
+                    Life::Killed(_) => "killed",
+                },
+                started_at: now_epoch.saturating_sub(now.duration_since(w.spawned_at).as_secs()),
+                connections: c.connections,
+                requests: c.served,
+                bytes_in: c.bytes_in,
+                bytes_out: c.bytes_out,
+                heartbeat_age_ms: self.scoreboard.heartbeat_age_ms(w.cell, now_ms),
+                resident_bytes: resident,
+            });
+        }
+        worker_status.sort_by_key(|w| (w.slot, w.pid));
+        let listeners = self
+            .listeners
+            .iter()
+            .map(|c| {
+                let queue = accept_queue(&c.listener);
+                ListenerStatus {
+                    address: c.listener.local_addr(),
+                    queue,
+                    backlog: queue.map(|_| effective_backlog(self.config.backlog)),
+                }
+            })
+            .collect();
+        debug!("status asked for");
+        Status {
+            master: MasterStatus {
+                pid: std::process::id(),
+                version: env!("CARGO_PKG_VERSION"),
+                started_at: self.started_at,
+                config_file: self.config.config.as_ref().map(|p| p.display().to_string()),
+                generation: self.generation,
+                target_workers: self.target,
+                accepting_workers: accepting,
+                state: state.to_string(),
+                handover: self.config.handover && self.handoff.is_some(),
+            },
+            listeners,
+            workers: worker_status,
+            totals,
+        }
+    }
+}
+
+/// The accept queue's capacity: --backlog, capped by the kernel's somaxconn.
+fn effective_backlog(backlog: u32) -> u32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .map_or(backlog, |max| backlog.min(max))
+}
+
+/// How many connections wait in a TCP listener's accept queue, from
+/// /proc/net/tcp{,6}, where a listening socket's line shows it as its receive queue.
+fn accept_queue(listener: &Listener) -> Option<u32> {
+    use std::os::fd::{AsFd, AsRawFd};
+    use std::os::unix::fs::MetadataExt;
+    let Listener::Tcp(tcp) = listener else {
+        return None;
+    };
+    let inode = std::fs::metadata(format!("/proc/self/fd/{}", tcp.as_fd().as_raw_fd()))
+        .ok()?
+        .ino()
+        .to_string();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() <= 9 {
+                continue;
+            }
+            if f[3] != "0A" {
+                // Listening sockets come first; the rest are connections.
+                break;
+            }
+            if f[9] == inode {
+                let (_, rx) = f[4].split_once(':')?;
+                return u32::from_str_radix(rx, 16).ok();
+            }
+        }
+    }
+    None
+}

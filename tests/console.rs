@@ -1,0 +1,340 @@
+//! The operator's console: `raasd ctl` over the control socket, the status JSON, the
+//! Prometheus endpoint, and a console that no client can use to stall supervision.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// A directory of its own (mode 0755, so another user can reach a socket in it).
+fn dir(tag: &str) -> (PathBuf, RemoveDirOnDrop) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = temp_path(tag);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (dir.clone(), RemoveDirOnDrop(dir))
+}
+
+/// Runs `raasd ctl --control SOCKET ARGS...`: (exit code, stdout, stderr).
+fn ctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .arg("ctl")
+        .arg("--control")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("raasd ctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn status(socket: &Path) -> serde_json::Value {
+    let (code, out, err) = ctl(socket, &["status", "--json"]);
+    assert_eq!(code, 0, "raasd ctl status: {out} {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status is not JSON ({e}): {out}"))
+}
+
+fn start(socket: &Path, extra: &[&str]) -> Server {
+    let socket = socket.to_str().unwrap();
+    let mut args = vec!["-w", "2", "-l", "127.0.0.1:0", "--control", socket];
+    args.extend_from_slice(extra);
+    let s = Server::start(&args);
+    s.wait_for_log("all 2 workers accepting", SOON);
+    s
+}
+
+#[test]
+fn status_adds_up_to_the_replies_clients_received() {
+    let (dir, _cleanup) = dir("ctl-status");
+    let socket = dir.join("ctl.sock");
+    let s = start(&socket, &[]);
+    let addr = s.addr();
+    let mut clients: Vec<LineClient<TcpStream>> = (0..4)
+        .map(|_| LineClient::connect(addr).expect("connect"))
+        .collect();
+    let mut replies = 0u64;
+    let mut bytes = 0u64;
+    for (c, client) in clients.iter_mut().enumerate() {
+        for i in 0..25 {
+            let line = format!("client {c} line {i}");
+            assert_eq!(client.roundtrip(&line), reverse_ascii(&line));
+            replies += 1;
+            bytes += line.len() as u64 + 1;
+        }
+    }
+    let st = status(&socket);
+    assert_eq!(st["master"]["pid"], s.pid(), "{st}");
+    assert_eq!(st["master"]["target_workers"], 2);
+    assert_eq!(st["master"]["accepting_workers"], 2);
+    assert_eq!(st["master"]["state"], "serving");
+    assert_eq!(st["totals"]["requests"], replies, "{st}");
+    assert_eq!(st["totals"]["bytes_in"], bytes, "{st}");
+    assert_eq!(st["totals"]["bytes_out"], bytes, "{st}");
+    assert_eq!(st["totals"]["connections"], 4);
+    let workers = st["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 2);
+    let open: u64 = workers
+        .iter()
+        .map(|w| w["connections"].as_u64().unwrap())
+        .sum();
+    assert_eq!(open, 4);
+    let pids: Vec<i64> = workers.iter().map(|w| w["pid"].as_i64().unwrap()).collect();
+    let live: Vec<i64> = s.wait_workers(2).iter().map(|w| w.pid as i64).collect();
+    assert_eq!(pids, live);
+    assert_eq!(st["listeners"][0]["address"], addr.to_string());
+    assert_eq!(st["listeners"][0]["queue"], 0);
+    // Totals survive a rotation.
+    s.signal(Signal::SIGHUP);
+    s.wait_for_log_nth("all 2 workers accepting", 2, SOON);
+    wait_until("the old generation to be gone", SOON, || {
+        s.workers().len() == 2
+    });
+    let after = status(&socket);
+    assert!(
+        after["totals"]["requests"].as_u64().unwrap() >= replies,
+        "{after}"
+    );
+    assert_eq!(after["totals"]["restarts"]["reload"], 2, "{after}");
+    // The table for a person.
+    let (code, table, _) = ctl(&socket, &["status"]);
+    assert_eq!(code, 0);
+    assert!(
+        table.contains("generation 2, serving: 2/2 workers accepting"),
+        "{table}"
+    );
+}
+
+#[test]
+fn workers_n_sets_exactly_n_without_a_signal() {
+    let (dir, _cleanup) = dir("ctl-workers");
+    let socket = dir.join("ctl.sock");
+    let s = start(&socket, &[]);
+    let (code, out, _) = ctl(&socket, &["workers", "5"]);
+    assert_eq!((code, out.trim()), (0, r#"{"ok":true,"workers":5}"#));
+    s.wait_workers(5);
+    let (code, _, _) = ctl(&socket, &["workers", "2"]);
+    assert_eq!(code, 0);
+    s.wait_workers(2);
+    assert_eq!(s.count_log("raasd ctl workers: workers: 5 -> 2"), 1);
+    // Bad input gets a clear error and exit status 2 (usage) before anything is sent.
+    let (code, _, err) = ctl(&socket, &["workers", "lots"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("not a worker count"), "{err}");
+    let (code, _, err) = ctl(&socket, &["dance"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("unknown command 'dance'"), "{err}");
+    // Unreachable: exit 1.
+    let (code, _, err) = ctl(&dir.join("nothing.sock"), &["status"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot reach"), "{err}");
+}
+
+#[test]
+fn upgrade_reports_the_hand_over_and_then_a_rollback_with_its_reason() {
+    let (dir, _cleanup) = dir("ctl-upgrade");
+    let socket = dir.join("ctl.sock");
+    let exe = dir.join("raasd");
+    let copied = Command::new("cp").arg(BIN).arg(&exe).status().expect("cp");
+    assert!(copied.success());
+    let sock = socket.to_str().unwrap();
+    let s = Server::start_program(
+        &exe,
+        &["-w", "2", "-l", "127.0.0.1:0", "--control", sock],
+        &[],
+        |_| {},
+    );
+    s.wait_for_log("all 2 workers accepting", SOON);
+    let (code, out, err) = ctl(&socket, &["upgrade"]);
+    assert_eq!(code, 0, "{out} {err}");
+    let reply: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(reply["upgrade"], "handed over", "{reply}");
+    let new_pid = reply["new_master"].as_i64().unwrap() as i32;
+    assert_eq!(s.wait_exit(SOON).code(), Some(0));
+    // The new master answers on the same control socket.
+    let st = status(&socket);
+    assert_eq!(st["master"]["pid"], new_pid);
+    assert_eq!(st["master"]["generation"], 2);
+
+    // Now a "binary" that fails at once: the upgrade is rolled back, and said so.
+    let replaced = Command::new("sh")
+        .arg("-c")
+        .arg(r#"printf '#!/bin/sh\nexit 3\n' > "$1.new" && chmod 755 "$1.new" && mv -f "$1.new" "$1""#)
+        .arg("sh")
+        .arg(&exe)
+        .status()
+        .expect("sh");
+    assert!(replaced.success());
+    let (code, _, err) = ctl(&socket, &["upgrade"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("rolled back") && err.contains("the new master exited"),
+        "{err}"
+    );
+    assert_eq!(status(&socket)["master"]["pid"], new_pid);
+    kill(Pid::from_raw(new_pid), Signal::SIGTERM).unwrap();
+    wait_until("the second master to exit", SOON, || !alive(new_pid));
+}
+
+#[test]
+fn metrics_parse_with_the_prometheus_client_parser() {
+    let (dir, _cleanup) = dir("metrics");
+    let socket = dir.join("ctl.sock");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let s = start(&socket, &["--metrics", &metrics]);
+    let addr = s.addr();
+    for i in 0..10 {
+        let l = format!("metric {i}");
+        assert_eq!(roundtrip(addr, &l), reverse_ascii(&l));
+    }
+    let mut stream = TcpStream::connect(&metrics).expect("connect to --metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    let parser = r#"
+import sys
+from prometheus_client.parser import text_string_to_metric_families
+seen = {}
+for family in text_string_to_metric_families(sys.stdin.read()):
+    for sample in family.samples:
+        seen[sample.name] = seen.get(sample.name, 0) + sample.value
+for name in sorted(seen):
+    print(name, seen[name])
+"#;
+    let mut child = Command::new("python3")
+        .args(["-c", parser])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(body.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the Prometheus parser refused the metrics (is prometheus_client installed? .ci/run installs it):\n{}\n{body}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let parsed = String::from_utf8_lossy(&out.stdout);
+    let value = |name: &str| -> Option<f64> {
+        parsed
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} "))?.parse().ok())
+    };
+    assert_eq!(value("raasd_requests_total"), Some(10.0), "{parsed}");
+    assert_eq!(value("raasd_workers"), Some(2.0), "{parsed}");
+    assert_eq!(value("raasd_bytes_received_total"), Some(90.0), "{parsed}");
+    assert!(parsed.contains("raasd_listen_queue_length "), "{parsed}");
+    assert!(parsed.contains("raasd_connections "), "{parsed}");
+    // Anything else is a clear error.
+    let mut other = TcpStream::connect(&metrics).unwrap();
+    other.write_all(b"GET /other HTTP/1.1\r\n\r\n").unwrap();
+    let mut response = String::new();
+    other.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+}
+
+#[test]
+fn hostile_console_clients_never_stall_supervision() {
+    let (dir, _cleanup) = dir("ctl-hostile");
+    let socket = dir.join("ctl.sock");
+    let s = start(&socket, &["--timeout", "2"]);
+    let addr = s.addr();
+    // One that connects and says nothing; one that sends 100 kB of garbage; then a
+    // thousand at once.
+    let _silent = UnixStream::connect(&socket).unwrap();
+    let mut garbage = UnixStream::connect(&socket).unwrap();
+    let mut seed: u32 = 12345;
+    let noise: Vec<u8> = (0..100_000)
+        .map(|_| {
+            seed = seed.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            (seed >> 16) as u8 | 1
+        })
+        .filter(|&b| b != b'\n')
+        .collect();
+    let _ = garbage.write_all(&noise);
+    let crowd: Vec<UnixStream> = (0..1000)
+        .filter_map(|_| UnixStream::connect(&socket).ok())
+        .collect();
+    eprintln!("{} of 1000 connected", crowd.len());
+    // Supervision goes on: a worker killed meanwhile is replaced.
+    let victim = s.wait_workers(2)[0].clone();
+    kill(Pid::from_raw(victim.pid), Signal::SIGKILL).unwrap();
+    wait_until("the killed worker's replacement", SOON, || {
+        let now = s.workers();
+        now.len() == 2 && now.iter().all(|w| w.pid != victim.pid)
+    });
+    assert_eq!(roundtrip(addr, "served"), "devres");
+    // The garbage got an error, not a hang.
+    garbage
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut answer = String::new();
+    let _ = BufReader::new(&garbage).read_line(&mut answer);
+    assert!(answer.contains("\"ok\":false"), "{answer:?}");
+    drop(crowd);
+    // And status still answers.
+    wait_until("status to answer", SOON, || {
+        ctl(&socket, &["status"]).0 == 0
+    });
+}
+
+#[test]
+fn another_user_cannot_use_the_control_socket() {
+    let (dir, _cleanup) = dir("ctl-perms");
+    let socket = dir.join("ctl.sock");
+    let _s = start(&socket, &[]);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the control socket's mode");
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    let nobody: Vec<&str> = passwd
+        .lines()
+        .find(|l| l.starts_with("nobody:"))
+        .unwrap()
+        .split(':')
+        .collect();
+    let (uid, gid): (u32, u32) = (nobody[2].parse().unwrap(), nobody[3].parse().unwrap());
+    // A copy of raasd that nobody may execute (the build directory may be closed).
+    let exe = dir.join("raasd");
+    let copied = Command::new("cp").arg(BIN).arg(&exe).status().expect("cp");
+    assert!(copied.success());
+    let out = Command::new(&exe)
+        .arg("ctl")
+        .arg("--control")
+        .arg(&socket)
+        .arg("status")
+        .uid(uid)
+        .gid(gid)
+        .output()
+        .expect("raasd ctl as nobody");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("permission denied"), "{err}");
+}
