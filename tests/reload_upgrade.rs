@@ -290,7 +290,21 @@ impl Notify {
     }
 
     /// The next datagram, waited for up to SOON.
+    /// The next datagram that says something else than STATUS= or WATCHDOG=1 (those
+    /// come at any time).
     fn next(&self, what: &str) -> String {
+        loop {
+            let msg = self.next_any(what);
+            if !msg
+                .lines()
+                .all(|l| l.starts_with("STATUS=") || l == "WATCHDOG=1")
+            {
+                return msg;
+            }
+        }
+    }
+
+    fn next_any(&self, what: &str) -> String {
         let start = Instant::now();
         let mut buf = [0u8; 4096];
         loop {
@@ -305,6 +319,19 @@ impl Notify {
                 Err(e) => panic!("reading the notify socket: {e}"),
             }
         }
+    }
+
+    /// Every datagram that arrives within `window`.
+    fn collect(&self, window: Duration) -> Vec<String> {
+        let start = Instant::now();
+        let mut buf = [0u8; 4096];
+        let mut out = Vec::new();
+        while start.elapsed() < window {
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        out
     }
 
     /// The next datagram must carry `state` (as one of its lines).
@@ -1383,6 +1410,81 @@ fn socket_activation_survives_an_upgrade() {
     });
     let err = TcpStream::connect(addr).expect_err("the socket is closed");
     assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+}
+
+#[test]
+fn systemd_hears_the_status_and_watchdog_pings_only_while_workers_beat() {
+    let dir = TempDir::new("watchdog");
+    let notify = Notify::bind(dir.join("notify.sock"));
+    let path = path_str(&notify.path).to_owned();
+    let s = Server::start_with(
+        &["-w", "2", "-l", "127.0.0.1:0", "--timeout", "2"],
+        &[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "200000")],
+        |_| {},
+    );
+    let addr = s.addr();
+    notify.expect("READY=1");
+    let heard = notify.collect(Duration::from_millis(800));
+    let pings = heard
+        .iter()
+        .filter(|m| m.lines().any(|l| l == "WATCHDOG=1"))
+        .count();
+    assert!(
+        pings >= 3,
+        "WATCHDOG=1 every 100 ms expected, heard {heard:?}"
+    );
+    s.signal(Signal::SIGTTIN);
+    wait_until("STATUS= with the new worker count", SOON, || {
+        notify.collect(Duration::from_millis(100)).iter().any(|m| {
+            m.contains(&format!(
+                "STATUS=raasd master gen 1 -w 3 {addr}: 3/3 workers"
+            ))
+        })
+    });
+    // Every worker frozen: once their heartbeats are late, the pings stop.
+    let workers = s.wait_workers(3);
+    let _thaw = ContinueOnDrop(workers.iter().map(|w| w.pid).collect());
+    for w in &workers {
+        sigstop(w.pid);
+    }
+    wait_title(
+        s.pid(),
+        &format!("raasd master gen 1 -w 3 {addr}: 0/3 workers, 3 late"),
+    );
+    // What was sent before the master saw them late is behind that STATUS= line.
+    while !notify.next_any("the late STATUS=").contains("3 late") {}
+    let late = notify.collect(Duration::from_millis(600));
+    assert!(
+        !late.iter().any(|m| m.lines().any(|l| l == "WATCHDOG=1")),
+        "pinged while every worker was late: {late:?}"
+    );
+    for w in &workers {
+        let _ = kill(Pid::from_raw(w.pid), Signal::SIGCONT);
+    }
+    wait_until("the pings to resume", SOON, || {
+        notify
+            .collect(Duration::from_millis(100))
+            .iter()
+            .any(|m| m.lines().any(|l| l == "WATCHDOG=1"))
+    });
+}
+
+fn sigstop(pid: i32) {
+    let _ = kill(Pid::from_raw(pid), Signal::SIGSTOP);
+    wait_until(&format!("pid {pid} to be stopped"), SOON, || {
+        matches!(proc_state(pid), Some('T' | 't'))
+    });
+}
+
+/// Continues stopped processes when dropped (a failing test leaves none stopped).
+struct ContinueOnDrop(Vec<i32>);
+
+impl Drop for ContinueOnDrop {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+        }
+    }
 }
 
 #[test]

@@ -137,6 +137,8 @@ pub struct Master {
     handoff: Option<Queue>,
     /// The control socket and the metrics endpoint.
     console: Console,
+    /// systemd's watchdog (WATCHDOG_USEC): how often to ping, and when next.
+    watchdog: Option<(Duration, Instant)>,
     /// `raasd ctl upgrade` clients waiting to hear how the upgrade went.
     upgrade_waiters: Vec<u64>,
     /// When this master started (seconds since the epoch).
@@ -309,6 +311,7 @@ impl Master {
             handoff,
             console,
             upgrade_waiters: Vec::new(),
+            watchdog: sd_notify::watchdog_enabled().map(|usec| (usec / 2, Instant::now())),
             started_at: epoch_seconds(),
             totals: Totals::default(),
             generation,
@@ -338,6 +341,7 @@ impl Master {
             self.murder_lazy_workers();
             self.replace_bloated_workers();
             self.kill_workers_past_deadline();
+            self.tend_watchdog();
             self.show_title();
             self.sleep_until_woken();
         }
@@ -720,6 +724,28 @@ impl Master {
         }
     }
 
+    /// systemd's watchdog hears from the master while its loop runs and every
+    /// worker of the current generation beats in time: a master that hangs, or whose
+    /// workers all wedge, is restarted by systemd (WatchdogSec=).
+    fn tend_watchdog(&mut self) {
+        let Some((every, next)) = self.watchdog else {
+            return;
+        };
+        let now = Instant::now();
+        if now < next || self.stopping.is_some() {
+            return;
+        }
+        let healthy = self
+            .workers
+            .iter()
+            .filter(|w| w.is_current(self.generation))
+            .all(|w| !self.is_late(w));
+        if healthy {
+            notify_systemd(&[NotifyState::Watchdog]);
+        }
+        self.watchdog = Some((every, now + every));
+    }
+
     /// Waits for a signal, a worker's message or the next deadline; notes whose
     /// channel woke it.
     fn sleep_until_woken(&mut self) {
@@ -739,6 +765,7 @@ impl Master {
                     self.upgrade.deadline(),
                     self.abandoned.as_ref().map(|a| a.kill_at),
                     self.console.next_deadline(),
+                    self.watchdog.map(|(_, next)| next),
                     (!self.all_accepting_announced || self.health.is_backing_off())
                         .then(|| now + Duration::from_secs(1)),
                 ];
@@ -855,6 +882,8 @@ impl Master {
             self.target
         );
         if text != self.title {
+            // systemctl status shows the same line.
+            notify_systemd(&[NotifyState::Status(&text)]);
             title::set(&text);
             self.title = text;
         }
