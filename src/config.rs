@@ -140,6 +140,11 @@ pub struct Config {
     #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
     pub metrics: Option<String>,
 
+    /// A name in the process titles (`raasd master NAME ...`), so that several
+    /// instances can be told apart in ps.
+    #[arg(long, value_name = "NAME", value_parser = parse_name)]
+    pub name: Option<String>,
+
     /// Directory raasd runs in and a binary upgrade starts from [default: where raasd
     /// was started, as the shell's $PWD names it].
     #[arg(long, value_name = "DIR")]
@@ -454,6 +459,7 @@ impl Config {
             self.control.as_ref().map(|p| p.display().to_string()),
         );
         out += &optional("metrics", self.metrics.clone());
+        out += &optional("name", self.name.clone());
         out += &optional("user", self.user.clone());
         out += &optional("group", self.group.clone());
         out += &format!("socket-mode = \"{:04o}\"\n", self.socket_mode);
@@ -495,6 +501,15 @@ fn heartbeat_interval(timeout_secs: u64) -> Duration {
             (Duration::from_secs(secs) / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
         }
     }
+}
+
+fn parse_name(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 32 || !s.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(format!(
+            "'{s}' is not a name: 1 to 32 visible ASCII characters, no spaces"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 fn parse_metrics_addr(s: &str) -> Result<String, String> {
@@ -710,6 +725,8 @@ mod tests {
             "/run/raasd/ctl.sock",
             "--metrics",
             "127.0.0.1:9187",
+            "--name",
+            "web",
             "--socket-mode",
             "0600",
             "--pid",

@@ -98,6 +98,8 @@ pub struct Who {
     pub generation: u64,
     /// The master that forked it.
     pub master: nix::unistd::Pid,
+    /// --name, shown in the title.
+    pub name: Option<&'static str>,
 }
 
 struct Worker<'a> {
@@ -660,8 +662,10 @@ impl<'a> Worker<'a> {
         self.title_shown = Some(now);
         let (slot, generation) = (self.who.slot, self.who.generation);
         let mut text = format!(
-            "raasd worker[{slot}] gen {generation}: {} conns, {} served",
-            self.open, self.traffic.served
+            "raasd worker[{slot}]{} gen {generation}: {} conns, {} served",
+            crate::master::name_part(self.who.name),
+            self.open,
+            self.traffic.served
         );
         if self.taken_over > 0 {
             text += &format!(", took over {}", self.taken_over);

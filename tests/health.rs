@@ -406,7 +406,7 @@ fn frozen_workers_show_late_and_are_killed_only_after_the_whole_timeout() {
     }
     wait_title(
         s.pid(),
-        &format!("raasd master gen 1 -w 6 {addr}: 0/6 workers, 6 late"),
+        &format!("raasd master gen 1: 0/6 workers, 6 late -w 6 {addr}"),
     );
     for w in &workers {
         let line = s.wait_for_log(&format!("pid {} missed its heartbeat", w.pid), SOON);
@@ -420,7 +420,7 @@ fn frozen_workers_show_late_and_are_killed_only_after_the_whole_timeout() {
     s.wait_for_log("all 6 workers accepting", SOON);
     wait_title(
         s.pid(),
-        &format!("raasd master gen 1 -w 6 {addr}: 6/6 workers"),
+        &format!("raasd master gen 1: 6/6 workers -w 6 {addr}"),
     );
 }
 

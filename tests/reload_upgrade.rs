@@ -375,7 +375,7 @@ fn hup_five_times_in_a_row_under_load() {
         }
         wait_title(
             s.pid(),
-            &format!("raasd master gen {generation} -w 2 {addr}: 2/2 workers"),
+            &format!("raasd master gen {generation}: 2/2 workers -w 2 {addr}"),
         );
         // The new generation serves before the next HUP.
         load.wait_replies(100, SOON);
@@ -418,7 +418,7 @@ fn hup_storm_each_hup_a_generation() {
     assert!(first.iter().all(|w| !alive(w.pid)));
     wait_title(
         s.pid(),
-        &format!("raasd master gen 6 -w 2 {addr}: 2/2 workers"),
+        &format!("raasd master gen 6: 2/2 workers -w 2 {addr}"),
     );
     load.wait_replies(300, SOON);
     load.stop().assert_clean();
@@ -446,7 +446,7 @@ fn hup_applies_a_changed_worker_count() {
     assert_generation(&three, 2);
     wait_title(
         s.pid(),
-        &format!("raasd master gen 2 -w 3 {addr}: 3/3 workers"),
+        &format!("raasd master gen 2: 3/3 workers -w 3 {addr}"),
     );
     load.wait_replies(200, SOON);
 
@@ -457,7 +457,7 @@ fn hup_applies_a_changed_worker_count() {
     assert_generation(&one, 3);
     wait_title(
         s.pid(),
-        &format!("raasd master gen 3 -w 1 {addr}: 1/1 workers"),
+        &format!("raasd master gen 3: 1/1 workers -w 1 {addr}"),
     );
     load.wait_replies(200, SOON);
 
@@ -503,7 +503,7 @@ fn hup_adds_then_removes_a_unix_listener() {
     wait_title(
         s.pid(),
         &format!(
-            "raasd master gen 2 -w 2 {addr} unix:{}: 2/2 workers",
+            "raasd master gen 2: 2/2 workers -w 2 {addr} unix:{}",
             sock.display()
         ),
     );
@@ -544,7 +544,7 @@ fn hup_adds_then_removes_a_unix_listener() {
     assert!(holds_socket(s.pid(), inode));
     wait_title(
         s.pid(),
-        &format!("raasd master gen 3 -w 2 {addr}: 2/2 workers"),
+        &format!("raasd master gen 3: 2/2 workers -w 2 {addr}"),
     );
     tcp_load.stop().assert_clean();
 }
@@ -640,7 +640,7 @@ fn hup_with_a_broken_config_changes_nothing() {
         assert_generation(&now, 1);
         wait_title(
             s.pid(),
-            &format!("raasd master gen 1 -w 2 {addr}: 2/2 workers"),
+            &format!("raasd master gen 1: 2/2 workers -w 2 {addr}"),
         );
     }
     assert_eq!(s.count_log("rotating workers"), 0);
@@ -740,7 +740,7 @@ fn usr2_hands_over_to_a_new_master() {
     assert!(pid_set(&new_workers).is_disjoint(&pid_set(&old_workers)));
     wait_title(
         new_pid,
-        &format!("raasd master gen 2 -w 2 {addr}: 2/2 workers"),
+        &format!("raasd master gen 2: 2/2 workers -w 2 {addr}"),
     );
     assert_eq!(tcp_listen_inode(addr), Some(inode));
     assert!(holds_socket(new_pid, inode));
@@ -761,7 +761,7 @@ fn usr2_hands_over_to_a_new_master() {
     assert_generation(&third_workers, 3);
     wait_title(
         third_pid,
-        &format!("raasd master gen 3 -w 2 {addr}: 2/2 workers"),
+        &format!("raasd master gen 3: 2/2 workers -w 2 {addr}"),
     );
     assert!(holds_socket(third_pid, inode));
     load.wait_replies(300, SOON);
@@ -815,7 +815,7 @@ fn assert_rolled_back(
     });
     wait_title(
         master,
-        &format!("raasd master gen 1 -w 2 {addr}: 2/2 workers"),
+        &format!("raasd master gen 1: 2/2 workers -w 2 {addr}"),
     );
     load.wait_replies(300, SOON);
     let now = wait_workers_of(master, 2);
@@ -1082,7 +1082,7 @@ fn usr2_follows_a_switched_current_symlink() {
     s.wait_for_log(&format!("new master pid {new_pid} is ready"), SOON);
     wait_title(
         new_pid,
-        &format!("raasd master gen 2 -w 3 {addr}: 3/3 workers"),
+        &format!("raasd master gen 2: 3/3 workers -w 3 {addr}"),
     );
     assert_eq!(s.wait_exit(SOON).code(), Some(0));
     assert_eq!(roundtrip(addr, "release 2"), "2 esaeler");
@@ -1132,7 +1132,7 @@ fn ttin_ttou_storm_under_load() {
     assert_generation(&workers, 1);
     wait_title(
         s.pid(),
-        &format!("raasd master gen 1 -w 6 {addr}: 6/6 workers"),
+        &format!("raasd master gen 1: 6/6 workers -w 6 {addr}"),
     );
     load.wait_replies(300, SOON);
     load.stop().assert_clean();
@@ -1166,7 +1166,7 @@ fn winch_retires_every_worker_and_ttin_brings_one_back() {
     assert!(s.try_status().is_none(), "the master stays");
     wait_title(
         s.pid(),
-        &format!("raasd master gen 1 -w 0 {addr}: 0/0 workers"),
+        &format!("raasd master gen 1: 0/0 workers -w 0 {addr}"),
     );
 
     // The port still takes connections into its backlog, but nothing answers.
@@ -1207,7 +1207,7 @@ fn winch_retires_every_worker_and_ttin_brings_one_back() {
     load.wait_replies(300, SOON);
     wait_title(
         s.pid(),
-        &format!("raasd master gen 1 -w 1 {addr}: 1/1 workers"),
+        &format!("raasd master gen 1: 1/1 workers -w 1 {addr}"),
     );
 
     // HUP brings back the count of the command line, as a new generation. (The queued
@@ -1337,7 +1337,7 @@ fn socket_activation_serves_the_passed_socket() {
     let workers = wait_workers_of(d.pid(), 2);
     wait_title(
         d.pid(),
-        &format!("raasd master gen 1 -w 2 {addr}: 2/2 workers"),
+        &format!("raasd master gen 1: 2/2 workers -w 2 {addr}"),
     );
 
     let load = start_load(addr);
@@ -1397,7 +1397,7 @@ fn socket_activation_survives_an_upgrade() {
     );
     wait_title(
         new_pid,
-        &format!("raasd master gen 2 -w 2 {addr}: 2/2 workers"),
+        &format!("raasd master gen 2: 2/2 workers -w 2 {addr}"),
     );
     load.wait_replies(300, SOON);
     load.stop().assert_clean();
@@ -1437,7 +1437,7 @@ fn systemd_hears_the_status_and_watchdog_pings_only_while_workers_beat() {
     wait_until("STATUS= with the new worker count", SOON, || {
         notify.collect(Duration::from_millis(100)).iter().any(|m| {
             m.contains(&format!(
-                "STATUS=raasd master gen 1 -w 3 {addr}: 3/3 workers"
+                "STATUS=raasd master gen 1: 3/3 workers -w 3 {addr}"
             ))
         })
     });
@@ -1449,7 +1449,7 @@ fn systemd_hears_the_status_and_watchdog_pings_only_while_workers_beat() {
     }
     wait_title(
         s.pid(),
-        &format!("raasd master gen 1 -w 3 {addr}: 0/3 workers, 3 late"),
+        &format!("raasd master gen 1: 0/3 workers, 3 late -w 3 {addr}"),
     );
     // What was sent before the master saw them late is behind that STATUS= line.
     while !notify.next_any("the late STATUS=").contains("3 late") {}

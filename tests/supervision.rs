@@ -271,3 +271,25 @@ fn repeatedly_killed_workers_keep_being_replaced() {
     assert_eq!(roundtrip(addr, line), reverse_ascii(line));
     assert!(s.try_status().is_none(), "master alive");
 }
+
+#[test]
+fn name_tells_instances_apart_and_counts_come_before_addresses() {
+    let s = Server::start(&["-w", "2", "-l", "127.0.0.1:0", "--name", "web"]);
+    let addr = s.addr();
+    s.wait_for_log("all 2 workers accepting", SOON);
+    wait_title(
+        s.pid(),
+        &format!("raasd master web gen 1: 2/2 workers -w 2 {addr}"),
+    );
+    for w in s.wait_workers(2) {
+        assert!(
+            w.title
+                .starts_with(&format!("raasd worker[{}] web gen 1", w.slot)),
+            "{w:?}"
+        );
+    }
+    let bad = Server::start(&["-l", "127.0.0.1:0", "--name", "two words"]);
+    assert_eq!(bad.wait_exit(SOON).code(), Some(2));
+    bad.wait_output_closed(SOON);
+    assert!(bad.log().contains("is not a name"), "{}", bad.log());
+}

@@ -139,6 +139,9 @@ pub struct Master {
     console: Console,
     /// systemd's watchdog (WATCHDOG_USEC): how often to ping, and when next.
     watchdog: Option<(Duration, Instant)>,
+    /// --name, for the titles (kept for the life of the process: workers' titles
+    /// borrow it).
+    name: Option<&'static str>,
     /// `raasd ctl upgrade` clients waiting to hear how the upgrade went.
     upgrade_waiters: Vec<u64>,
     /// When this master started (seconds since the epoch).
@@ -286,6 +289,7 @@ impl Master {
         for address in &addresses {
             info!("listening on {address}");
         }
+        let name = leak_name(config.name.as_deref());
         let mut master = Master {
             scoreboard,
             identity,
@@ -311,6 +315,7 @@ impl Master {
             handoff,
             console,
             upgrade_waiters: Vec::new(),
+            name,
             watchdog: sd_notify::watchdog_enabled().map(|usec| (usec / 2, Instant::now())),
             started_at: epoch_seconds(),
             totals: Totals::default(),
@@ -558,6 +563,7 @@ impl Master {
             slot,
             generation: self.generation,
             master: nix::unistd::getpid(),
+            name: self.name,
         };
         let forked = control::channel()
             .and_then(|(master_end, worker_end)| Ok((process::fork()?, master_end, worker_end)));
@@ -606,7 +612,11 @@ impl Master {
         if let Some(signals) = self.signals.take() {
             signals.uninstall();
         }
-        title::set(&format!("raasd worker[{slot}] gen {}", self.generation));
+        title::set(&format!(
+            "raasd worker[{slot}]{} gen {}",
+            name_part(self.name),
+            self.generation
+        ));
         title::set_comm("raasd-worker");
         if let Some(Err(e)) = self.identity.map(|identity| identity.assume()) {
             error!("cannot drop privileges: {e}");
@@ -874,12 +884,15 @@ impl Master {
         } else {
             ""
         };
+        // Counters before addresses: a short argv area cuts the addresses, never the
+        // counts.
         let text = format!(
-            "raasd master gen {} -w {} {}: {accepting}/{} workers{late}{state}",
+            "raasd master{} gen {}: {accepting}/{} workers{late}{state} -w {} {}",
+            name_part(self.name),
             self.generation,
             self.target,
+            self.target,
             self.addresses.join(" "),
-            self.target
         );
         if text != self.title {
             // systemctl status shows the same line.
@@ -928,6 +941,17 @@ fn warn_if_descriptors_fall_short(config: &Config) {
             config.max_conns
         );
     }
+}
+
+/// --name, kept for the life of the process (leaked: once at start and at a reload
+/// that changes it).
+fn leak_name(name: Option<&str>) -> Option<&'static str> {
+    name.map(|n| &*Box::leak(n.to_owned().into_boxed_str()))
+}
+
+/// ` NAME` for titles, when --name is set.
+pub(crate) fn name_part(name: Option<&str>) -> String {
+    name.map(|n| format!(" {n}")).unwrap_or_default()
 }
 
 /// `1 request`, `2 requests`.

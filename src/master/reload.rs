@@ -69,6 +69,9 @@ impl Master {
                 Err(e) => warn!("reload: cannot create the hand-over queue: {e}"),
             }
         }
+        if config.name != self.config.name {
+            self.name = super::leak_name(config.name.as_deref());
+        }
         logging::set_level(config.log_level);
         self.identity = identity;
         self.target = config.workers.resolve();

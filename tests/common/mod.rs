@@ -345,12 +345,12 @@ impl PartialEq for Worker {
 
 impl Eq for Worker {}
 
-/// The fixed part of a live process title: without the `: status` suffix and the
-/// ` gen N` generation, so `raasd worker[0] gen 2: 3 conns, 15 served` gives
-/// `raasd worker[0]` and `raasd master gen 1 -w 3 127.0.0.1:80: 3/3 workers` gives
+/// The fixed part of a live process title: without the counters and the ` gen N`
+/// generation, so `raasd worker[0] gen 2: 3 conns, 15 served` gives
+/// `raasd worker[0]` and `raasd master gen 1: 3/3 workers -w 3 127.0.0.1:80` gives
 /// `raasd master -w 3 127.0.0.1:80`.
 pub fn title_core(title: &str) -> String {
-    let head = title.split_once(": ").map_or(title, |(h, _)| h);
+    let (head, tail) = title.split_once(": ").unwrap_or((title, ""));
     let words: Vec<&str> = head.split(' ').collect();
     let mut out = Vec::new();
     let mut i = 0;
@@ -361,6 +361,10 @@ pub fn title_core(title: &str) -> String {
         }
         out.push(words[i]);
         i += 1;
+    }
+    // A master's configuration follows its counters.
+    if let Some(at) = tail.find(" -w ") {
+        out.push(&tail[at + 1..]);
     }
     out.join(" ")
 }
