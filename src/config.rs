@@ -140,6 +140,11 @@ pub struct Config {
     #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
     pub metrics: Option<String>,
 
+    /// One line per closed connection (peer, duration, lines, bytes, why it ended)
+    /// appended to this file; reopened on SIGUSR1.
+    #[arg(long, value_name = "PATH")]
+    pub access_log: Option<PathBuf>,
+
     /// A name in the process titles (`raasd master NAME ...`), so that several
     /// instances can be told apart in ps.
     #[arg(long, value_name = "NAME", value_parser = parse_name)]
@@ -460,6 +465,10 @@ impl Config {
         );
         out += &optional("metrics", self.metrics.clone());
         out += &optional("name", self.name.clone());
+        out += &optional(
+            "access-log",
+            self.access_log.as_ref().map(|p| p.display().to_string()),
+        );
         out += &optional("user", self.user.clone());
         out += &optional("group", self.group.clone());
         out += &format!("socket-mode = \"{:04o}\"\n", self.socket_mode);
@@ -727,6 +736,8 @@ mod tests {
             "127.0.0.1:9187",
             "--name",
             "web",
+            "--access-log",
+            "/tmp/access.log",
             "--socket-mode",
             "0600",
             "--pid",

@@ -62,6 +62,33 @@ pub enum Turn {
     Close,
 }
 
+/// Why a connection ended, for the access log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    ClientClosed,
+    IdleTimeout,
+    LineTimeout,
+    LineTooLong,
+    Stop,
+    HandedOver,
+    /// A reset, a broken pipe, another error.
+    Broken,
+}
+
+impl Ending {
+    pub fn name(self) -> &'static str {
+        match self {
+            Ending::ClientClosed => "client closed",
+            Ending::IdleTimeout => "idle timeout",
+            Ending::LineTimeout => "line timeout",
+            Ending::LineTooLong => "line too long",
+            Ending::Stop => "stop",
+            Ending::HandedOver => "handed over",
+            Ending::Broken => "broken",
+        }
+    }
+}
+
 /// A connection's counters, or the difference between two readings of them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Traffic {
@@ -103,6 +130,10 @@ pub struct Connection {
     stopping_grace: Option<Instant>,
     /// bytes_in when the stop began.
     bytes_in_at_stop: u64,
+    /// When this worker got it (accepted or took it over).
+    pub opened: Instant,
+    /// Why it is ending, once that is known (the client closing, a limit, a stop).
+    ending: Option<Ending>,
 }
 
 impl Connection {
@@ -124,6 +155,8 @@ impl Connection {
             idle_timeout: serving.idle_timeout,
             stopping_grace: None,
             bytes_in_at_stop: 0,
+            opened: now,
+            ending: None,
         }
     }
 
@@ -178,9 +211,15 @@ impl Connection {
         self.hung_up |= hung_up;
     }
 
+    /// Why it ended (the client closing, unless something else came first).
+    pub fn ending(&self) -> Ending {
+        self.ending.unwrap_or(Ending::ClientClosed)
+    }
+
     /// The worker is stopping: answer what has arrived, then finish.
     pub fn stop(&mut self, now: Instant) {
         if self.stopping_grace.is_none() {
+            self.ending.get_or_insert(Ending::Stop);
             self.stopping_grace = Some(now + STOP_GRACE);
             self.bytes_in_at_stop = self.bytes_in;
             self.readable = true;
@@ -205,7 +244,10 @@ impl Connection {
         match self.serve_io(scratch, now) {
             Ok(turn) => turn,
             // A reset or a broken pipe: the client is gone, nothing more to do.
-            Err(_) => Turn::Close,
+            Err(_) => {
+                self.ending.get_or_insert(Ending::Broken);
+                Turn::Close
+            }
         }
     }
 
@@ -234,6 +276,7 @@ impl Connection {
                     let answered = self.codec.replies();
                     if self.codec.feed(&scratch[..n], &mut self.out).is_err() {
                         // The codec wrote the ERR line; the conversation is over.
+                        self.ending.get_or_insert(Ending::LineTooLong);
                         self.end_conversation();
                     }
                     // The clock runs for the line now incomplete: it started in this
@@ -360,7 +403,10 @@ impl Connection {
         match self.state {
             State::Lingering { until } if now >= until => Some(Turn::Close),
             State::Lingering { .. } => None,
-            _ if exceeded(self.last_active, self.idle_timeout) => Some(Turn::Close),
+            _ if exceeded(self.last_active, self.idle_timeout) => {
+                self.ending.get_or_insert(Ending::IdleTimeout);
+                Some(Turn::Close)
+            }
             // A line trickling in a byte at a time (slowloris) is not idle, but it
             // must end some time: the replies owed are written, then it is closed.
             State::Open
@@ -368,6 +414,7 @@ impl Connection {
                     .line_started
                     .is_some_and(|start| exceeded(start, self.line_timeout)) =>
             {
+                self.ending.get_or_insert(Ending::LineTimeout);
                 self.end_conversation();
                 Some(Turn::Again)
             }

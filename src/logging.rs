@@ -24,6 +24,63 @@ static SPEAKER: AtomicUsize = AtomicUsize::new(MASTER);
 /// The log file and its path, when logging to a file.
 static LOG_FILE: Mutex<Option<(PathBuf, File)>> = Mutex::new(None);
 
+/// The access log (--access-log) and its path: one line per closed connection.
+static ACCESS_LOG: Mutex<Option<(PathBuf, File)>> = Mutex::new(None);
+
+/// Opens the access log (the master, before forking: workers inherit it).
+pub fn open_access_log(path: &Path) -> Result<(), String> {
+    let file = open(path)?;
+    *ACCESS_LOG.lock().unwrap_or_else(|e| e.into_inner()) = Some((path.to_path_buf(), file));
+    Ok(())
+}
+
+/// Whether there is an access log to write to.
+pub fn access_log_enabled() -> bool {
+    ACCESS_LOG
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .is_some()
+}
+
+/// Appends one line to the access log, stamped and signed like the log's lines,
+/// in one write (so lines of several workers never interleave).
+pub fn access(fields: &str) {
+    let mut guard = ACCESS_LOG.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, file)) = guard.as_mut() {
+        let line = format!(
+            "{} {} pid={} {fields}\n",
+            rfc3339_millis(std::time::SystemTime::now()),
+            speaker(),
+            std::process::id()
+        );
+        let _ = file.write_all(line.as_bytes());
+    }
+}
+
+/// `2026-11-27T19:34:12.345Z`.
+fn rfc3339_millis(at: std::time::SystemTime) -> String {
+    let since = at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs() as i64;
+    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60,
+        since.subsec_millis()
+    )
+}
+
 /// Starts logging to `file` (or stderr): `level` when given, else RUST_LOG, else info.
 pub fn init(level: Option<LevelFilter>, file: Option<&Path>) -> Result<(), String> {
     let target = match file {
@@ -100,7 +157,15 @@ static BASE_LEVEL: AtomicUsize = AtomicUsize::new(usize::MAX);
 /// privileges can open it too (nginx does the same) instead of writing on, for good,
 /// to the rotated file.
 pub fn reopen(owner: Option<(u32, u32)>) -> Result<(), String> {
-    let mut guard = LOG_FILE.lock().unwrap_or_else(|e| e.into_inner());
+    reopen_one(&LOG_FILE, owner)?;
+    reopen_one(&ACCESS_LOG, owner)
+}
+
+fn reopen_one(
+    log: &Mutex<Option<(PathBuf, File)>>,
+    owner: Option<(u32, u32)>,
+) -> Result<(), String> {
+    let mut guard = log.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((path, file)) = guard.as_mut() {
         let opened = open(path)?;
         if let Some((uid, gid)) = owner {
@@ -157,5 +222,20 @@ pub fn speaker() -> String {
     match SPEAKER.load(Ordering::Relaxed) {
         MASTER => "master".to_string(),
         slot => format!("worker[{slot}]"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamps_are_rfc3339_utc_with_milliseconds() {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_795_807_194_123);
+        assert_eq!(rfc3339_millis(at), "2026-11-27T19:19:54.123Z");
+        assert_eq!(
+            rfc3339_millis(std::time::UNIX_EPOCH),
+            "1970-01-01T00:00:00.000Z"
+        );
     }
 }

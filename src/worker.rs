@@ -25,7 +25,7 @@ use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTime
 
 use crate::accept_gate::{AcceptGate, Nudge, OUT_OF_DESCRIPTORS, should_step_back};
 use crate::config::Serving;
-use crate::connection::{Connection, Traffic, Turn};
+use crate::connection::{Connection, Ending, Traffic, Turn};
 use crate::control::{Command, Report, WorkerEnd};
 use crate::handoff::{self, Queue};
 use crate::listeners::Listener;
@@ -510,6 +510,9 @@ impl<'a> Worker<'a> {
                 None => continue,
             };
             if travels && let Some(connection) = self.connections[index].take() {
+                if crate::logging::access_log_enabled() {
+                    log_access(&connection, Ending::HandedOver);
+                }
                 let parcel = connection.into_parcel();
                 // Out of our epoll set before our copy closes: the receiver's copy
                 // shares the open file, so a close alone would leave it registered.
@@ -679,7 +682,10 @@ impl<'a> Worker<'a> {
 
     fn close(&mut self, index: usize) {
         // Closing the socket removes it from the epoll set: it is never duplicated.
-        if self.connections[index].take().is_some() {
+        if let Some(connection) = self.connections[index].take() {
+            if crate::logging::access_log_enabled() {
+                log_access(&connection, connection.ending());
+            }
             self.open -= 1;
             self.cell.set_connections(self.open as u64);
             self.released.push(index);
@@ -744,6 +750,25 @@ impl Worker<'_> {
         self.listeners.clear();
         self.listeners_close_at = None;
     }
+}
+
+/// The access log's line for a connection that ends here.
+fn log_access(connection: &Connection, ending: Ending) {
+    let peer = match connection.stream() {
+        crate::listeners::Stream::Tcp(s) => {
+            s.peer_addr().map_or("?".to_string(), |a| a.to_string())
+        }
+        crate::listeners::Stream::Unix(_) => "unix".to_string(),
+    };
+    let traffic = connection.traffic();
+    crate::logging::access(&format!(
+        "peer={peer} duration_ms={} lines={} bytes_in={} bytes_out={} end=\"{}\"",
+        connection.opened.elapsed().as_millis(),
+        traffic.served,
+        traffic.bytes_in,
+        traffic.bytes_out,
+        ending.name()
+    ));
 }
 
 fn listener_interest(which: usize) -> EpollEvent {

@@ -313,3 +313,47 @@ fn accepted_connections_have_tcp_keepalive_unless_it_is_off() {
         }
     }
 }
+
+#[test]
+fn the_access_log_has_a_line_per_closed_connection_with_why_it_ended() {
+    let dir = temp_path("access");
+    std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup = RemoveDirOnDrop(dir.clone());
+    let log = dir.join("access.log");
+    let s = Server::start(&[
+        "-w",
+        "1",
+        "-l",
+        "127.0.0.1:0",
+        "--max-line",
+        "10",
+        "--access-log",
+        log.to_str().unwrap(),
+    ]);
+    let addr = s.addr();
+    // One that talks and closes; one whose line is too long.
+    let replies = send_lines(addr, &["abc".to_string(), "de".to_string()]);
+    assert_eq!(replies, vec!["cba", "ed"]);
+    let mut long = LineClient::connect(addr).expect("connect");
+    long.send_line("far too long a line").unwrap();
+    let _ = long.read_to_eof();
+    drop(long);
+    let mut text = String::new();
+    wait_until("two access log lines", SOON, || {
+        text = std::fs::read_to_string(&log).unwrap_or_default();
+        text.lines().count() >= 2
+    });
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].contains(" lines=2 bytes_in=7 bytes_out=7 end=\"client closed\""),
+        "{text}"
+    );
+    assert!(
+        lines[0].contains("worker[0] pid=") && lines[0].contains(" peer=127.0.0.1:"),
+        "{text}"
+    );
+    assert!(
+        lines[1].contains(" lines=0 ") && lines[1].contains("end=\"line too long\""),
+        "{text}"
+    );
+}
