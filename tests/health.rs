@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use common::load::{Load, LoadShape};
 use common::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -66,8 +67,10 @@ impl Drop for Stopped {
 
 /// `N conns` and `M served` of a worker title `raasd worker[0] gen 1: 3 conns, 30 served`.
 fn title_counters(title: &str) -> Option<(u64, u64)> {
+    // `N conns, M served`, then maybe `, took over K` and `, handed over ...`.
     let status = title.split_once(": ")?.1;
-    let (conns, served) = status.split_once(", ")?;
+    let mut parts = status.split(", ");
+    let (conns, served) = (parts.next()?, parts.next()?);
     Some((
         conns.strip_suffix(" conns")?.parse().ok()?,
         served.strip_suffix(" served")?.parse().ok()?,
@@ -91,222 +94,25 @@ fn number_between(line: &str, before: &str, after: &str) -> Option<u64> {
     rest[..rest.find(after)?].trim().parse().ok()
 }
 
-// ---------------------------------------------------------------------------------------
-// Client load that checks every reply
-// ---------------------------------------------------------------------------------------
-
-#[derive(Debug, Default)]
-struct LoadReport {
-    /// Replies received and found correct.
-    replies: u64,
-    /// Connections the server closed before every reply owed had come (the lines
-    /// without a reply were sent again on a new connection).
-    reconnects: u64,
-    /// Refused, reset, timed out or wrong: each one fails the test.
-    failures: Vec<String>,
-    /// The longest time without a correct reply.
-    longest_silence: Duration,
-}
-
-/// Client threads hammering a server until stopped.
-struct Load {
-    stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<LoadReport>>,
-}
-
-impl Load {
-    /// `persistent` threads that pipeline batches of `batch` lines on one connection
-    /// (every `pause`), and `per_request` threads that connect for each line.
-    fn start(
-        addr: SocketAddr,
-        persistent: usize,
-        batch: usize,
-        per_request: usize,
-        pause: Duration,
-    ) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
-        for id in 0..persistent {
-            let stop = stop.clone();
-            threads.push(thread::spawn(move || {
-                pipelined_client(addr, id, batch, pause, &stop)
-            }));
-        }
-        for id in 0..per_request {
-            let stop = stop.clone();
-            threads.push(thread::spawn(move || {
-                connect_per_request_client(addr, id, pause, &stop)
-            }));
-        }
-        Load { stop, threads }
-    }
-
-    /// True while every thread still runs (a thread ends early only on a failure).
-    fn healthy(&self) -> bool {
-        self.threads.iter().all(|t| !t.is_finished())
-    }
-
-    fn finish(mut self) -> LoadReport {
-        self.stop.store(true, Ordering::SeqCst);
-        let mut total = LoadReport::default();
-        for t in self.threads.drain(..) {
-            let r = t.join().expect("a client thread panicked");
-            total.replies += r.replies;
-            total.reconnects += r.reconnects;
-            total.failures.extend(r.failures);
-            total.longest_silence = total.longest_silence.max(r.longest_silence);
-        }
-        total
-    }
-}
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
-}
-
-fn load_line(kind: &str, id: usize, n: u64) -> String {
-    format!("{kind}{id} line {n} noël 🇫🇷 e\u{301}")
-}
-
-/// EOF before a reply is a server closing after a drain; the client re-sends.
-fn pipelined_client(
+/// A paced load of the shared harness: `persistent` clients sending `batch` lines
+/// every `pause`, `per_request` clients connecting for a line every `pause`.
+fn paced_load(
     addr: SocketAddr,
-    id: usize,
+    persistent: usize,
     batch: usize,
+    per_request: usize,
     pause: Duration,
-    stop: &AtomicBool,
-) -> LoadReport {
-    let mut report = LoadReport::default();
-    let mut conn: Option<LineClient<TcpStream>> = None;
-    let mut n = 0u64;
-    let mut last_reply = Instant::now();
-    while !stop.load(Ordering::SeqCst) {
-        let lines: Vec<String> = (0..batch as u64)
-            .map(|k| load_line("p", id, n + k))
-            .collect();
-        n += batch as u64;
-        let mut answered = 0;
-        let mut attempts = 0;
-        while answered < lines.len() {
-            attempts += 1;
-            if attempts > 20 {
-                report
-                    .failures
-                    .push(format!("p{id}: 20 connections closed without replies"));
-                return report;
-            }
-            let c = match conn.as_mut() {
-                Some(c) => c,
-                None => match LineClient::connect(addr) {
-                    Ok(c) => conn.insert(c),
-                    Err(e) => {
-                        report.failures.push(format!("p{id}: connect: {e}"));
-                        return report;
-                    }
-                },
-            };
-            let mut request = Vec::new();
-            for l in &lines[answered..] {
-                request.extend_from_slice(l.as_bytes());
-                request.push(b'\n');
-            }
-            if let Err(e) = c.send(&request) {
-                report.failures.push(format!("p{id}: send: {e}"));
-                return report;
-            }
-            while answered < lines.len() {
-                match c.read_reply() {
-                    Ok(Some(r)) => {
-                        let want = format!("{}\n", reverse_graphemes(&lines[answered]));
-                        if r != want.as_bytes() {
-                            report.failures.push(format!(
-                                "p{id}: wrong reply {:?} to {:?}",
-                                String::from_utf8_lossy(&r),
-                                lines[answered]
-                            ));
-                            return report;
-                        }
-                        answered += 1;
-                        report.replies += 1;
-                        report.longest_silence = report.longest_silence.max(last_reply.elapsed());
-                        last_reply = Instant::now();
-                    }
-                    Ok(None) => {
-                        report.reconnects += 1;
-                        conn = None;
-                        break;
-                    }
-                    Err(e) => {
-                        report.failures.push(format!("p{id}: read: {e}"));
-                        return report;
-                    }
-                }
-            }
-        }
-        thread::sleep(pause);
-    }
-    report
-}
-
-fn connect_per_request_client(
-    addr: SocketAddr,
-    id: usize,
-    pause: Duration,
-    stop: &AtomicBool,
-) -> LoadReport {
-    let mut report = LoadReport::default();
-    let mut last_reply = Instant::now();
-    let mut n = 0u64;
-    while !stop.load(Ordering::SeqCst) {
-        let line = load_line("c", id, n);
-        n += 1;
-        let mut attempts = 0;
-        loop {
-            attempts += 1;
-            if attempts > 20 {
-                report
-                    .failures
-                    .push(format!("c{id}: 20 connections closed without a reply"));
-                return report;
-            }
-            let mut c = match LineClient::connect(addr) {
-                Ok(c) => c,
-                Err(e) => {
-                    report.failures.push(format!("c{id}: connect: {e}"));
-                    return report;
-                }
-            };
-            if let Err(e) = c.send_line(&line) {
-                report.failures.push(format!("c{id}: send: {e}"));
-                return report;
-            }
-            match c.read_reply() {
-                Ok(Some(r)) => {
-                    let want = format!("{}\n", reverse_graphemes(&line));
-                    if r != want.as_bytes() {
-                        report.failures.push(format!(
-                            "c{id}: wrong reply {:?} to {line:?}",
-                            String::from_utf8_lossy(&r)
-                        ));
-                        return report;
-                    }
-                    report.replies += 1;
-                    report.longest_silence = report.longest_silence.max(last_reply.elapsed());
-                    last_reply = Instant::now();
-                    break;
-                }
-                Ok(None) => report.reconnects += 1,
-                Err(e) => {
-                    report.failures.push(format!("c{id}: read: {e}"));
-                    return report;
-                }
-            }
-        }
-        thread::sleep(pause);
-    }
-    report
+) -> Load {
+    Load::start(
+        addr,
+        LoadShape {
+            persistent,
+            per_request,
+            depth: batch,
+            pause,
+            ..LoadShape::default()
+        },
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -838,7 +644,7 @@ fn max_requests_replaces_workers_without_failing_a_request() {
     // About 120 requests a second: two pipelining clients (batches of 5 every 100 ms)
     // and two connecting for each line (every 100 ms), so that workers live a couple
     // of seconds and their titles are seen.
-    let load = Load::start(addr, 2, 5, 2, Duration::from_millis(100));
+    let load = paced_load(addr, 2, 5, 2, Duration::from_millis(100));
     let pipelined_batch = 5;
     let mut max_served: BTreeMap<i32, u64> = BTreeMap::new();
     let record_titles = |max_served: &mut BTreeMap<i32, u64>| {
@@ -856,20 +662,16 @@ fn max_requests_replaces_workers_without_failing_a_request() {
             "only {} replacements in 30 s",
             s.count_log("reached --max-requests")
         );
-        assert!(load.healthy(), "a client failed (see the report below)");
+        load.assert_no_failure_yet("while workers were recycled");
         record_titles(&mut max_served);
         thread::sleep(Duration::from_millis(20));
     }
-    let report = load.finish();
+    let report = load.stop();
     eprintln!(
-        "max-requests load: {report:?} in {:?}; titles' max served: {max_served:?}",
+        "max-requests load: {report} in {:?}; titles' max served: {max_served:?}",
         started.elapsed()
     );
-    assert!(
-        report.failures.is_empty(),
-        "requests failed while workers were recycled: {:?}",
-        report.failures
-    );
+    report.assert_clean();
 
     // Every replaced worker drains and exits; then exactly two remain.
     let replaced = replaced_workers(&s, " reached --max-requests");
@@ -923,19 +725,19 @@ fn max_requests_replaces_workers_without_failing_a_request() {
     let mut counted = 0;
     let accounted = poll_until(Duration::from_secs(4), || {
         counted = asked_at + live_served(&live);
-        report.replies <= counted + slack
+        report.ok <= counted + slack
     });
     assert!(
         accounted,
         "the clients got {} replies; the workers account for {counted} \
          ({asked_at} by {} replaced workers when they asked, the rest in live titles)",
-        report.replies,
+        report.ok,
         final_replaced.len()
     );
     assert!(
-        counted <= report.replies,
+        counted <= report.ok,
         "the workers' counters ({counted}) exceed the replies the clients got ({})",
-        report.replies
+        report.ok
     );
     assert_eq!(roundtrip(addr, "recycled"), "delcycer");
 }
@@ -947,7 +749,7 @@ fn max_worker_memory_replaces_workers_gracefully() {
     let s = Server::start(&["-w", "2", "-l", "127.0.0.1:0", "--max-worker-memory", "1"]);
     let addr = s.addr();
     s.wait_for_log("all 2 workers accepting", SOON);
-    let load = Load::start(addr, 2, 5, 1, Duration::from_millis(50));
+    let load = paced_load(addr, 2, 5, 1, Duration::from_millis(50));
     let started = Instant::now();
     while s.count_log("(limit 1 MiB); replacing it") < 3 {
         assert!(
@@ -955,17 +757,13 @@ fn max_worker_memory_replaces_workers_gracefully() {
             "only {} memory replacements in 20 s",
             s.count_log("(limit 1 MiB); replacing it")
         );
-        assert!(load.healthy(), "a client failed (see the report below)");
+        load.assert_no_failure_yet("while workers were recycled");
         thread::sleep(Duration::from_millis(20));
     }
-    let report = load.finish();
-    eprintln!("memory recycling load: {report:?}");
-    assert!(
-        report.failures.is_empty(),
-        "requests failed while workers were recycled: {:?}",
-        report.failures
-    );
-    assert!(report.replies > 50, "{report:?}");
+    let report = load.stop();
+    eprintln!("memory recycling load: {report}");
+    report.assert_clean();
+    assert!(report.ok > 50, "{report}");
     let replaced = replaced_workers(&s, " uses ");
     assert!(replaced.len() >= 3, "{replaced:?}");
     // Only those whose exit is logged by now, as more replacements keep coming.

@@ -4,10 +4,7 @@
 mod common;
 
 use std::io::ErrorKind;
-use std::net::{SocketAddr, TcpStream};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::thread;
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -140,217 +137,62 @@ fn int_stops_master_and_workers_at_once() {
     assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
 }
 
-/// Sets the flag when dropped.
-struct SetOnDrop<'a>(&'a AtomicBool);
-
-impl Drop for SetOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
-/// What a HUP-time client thread found.
-#[derive(Default)]
-struct Tally {
-    ok: AtomicUsize,
-    eof_retries: AtomicUsize,
-    failures: Mutex<Vec<String>>,
-}
-
-impl Tally {
-    fn fail(&self, what: String) {
-        self.failures.lock().unwrap().push(what);
-    }
-}
-
-/// Is this error the server closing a connection it had already half-closed? (A write
-/// after the server's FIN draws an RST, which Linux reports as EPIPE.) A reset of a
-/// connection the server had not closed is ECONNRESET, and a failure.
-fn closed_by_server(e: &std::io::Error) -> bool {
-    e.kind() == ErrorKind::BrokenPipe
-}
-
-/// Sends `line` on a fresh connection per attempt; EOF before the reply means retry.
-fn connect_per_request(addr: SocketAddr, line: &str, tally: &Tally) {
-    for _attempt in 0..50 {
-        let mut c = match LineClient::connect(addr) {
-            Ok(c) => c,
-            Err(e) => return tally.fail(format!("connect: {e}")),
-        };
-        if let Err(e) = c.send_line(line) {
-            if closed_by_server(&e) {
-                tally.eof_retries.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            return tally.fail(format!("write: {e}"));
-        }
-        match c.read_reply() {
-            Ok(Some(r)) => {
-                let want = format!("{}\n", reverse_graphemes(line));
-                if r != want.as_bytes() {
-                    tally.fail(format!(
-                        "wrong reply {:?} for {line:?}",
-                        String::from_utf8_lossy(&r)
-                    ));
-                } else {
-                    tally.ok.fetch_add(1, Ordering::Relaxed);
-                }
-                return;
-            }
-            Ok(None) => {
-                tally.eof_retries.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => return tally.fail(format!("read: {e}")),
-        }
-    }
-    tally.fail(format!("50 EOFs in a row for {line:?}"));
-}
-
-/// A persistent connection that reconnects and re-sends when the server closes it.
-fn persistent_client(
-    addr: SocketAddr,
-    id: usize,
-    stop: &AtomicBool,
-    until: Instant,
-    tally: &Tally,
-) {
-    let mut conn: Option<LineClient<TcpStream>> = None;
-    let mut n = 0usize;
-    let mut retries_in_a_row = 0;
-    while !stop.load(Ordering::Relaxed) && Instant::now() < until {
-        let line = format!("persistent {id} request {n} 🇧🇪");
-        let c = match &mut conn {
-            Some(c) => c,
-            None => match LineClient::connect(addr) {
-                Ok(c) => conn.insert(c),
-                Err(e) => return tally.fail(format!("client {id} connect: {e}")),
-            },
-        };
-        let outcome = match c.send_line(&line) {
-            Err(e) if closed_by_server(&e) => None,
-            Err(e) => return tally.fail(format!("client {id} write: {e}")),
-            Ok(()) => match c.read_reply() {
-                Ok(Some(r)) => Some(r),
-                Ok(None) => None,
-                Err(e) => return tally.fail(format!("client {id} read: {e}")),
-            },
-        };
-        match outcome {
-            Some(r) => {
-                let want = format!("{}\n", reverse_graphemes(&line));
-                if r != want.as_bytes() {
-                    return tally.fail(format!(
-                        "client {id}: wrong reply {:?} for {line:?}",
-                        String::from_utf8_lossy(&r)
-                    ));
-                }
-                tally.ok.fetch_add(1, Ordering::Relaxed);
-                retries_in_a_row = 0;
-                n += 1;
-            }
-            None => {
-                // Closed by the server before the reply: reconnect and re-send.
-                tally.eof_retries.fetch_add(1, Ordering::Relaxed);
-                conn = None;
-                retries_in_a_row += 1;
-                if retries_in_a_row > 50 {
-                    return tally.fail(format!("client {id}: 50 EOFs in a row"));
-                }
-            }
-        }
-    }
-}
-
 #[test]
 fn hup_replaces_every_worker_without_a_failed_request() {
-    const HARD_LIMIT: Duration = Duration::from_secs(20);
     let s = Server::start(&["-w", "3", "-l", "127.0.0.1:0", "--graceful-timeout", "10"]);
     let addr = s.addr();
     s.wait_for_log("all 3 workers accepting", SOON);
     let old = s.wait_workers(3);
-    let stop = AtomicBool::new(false);
-    let tally = Tally::default();
-    let started = Instant::now();
-
-    thread::scope(|scope| {
-        // However this closure ends (a panic included), the client threads stop.
-        let _stop_clients = SetOnDrop(&stop);
-        let until = started + HARD_LIMIT;
-        for id in 0..8 {
-            let (stop, tally) = (&stop, &tally);
-            scope.spawn(move || {
-                if id % 2 == 0 {
-                    persistent_client(addr, id, stop, until, tally);
-                } else {
-                    let mut n = 0;
-                    while !stop.load(Ordering::Relaxed) && Instant::now() < until {
-                        connect_per_request(addr, &format!("one-shot {id}.{n} ☂"), tally);
-                        n += 1;
-                    }
-                }
-            });
-        }
-        // A failure ends the waits below early (so a failing test ends fast).
-        let failed = || !tally.failures.lock().unwrap().is_empty();
-
-        // About a second of traffic before the HUP.
-        wait_until(
-            "a second of traffic before HUP",
-            Duration::from_secs(10),
-            || {
-                failed()
-                    || (started.elapsed() >= Duration::from_secs(1)
-                        && tally.ok.load(Ordering::Relaxed) >= 100)
-            },
-        );
-        let before_hup = tally.ok.load(Ordering::Relaxed);
-        s.signal(Signal::SIGHUP);
-        let hup_at = Instant::now();
-
-        // A complete new set: same slots, no old pid among them, every old one gone.
-        let mut now = Vec::new();
-        let rotated = poll_until(SOON, || {
-            now = s.workers();
-            // (A client failure ends the wait; the failure is reported below.)
-            failed()
-                || (now.iter().map(|w| w.slot).eq(0..3)
-                    && now.iter().all(|w| !old.iter().any(|o| o.pid == w.pid))
-                    && old.iter().all(|o| proc_state(o.pid).is_none()))
-        });
-        let rotation_time = hup_at.elapsed();
-        assert!(
-            rotated,
-            "no complete rotation within {SOON:?} of HUP; old {old:?}, now {now:?}"
-        );
-        if !failed() {
-            s.wait_for_log_nth("all 3 workers accepting", 2, SOON);
-            // About a second of traffic after the rotation.
-            let after_rotation = tally.ok.load(Ordering::Relaxed);
-            wait_until(
-                "a second of traffic after the rotation",
-                Duration::from_secs(10),
-                || {
-                    failed()
-                        || (hup_at.elapsed() >= rotation_time + Duration::from_secs(1)
-                            && tally.ok.load(Ordering::Relaxed) >= after_rotation + 100)
-                },
-            );
-        }
-        stop.store(true, Ordering::Relaxed);
-        eprintln!(
-            "HUP: {before_hup} replies before, rotation took {rotation_time:?}, {} in all, {} EOF retries",
-            tally.ok.load(Ordering::Relaxed),
-            tally.eof_retries.load(Ordering::Relaxed)
-        );
-    });
-
-    let failures = tally.failures.lock().unwrap();
-    assert!(
-        failures.is_empty(),
-        "{} failed requests around HUP, e.g. {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
+    let load = common::load::Load::start(
+        addr,
+        common::load::LoadShape {
+            persistent: 4,
+            per_request: 4,
+            ..Default::default()
+        },
     );
+    // About a second of traffic before the HUP.
+    let started = Instant::now();
+    wait_until(
+        "a second of traffic before HUP",
+        Duration::from_secs(10),
+        || {
+            load.assert_no_failure_yet("before HUP");
+            started.elapsed() >= Duration::from_secs(1) && load.replies() >= 100
+        },
+    );
+    let before_hup = load.replies();
+    s.signal(Signal::SIGHUP);
+    let hup_at = Instant::now();
+    // A complete new set: same slots, no old pid among them, every old one gone.
+    let mut now = Vec::new();
+    let rotated = poll_until(SOON, || {
+        load.assert_no_failure_yet("during the rotation");
+        now = s.workers();
+        now.iter().map(|w| w.slot).eq(0..3)
+            && now.iter().all(|w| !old.iter().any(|o| o.pid == w.pid))
+            && old.iter().all(|o| proc_state(o.pid).is_none())
+    });
+    let rotation_time = hup_at.elapsed();
+    assert!(
+        rotated,
+        "no complete rotation within {SOON:?} of HUP; old {old:?}, now {now:?}"
+    );
+    s.wait_for_log_nth("all 3 workers accepting", 2, SOON);
+    // About a second of traffic after the rotation.
+    let after_rotation = load.replies();
+    wait_until(
+        "a second of traffic after the rotation",
+        Duration::from_secs(10),
+        || {
+            load.assert_no_failure_yet("after the rotation");
+            hup_at.elapsed() >= rotation_time + Duration::from_secs(1)
+                && load.replies() >= after_rotation + 100
+        },
+    );
+    let report = load.stop();
+    eprintln!("HUP: {before_hup} replies before, rotation took {rotation_time:?}; {report}");
+    report.assert_clean();
     let new = s.wait_workers(3);
     for (o, n) in old.iter().zip(&new) {
         assert_eq!(o.slot, n.slot);
@@ -362,7 +204,7 @@ fn hup_replaces_every_worker_without_a_failed_request() {
         "old {old:?} new {new:?}"
     );
     assert!(s.try_status().is_none(), "the master survives a HUP");
-    assert!(tally.ok.load(Ordering::Relaxed) >= 200);
+    assert!(report.ok >= 200);
 }
 
 #[test]

@@ -73,6 +73,9 @@ pub struct LoadShape {
     pub per_request: usize,
     pub depth: usize,
     pub reply_timeout: Duration,
+    /// A pause between batches (a persistent client's `depth` lines, one request of
+    /// a connect-per-request client): zero to hammer, more for a paced load.
+    pub pause: Duration,
 }
 
 impl Default for LoadShape {
@@ -84,6 +87,7 @@ impl Default for LoadShape {
             per_request: 8,
             depth: 4,
             reply_timeout: REPLY_TIMEOUT,
+            pause: Duration::ZERO,
         }
     }
 }
@@ -104,6 +108,7 @@ struct Counters {
 struct Shared {
     target: Target,
     reply_timeout: Duration,
+    pause: Duration,
     stop: AtomicBool,
     counts: Counters,
     samples: Mutex<Vec<String>>,
@@ -171,6 +176,7 @@ impl Load {
         let shared = Arc::new(Shared {
             target: target.into(),
             reply_timeout: shape.reply_timeout,
+            pause: shape.pause,
             stop: AtomicBool::new(false),
             counts: Counters::default(),
             samples: Mutex::new(Vec::new()),
@@ -527,6 +533,9 @@ fn persistent_client(shared: &Shared, id: usize, depth: usize) {
     let mut next = 0u64;
     let mut eofs_in_a_row = 0u32;
     while !shared.stopped() {
+        if outstanding.is_empty() && next > 0 && !shared.pause.is_zero() {
+            thread::sleep(shared.pause);
+        }
         let mut out = Vec::new();
         let c = match &mut conn {
             Some(c) => c,
@@ -629,6 +638,9 @@ fn per_request_client(shared: &Shared, id: usize) {
     let who = format!("r{id}");
     let mut next = 0u64;
     'lines: while !shared.stopped() {
+        if next > 0 && !shared.pause.is_zero() {
+            thread::sleep(shared.pause);
+        }
         let line = make_line(&who, next);
         next += 1;
         let mut request = line.clone().into_bytes();
