@@ -622,13 +622,7 @@ impl<'a> Worker<'a> {
         self.traffic.bytes_out += traffic.bytes_out;
         // Published at once (relaxed stores, no system call): the console's status
         // and metrics read them.
-        self.cell.publish(&Counters {
-            connections: self.open as u64,
-            accepted: self.accepted,
-            served: self.traffic.served,
-            bytes_in: self.traffic.bytes_in,
-            bytes_out: self.traffic.bytes_out,
-        });
+        self.publish_counters();
         let limit_reached = self
             .serving
             .max_requests
@@ -645,9 +639,8 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// Publishes the counters for the master and shows them in the title: memory
-    /// writes only, no system call.
-    fn show_progress(&mut self) {
+    /// This worker's counters, in its scoreboard cell.
+    fn publish_counters(&self) {
         self.cell.publish(&Counters {
             connections: self.open as u64,
             accepted: self.accepted,
@@ -655,6 +648,12 @@ impl<'a> Worker<'a> {
             bytes_in: self.traffic.bytes_in,
             bytes_out: self.traffic.bytes_out,
         });
+    }
+
+    /// Publishes the counters for the master and shows them in the title: memory
+    /// writes only, no system call.
+    fn show_progress(&mut self) {
+        self.publish_counters();
         let now = Instant::now();
         if self
             .title_shown

@@ -168,14 +168,7 @@ fn upgrade_reports_the_hand_over_and_then_a_rollback_with_its_reason() {
     assert_eq!(st["master"]["generation"], 2);
 
     // Now a "binary" that fails at once: the upgrade is rolled back, and said so.
-    let replaced = Command::new("sh")
-        .arg("-c")
-        .arg(r#"printf '#!/bin/sh\nexit 3\n' > "$1.new" && chmod 755 "$1.new" && mv -f "$1.new" "$1""#)
-        .arg("sh")
-        .arg(&exe)
-        .status()
-        .expect("sh");
-    assert!(replaced.success());
+    install_script(&exe, "#!/bin/sh\nexit 3\n");
     let (code, _, err) = ctl(&socket, &["upgrade"]);
     assert_eq!(code, 1, "{err}");
     assert!(

@@ -240,15 +240,7 @@ fn usr2_to_a_binary_of_another_hand_over_format_drains_instead() {
     let load = reconnecting_load(addr);
     load.wait_replies(300, SOON);
     let script = format!("#!/bin/sh\nunset RAASD_HANDOFF\nexec {BIN} \"$@\" --handover off\n");
-    let replaced = Command::new("sh")
-        .arg("-c")
-        .arg(r#"printf '%s' "$2" > "$1.new" && chmod 755 "$1.new" && mv -f "$1.new" "$1""#)
-        .arg("sh")
-        .arg(&exe)
-        .arg(&script)
-        .status()
-        .expect("sh");
-    assert!(replaced.success());
+    install_script(&exe, &script);
     s.signal(Signal::SIGUSR2);
     let line = s.wait_for_log("is ready; retiring", SOON);
     assert!(line.contains("draining the connections"), "{line}");

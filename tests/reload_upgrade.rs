@@ -917,15 +917,7 @@ fn a_new_master_removes_the_oldbin_of_an_old_master_that_died() {
     let addr = s.addr();
     s.wait_for_log("1 worker accepting", SOON);
     let script = format!("#!/bin/sh\nsleep 1\nexec {BIN} \"$@\"\n");
-    let replaced = Command::new("sh")
-        .arg("-c")
-        .arg(r#"printf '%s' "$2" > "$1.new" && chmod 755 "$1.new" && mv -f "$1.new" "$1""#)
-        .arg("sh")
-        .arg(&exe)
-        .arg(&script)
-        .status()
-        .expect("sh");
-    assert!(replaced.success());
+    install_script(&exe, &script);
     s.signal(Signal::SIGUSR2);
     let new_pid = successor_pid(&s.wait_for_log("upgrade: started ", SOON));
     let _successor = Adopted::new(new_pid);
@@ -973,14 +965,7 @@ fn usr2_rolls_back_when_the_new_binary_exits_at_once() {
     let load = start_load(addr);
     load.wait_replies(200, SOON);
 
-    let replaced = Command::new("sh")
-        .arg("-c")
-        .arg(r#"printf '#!/bin/sh\nexit 3\n' > "$1.new" && chmod 755 "$1.new" && mv -f "$1.new" "$1""#)
-        .arg("sh")
-        .arg(&exe)
-        .status()
-        .expect("sh");
-    assert!(replaced.success());
+    install_script(&exe, "#!/bin/sh\nexit 3\n");
     d.signal(Signal::SIGUSR2);
     let failed = d.wait_for_log("upgrade failed, rolling back", SOON);
     let started = d.wait_for_log("upgrade: started ", SOON);
@@ -1020,14 +1005,7 @@ fn usr2_to_a_wrapper_that_hangs_is_rolled_back_with_everything_it_started() {
     s.wait_for_log("all 2 workers accepting", SOON);
     let workers = s.wait_workers(2);
     let inode = tcp_listen_inode(addr).expect("the TCP listener in /proc/net/tcp");
-    let replaced = Command::new("sh")
-        .arg("-c")
-        .arg(r#"printf '#!/bin/sh\ntrap "" TERM\nsleep 600 &\nsleep 600\n' > "$1.new" && chmod 755 "$1.new" && mv -f "$1.new" "$1""#)
-        .arg("sh")
-        .arg(&exe)
-        .status()
-        .expect("sh");
-    assert!(replaced.success());
+    install_script(&exe, "#!/bin/sh\ntrap \"\" TERM\nsleep 600 &\nsleep 600\n");
     s.signal(Signal::SIGUSR2);
     let group = successor_pid(&s.wait_for_log("upgrade: started ", SOON));
     let failed = s.wait_for_log("upgrade failed, rolling back", SOON);

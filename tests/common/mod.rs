@@ -903,6 +903,21 @@ impl Drop for RemoveDirOnDrop {
     }
 }
 
+/// Installs `script` as the executable at `path`, at once (written aside by a child
+/// process, then renamed over: no descriptor open for writing leaks into a child
+/// another test thread forks, which would make its exec fail with ETXTBSY).
+pub fn install_script(path: &Path, script: &str) {
+    let done = Command::new("sh")
+        .arg("-c")
+        .arg(r#"printf '%s' "$2" > "$1.new" && chmod 755 "$1.new" && mv -f "$1.new" "$1""#)
+        .arg("sh")
+        .arg(path)
+        .arg(script)
+        .status()
+        .expect("sh");
+    assert!(done.success(), "installing {}", path.display());
+}
+
 pub fn exists(p: &Path) -> bool {
     fs::symlink_metadata(p).is_ok()
 }
