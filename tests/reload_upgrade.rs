@@ -822,9 +822,11 @@ fn assert_rolled_back(
     assert_eq!(pid_set(&now), pid_set(workers), "the workers changed");
 }
 
-#[test]
-fn usr2_rolls_back_when_the_new_master_rejects_the_config() {
-    let dir = TempDir::new("usr2_config");
+/// A master started with a config file, under load; the file is then changed by
+/// `change` (given the file's text and the test's directory) and USR2 sent: the new
+/// master must fail, saying `said`, and everything roll back.
+fn usr2_rolls_back_on_a_new_config(tag: &str, change: impl Fn(&str, &Path) -> String, said: &str) {
+    let dir = TempDir::new(tag);
     let config = dir.join("raasd.toml");
     let pid_file = dir.join("raasd.pid");
     let good = format!(
@@ -840,11 +842,11 @@ fn usr2_rolls_back_when_the_new_master_rejects_the_config() {
     let load = start_load(addr);
     load.wait_replies(200, SOON);
 
-    write_file(&config, &good.replace("workers = 2", "workers = 0"));
+    write_file(&config, &change(&good, &dir.0));
     s.signal(Signal::SIGUSR2);
     s.wait_for_log("upgrade failed, rolling back", SOON);
     // The new master said why, on the same stderr.
-    s.wait_for_log("key 'workers'", SOON);
+    s.wait_for_log(said, SOON);
     assert_rolled_back(
         s.pid(),
         &s.log_lines(),
@@ -852,51 +854,32 @@ fn usr2_rolls_back_when_the_new_master_rejects_the_config() {
         &workers,
         addr,
         &load,
-        "key 'workers'",
+        said,
     );
     load.stop().assert_clean();
     assert!(s.try_status().is_none());
 }
 
 #[test]
-fn usr2_rolls_back_when_the_new_master_cannot_write_its_pid_file() {
-    let dir = TempDir::new("usr2_pid_unwritable");
-    let config = dir.join("raasd.toml");
-    let pid_file = dir.join("raasd.pid");
-    let good = format!(
-        "workers = 2\nlisten = [\"127.0.0.1:0\"]\npid = \"{}\"\n",
-        pid_file.display()
+fn usr2_rolls_back_when_the_new_master_rejects_the_config() {
+    usr2_rolls_back_on_a_new_config(
+        "usr2_config",
+        |good, _| good.replace("workers = 2", "workers = 0"),
+        "key 'workers'",
     );
-    write_file(&config, &good);
-    let s = Server::start(&["-c", path_str(&config)]);
-    let addr = s.addr();
-    s.wait_for_log("all 2 workers accepting", SOON);
-    let workers = s.wait_workers(2);
-    let load = start_load(addr);
-    load.wait_replies(200, SOON);
+}
 
-    let unwritable = dir.join("no-such-dir").join("raasd.pid");
-    write_file(
-        &config,
-        &good.replace(path_str(&pid_file), path_str(&unwritable)),
-    );
-    s.signal(Signal::SIGUSR2);
-    s.wait_for_log("upgrade failed, rolling back", SOON);
-    s.wait_for_log(
-        &format!("cannot write pid file {}", unwritable.display()),
-        SOON,
-    );
-    assert_rolled_back(
-        s.pid(),
-        &s.log_lines(),
-        &pid_file,
-        &workers,
-        addr,
-        &load,
+#[test]
+fn usr2_rolls_back_when_the_new_master_cannot_write_its_pid_file() {
+    usr2_rolls_back_on_a_new_config(
+        "usr2_pid_unwritable",
+        |good, dir| {
+            let pid_line = good.lines().find(|l| l.starts_with("pid = ")).unwrap();
+            let unwritable = dir.join("no-such-dir").join("raasd.pid");
+            good.replace(pid_line, &format!("pid = \"{}\"", unwritable.display()))
+        },
         "cannot write pid file",
     );
-    load.stop().assert_clean();
-    assert!(s.try_status().is_none());
 }
 
 #[test]
