@@ -93,13 +93,53 @@ pub fn run(config: Config, args: Vec<OsString>) -> i32 {
     };
     match Master::start(config, args, &mut predecessor) {
         Ok(master) => master.supervise(),
-        Err(message) => {
-            eprintln!("raasd: {message}");
+        Err(error) => {
+            eprintln!("raasd: {error}");
             if let Some(predecessor) = predecessor {
-                predecessor.announce_failure(&message);
+                predecessor.announce_failure(&error.to_string());
             }
             1
         }
+    }
+}
+
+/// Why the master could not start: each a one-line message in `Display`, worded for
+/// the operator (`cannot listen on 127.0.0.1:2200: address already in use`).
+#[derive(Debug)]
+pub enum StartError {
+    /// A listen socket could not be bound.
+    Listen(listeners::BindError),
+    /// Descriptors handed over (by a previous master or systemd) are unusable.
+    Inherited(String),
+    /// The pid file names a running raasd, or cannot be written.
+    PidFile(String),
+    /// --user or --group cannot be used.
+    Privileges(String),
+    /// The control socket or the metrics port cannot be opened.
+    Console(String),
+    /// Anything else the start needs (the binary's path, the working directory, the
+    /// scoreboard, signal handlers, an eventfd).
+    Setup(String),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Listen(e) => write!(f, "{e}"),
+            StartError::Inherited(m)
+            | StartError::PidFile(m)
+            | StartError::Privileges(m)
+            | StartError::Console(m)
+            | StartError::Setup(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+impl From<String> for StartError {
+    fn from(message: String) -> StartError {
+        StartError::Setup(message)
     }
 }
 
@@ -174,23 +214,24 @@ impl Master {
         config: Config,
         args: Vec<OsString>,
         predecessor: &mut Option<Predecessor>,
-    ) -> Result<Master, String> {
+    ) -> Result<Master, StartError> {
         // Inherited descriptors first, before anything else is opened, each by exactly
         // one owner; then the variables that named them go.
-        let (inheritance, mut inherited) = match upgrade::inherited_listeners()? {
-            Some((true, adopted)) => (Inheritance::Systemd, adopted),
-            Some((false, adopted)) => (Inheritance::Upgrade, adopted),
-            None => match listeners::systemd_sockets()? {
-                adopted if adopted.is_empty() => (Inheritance::Nothing, adopted),
-                adopted => (Inheritance::Systemd, adopted),
-            },
-        };
+        let (inheritance, mut inherited) =
+            match upgrade::inherited_listeners().map_err(StartError::Inherited)? {
+                Some((true, adopted)) => (Inheritance::Systemd, adopted),
+                Some((false, adopted)) => (Inheritance::Upgrade, adopted),
+                None => match listeners::systemd_sockets().map_err(StartError::Inherited)? {
+                    adopted if adopted.is_empty() => (Inheritance::Nothing, adopted),
+                    adopted => (Inheritance::Systemd, adopted),
+                },
+            };
         let generation = upgrade::starting_generation();
-        let inherited_console = upgrade::inherited_console()?;
+        let inherited_console = upgrade::inherited_console().map_err(StartError::Inherited)?;
         // The predecessor's hand-over queue, when it speaks our format: its retiring
         // workers hand their connections to ours through it.
         let inherited_queue = match std::env::var(handoff::ENV) {
-            Ok(value) => Queue::inherited(&value)?,
+            Ok(value) => Queue::inherited(&value).map_err(StartError::Inherited)?,
             Err(_) => None,
         };
         let handoff = match (config.handover, inherited_queue) {
@@ -222,14 +263,15 @@ impl Master {
         raise_descriptor_limit();
         warn_if_descriptors_fall_short(&config);
         match (&config.pid, &predecessor) {
-            (Some(path), None) => pidfile::check_not_running(path)?,
+            (Some(path), None) => pidfile::check_not_running(path).map_err(StartError::PidFile)?,
             // Fail now, so that the old master rolls back, rather than serve without one.
-            (Some(path), Some(_)) => PidFile::check_writable(path)?,
+            (Some(path), Some(_)) => PidFile::check_writable(path).map_err(StartError::PidFile)?,
             _ => {}
         }
         let exe = upgrade::binary_path(args.first().map(OsString::as_os_str), &launch_dir)
             .map_err(|e| format!("cannot find my own binary: {e}"))?;
-        let identity = privileges::resolve(config.user.as_deref(), config.group.as_deref())?;
+        let identity = privileges::resolve(config.user.as_deref(), config.group.as_deref())
+            .map_err(StartError::Privileges)?;
         let scoreboard =
             Scoreboard::new().map_err(|e| format!("cannot map the scoreboard: {e}"))?;
         let listeners = if inheritance == Inheritance::Systemd {
@@ -240,7 +282,7 @@ impl Master {
             std::mem::take(&mut inherited)
         } else {
             listeners::open_all(&config.listen, config.backlog, &mut inherited)
-                .map_err(|e| e.to_string())?
+                .map_err(StartError::Listen)?
         };
         for unused in inherited {
             info!("closing inherited {}: no longer configured", unused.addr);
@@ -256,7 +298,7 @@ impl Master {
             identity,
         ) {
             owned_files(&listeners);
-            return Err(e);
+            return Err(StartError::Setup(e));
         }
         if let Err(e) =
             listeners::set_keepalive(listeners.iter().map(|c| &c.listener), config.tcp_keepalive)
@@ -273,7 +315,8 @@ impl Master {
         let pid_file = match (&config.pid, &predecessor) {
             (Some(path), None) => Some(
                 PidFile::write(path, std::process::id())
-                    .inspect_err(|_| owned_files(&listeners))?,
+                    .inspect_err(|_| owned_files(&listeners))
+                    .map_err(StartError::PidFile)?,
             ),
             _ => None,
         };
@@ -282,7 +325,8 @@ impl Master {
             config.metrics.as_deref(),
             inherited_console,
         )
-        .inspect_err(|_| owned_files(&listeners))?;
+        .inspect_err(|_| owned_files(&listeners))
+        .map_err(StartError::Console)?;
         if let Err(e) = title::init() {
             warn!("process titles unavailable: {e}");
         }

@@ -552,7 +552,10 @@ fn persistent_client(shared: &Shared, id: usize, depth: usize) {
                 conn.insert(c)
             }
         };
-        while outstanding.len() < depth {
+        // Paced: a batch of `depth` lines, then a pause once all are answered.
+        // Hammering: `depth` lines in flight at all times.
+        let refill = shared.pause.is_zero() || outstanding.is_empty();
+        while refill && outstanding.len() < depth {
             let line = make_line(&who, next);
             next += 1;
             out.extend_from_slice(line.as_bytes());
