@@ -119,8 +119,10 @@ impl Stream {
 enum Phase {
     /// Reading its request, until this moment.
     Reading { until: Instant },
-    /// The master answers later (an upgrade under way).
+    /// Its request is with the master.
     Waiting,
+    /// Waiting for the outcome of an upgrade (answered by [`Console::answer_upgrade`]).
+    WaitingForUpgrade,
     /// Writing the reply, until this moment.
     Writing {
         reply: Vec<u8>,
@@ -279,7 +281,7 @@ impl Console {
                     fd: c.stream.fd(),
                     writable: true,
                 }),
-                Phase::Waiting => {}
+                Phase::Waiting | Phase::WaitingForUpgrade => {}
             }
         }
         out
@@ -291,7 +293,7 @@ impl Console {
             .iter()
             .filter_map(|c| match c.phase {
                 Phase::Reading { until } | Phase::Writing { until, .. } => Some(until),
-                Phase::Waiting => None,
+                Phase::Waiting | Phase::WaitingForUpgrade => None,
             })
             .min()
     }
@@ -342,7 +344,7 @@ impl Console {
                         Err(_) => break true,
                     }
                 },
-                Phase::Waiting => false,
+                Phase::Waiting | Phase::WaitingForUpgrade => false,
             };
             if done {
                 self.clients.swap_remove(index);
@@ -366,6 +368,26 @@ impl Console {
         }
         // Write at once what the socket takes: most replies fit in one write.
         let _ = self.serve_writes(now);
+    }
+
+    /// Request `id` is answered when the upgrade it started ends.
+    pub fn await_upgrade(&mut self, id: u64) {
+        if let Some(client) = self.clients.iter_mut().find(|c| c.id == id) {
+            client.phase = Phase::WaitingForUpgrade;
+        }
+    }
+
+    /// The upgrade ended: every client waiting for it gets `reply`.
+    pub fn answer_upgrade(&mut self, reply: &str, now: Instant) {
+        let waiting: Vec<u64> = self
+            .clients
+            .iter()
+            .filter(|c| matches!(c.phase, Phase::WaitingForUpgrade))
+            .map(|c| c.id)
+            .collect();
+        for id in waiting {
+            self.reply(id, 200, reply, now);
+        }
     }
 
     fn serve_writes(&mut self, now: Instant) -> usize {

@@ -164,10 +164,7 @@ impl Master {
 
     /// Tells the `raasd ctl upgrade` clients waiting how the upgrade went.
     pub(super) fn answer_upgrade_waiters(&mut self, reply: &str) {
-        let now = Instant::now();
-        for id in std::mem::take(&mut self.upgrade_waiters) {
-            self.console.reply(id, 200, reply, now);
-        }
+        self.console.answer_upgrade(reply, Instant::now());
     }
 
     /// Ends a successor that will not take over, with everything it started (its

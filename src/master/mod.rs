@@ -186,8 +186,6 @@ pub struct Master {
     /// --name, for the titles (kept for the life of the process: workers' titles
     /// borrow it).
     name: Option<&'static str>,
-    /// `raasd ctl upgrade` clients waiting to hear how the upgrade went.
-    upgrade_waiters: Vec<u64>,
     /// When this master started (seconds since the epoch).
     started_at: u64,
     /// What workers gone since the master started had done, and why workers were
@@ -362,7 +360,6 @@ impl Master {
             nudge: Some(Nudge::new().map_err(|e| format!("cannot create an eventfd: {e}"))?),
             handoff,
             console,
-            upgrade_waiters: Vec::new(),
             name,
             watchdog: sd_notify::watchdog_enabled().map(|usec| (usec / 2, Instant::now())),
             started_at: epoch_seconds(),

@@ -47,14 +47,12 @@ impl Master {
                     Err(why) => error_reply(&format!("reload failed, nothing changed: {why}")),
                 },
                 Request::Upgrade => {
-                    // Answered when the new master is ready or the upgrade rolled back.
-                    self.upgrade_waiters.push(id);
+                    // Answered when the new master is ready or the upgrade rolled back
+                    // (which may be at once: the binary cannot be started).
+                    self.console.await_upgrade(id);
                     match self.start_upgrade() {
                         Ok(()) => continue,
-                        Err(why) => {
-                            self.upgrade_waiters.retain(|&w| w != id);
-                            error_reply(&why)
-                        }
+                        Err(why) => error_reply(&why),
                     }
                 }
                 Request::Stop { quick } => {
