@@ -75,17 +75,21 @@ impl Master {
         let sockets_fixed = self.inheritance == Inheritance::Systemd;
         let generation = self.generation + 1;
         match upgrade::start_successor(
-            &self.exe,
-            &self.args,
-            (&self.listeners, self.handoff.as_ref(), &self.console),
+            &self.origin.exe,
+            &self.origin.args,
+            (
+                &self.listeners,
+                self.coordination.handoff.as_ref(),
+                &self.console,
+            ),
             generation,
             sockets_fixed,
-            &self.start_dir,
+            &self.origin.start_dir,
         ) {
             Ok(successor) => {
                 info!(
                     "upgrade: started {} as pid {}",
-                    self.exe.display(),
+                    self.origin.exe.display(),
                     successor.pid
                 );
                 self.upgrade = Upgrade::Waiting {
@@ -93,9 +97,11 @@ impl Master {
                     deadline: Instant::now() + self.config.upgrade_timeout(),
                     started: Instant::now(),
                 };
-                self.title.clear();
+                self.title.shown.clear();
             }
-            Err(e) => self.roll_back_upgrade(&format!("cannot start {}: {e}", self.exe.display())),
+            Err(e) => {
+                self.roll_back_upgrade(&format!("cannot start {}: {e}", self.origin.exe.display()))
+            }
         }
         Ok(())
     }
@@ -103,7 +109,7 @@ impl Master {
     /// The successor is ready: it owns the sockets and the pid file now. Retire.
     pub(super) fn hand_over(&mut self, hand_over_version: Option<u8>) {
         let connections_follow = self.config.handover
-            && self.handoff.is_some()
+            && self.coordination.handoff.is_some()
             && hand_over_version == Some(handoff::VERSION);
         let Upgrade::Waiting {
             successor, started, ..
@@ -158,7 +164,7 @@ impl Master {
             error!("{e}");
         }
         error!("upgrade failed, rolling back: {why}");
-        self.title.clear();
+        self.title.shown.clear();
         self.answer_upgrade_waiters(&crate::console::error_reply(&format!("rolled back: {why}")));
     }
 
@@ -237,7 +243,7 @@ impl Master {
     pub(super) fn announce_ready(&mut self) {
         if let Some(predecessor) = self.predecessor.take() {
             // The old master, still systemd's main pid, reports our readiness for us.
-            self.systemd_ready = true;
+            self.systemd.ready = true;
             if let Some(path) = &self.config.pid {
                 match PidFile::write(path, std::process::id()) {
                     Ok(pid_file) => self.pid_file = Some(pid_file),
@@ -250,13 +256,13 @@ impl Master {
                     );
                 }
             }
-            let takes_connections = self.handoff.as_ref().map(|_| handoff::VERSION);
+            let takes_connections = self.coordination.handoff.as_ref().map(|_| handoff::VERSION);
             if let Err(e) = predecessor.announce_ready(takes_connections) {
                 warn!("cannot tell the old master that this one is ready: {e}");
             }
         }
-        if !self.systemd_ready {
-            self.systemd_ready = true;
+        if !self.systemd.ready {
+            self.systemd.ready = true;
             notify_systemd(&[NotifyState::Ready]);
         }
     }

@@ -143,6 +143,45 @@ impl From<String> for StartError {
     }
 }
 
+/// How a master was started.
+struct Origin {
+    /// The command line as given, kept for a reload and a re-exec (the title
+    /// overwrote argv).
+    args: Vec<OsString>,
+    /// The binary this master was started from, resolved at start: USR2 executes
+    /// whatever is installed at that path then.
+    exe: PathBuf,
+    /// Where a new master of an upgrade starts: --working-directory, else the
+    /// directory raasd was started in, as the operator named it.
+    start_dir: PathBuf,
+}
+
+/// What systemd has heard, and its watchdog.
+struct Systemd {
+    /// READY=1 has been sent for the current configuration.
+    ready: bool,
+    /// WATCHDOG_USEC: how often to ping, and when next.
+    watchdog: Option<(Duration, Instant)>,
+}
+
+/// What every worker inherits to coordinate with its siblings.
+struct Coordination {
+    /// Wakes one worker to take the rest of a burst (see [`crate::accept_gate`]).
+    /// Taken by a worker after fork.
+    nudge: Option<Nudge>,
+    /// Where retiring workers hand their connections over (None with --handover
+    /// off).
+    handoff: Option<Queue>,
+}
+
+/// The master's process title.
+struct Title {
+    /// --name (kept for the life of the process: workers' titles borrow it).
+    name: Option<&'static str>,
+    /// The text shown, rewritten only when it changes.
+    shown: String,
+}
+
 struct Stopping {
     quick: bool,
     deadline: Instant,
@@ -151,14 +190,8 @@ struct Stopping {
 
 pub struct Master {
     config: Config,
-    /// The command line as given, kept for a re-exec (the title overwrote argv).
-    args: Vec<OsString>,
-    /// The binary this master was started from, resolved at start: USR2 executes
-    /// whatever is installed at that path then.
-    exe: PathBuf,
-    /// Where a new master of an upgrade starts: --working-directory, else the
-    /// directory raasd was started in, as the operator named it.
-    start_dir: PathBuf,
+    /// How this master was started: what a reload re-reads, an upgrade re-executes.
+    origin: Origin,
     listeners: Vec<Configured>,
     /// Socket activation fixes the listeners: reloads leave them alone.
     inheritance: Inheritance,
@@ -168,24 +201,15 @@ pub struct Master {
     predecessor: Option<Predecessor>,
     /// A successor given up on, whose process group is being ended.
     abandoned: Option<handover::Abandoned>,
-    /// systemd has been told READY=1 for the current configuration.
-    systemd_ready: bool,
+    systemd: Systemd,
     addresses: Vec<String>,
     signals: Option<SignalSet>,
     pid_file: Option<PidFile>,
     workers: Vec<WorkerProcess>,
-    /// Shared by every worker: wakes one to take the rest of a burst (see
-    /// [`crate::accept_gate`]). Taken by a worker after fork.
-    nudge: Option<Nudge>,
-    /// Where retiring workers hand their connections over (None with --handover off).
-    handoff: Option<Queue>,
+    /// What the workers share to coordinate among themselves.
+    coordination: Coordination,
     /// The control socket and the metrics endpoint.
     console: Console,
-    /// systemd's watchdog (WATCHDOG_USEC): how often to ping, and when next.
-    watchdog: Option<(Duration, Instant)>,
-    /// --name, for the titles (kept for the life of the process: workers' titles
-    /// borrow it).
-    name: Option<&'static str>,
     /// When this master started (seconds since the epoch).
     started_at: u64,
     /// What workers gone since the master started had done, and why workers were
@@ -203,7 +227,7 @@ pub struct Master {
     health: Health,
     /// Workers whose control channel woke the master: their reports are read next.
     woken: Vec<Pid>,
-    title: String,
+    title: Title,
 }
 
 impl Master {
@@ -341,27 +365,35 @@ impl Master {
             identity,
             health: Health::new(seed())?,
             woken: Vec::new(),
-            title: String::new(),
+            title: Title {
+                name,
+                shown: String::new(),
+            },
             target: config.workers.resolve(),
             config,
-            args,
-            exe,
-            start_dir,
+            origin: Origin {
+                args,
+                exe,
+                start_dir,
+            },
             listeners,
             inheritance,
             upgrade: Upgrade::Idle,
             abandoned: None,
             predecessor: predecessor.take(),
-            systemd_ready: false,
+            systemd: Systemd {
+                ready: false,
+                watchdog: sd_notify::watchdog_enabled().map(|usec| (usec / 2, Instant::now())),
+            },
             addresses,
             signals: Some(signals),
             pid_file,
             workers: Vec::new(),
-            nudge: Some(Nudge::new().map_err(|e| format!("cannot create an eventfd: {e}"))?),
-            handoff,
+            coordination: Coordination {
+                nudge: Some(Nudge::new().map_err(|e| format!("cannot create an eventfd: {e}"))?),
+                handoff,
+            },
             console,
-            name,
-            watchdog: sd_notify::watchdog_enabled().map(|usec| (usec / 2, Instant::now())),
             started_at: epoch_seconds(),
             totals: Totals::default(),
             generation,
@@ -552,7 +584,7 @@ impl Master {
         }
         // Connections move to the workers that stay, when there are any.
         let receivers = self.workers.iter().any(|w| w.life == Life::Accepting);
-        let command = if receivers && self.config.handover && self.handoff.is_some() {
+        let command = if receivers && self.config.handover && self.coordination.handoff.is_some() {
             Command::HandOver
         } else {
             Command::GracefulStop
@@ -608,7 +640,7 @@ impl Master {
             slot,
             generation: self.generation,
             master: nix::unistd::getpid(),
-            name: self.name,
+            name: self.title.name,
         };
         let forked = control::channel()
             .and_then(|(master_end, worker_end)| Ok((process::fork()?, master_end, worker_end)));
@@ -659,7 +691,7 @@ impl Master {
         }
         title::set(&format!(
             "raasd worker[{slot}]{} gen {}",
-            name_part(self.name),
+            name_part(self.title.name),
             self.generation
         ));
         title::set_comm("raasd-worker");
@@ -683,8 +715,8 @@ impl Master {
             who,
             listeners,
             (
-                self.nudge.take().expect("the master's nudge"),
-                self.handoff.take(),
+                self.coordination.nudge.take().expect("the master's nudge"),
+                self.coordination.handoff.take(),
             ),
             channel,
             serving,
@@ -783,7 +815,7 @@ impl Master {
     /// worker of the current generation beats in time: a master that hangs, or whose
     /// workers all wedge, is restarted by systemd (WatchdogSec=).
     fn tend_watchdog(&mut self) {
-        let Some((every, next)) = self.watchdog else {
+        let Some((every, next)) = self.systemd.watchdog else {
             return;
         };
         let now = Instant::now();
@@ -798,7 +830,7 @@ impl Master {
         if healthy {
             notify_systemd(&[NotifyState::Watchdog]);
         }
-        self.watchdog = Some((every, now + every));
+        self.systemd.watchdog = Some((every, now + every));
     }
 
     /// Waits for a signal, a worker's message or the next deadline; notes whose
@@ -820,7 +852,7 @@ impl Master {
                     self.upgrade.deadline(),
                     self.abandoned.as_ref().map(|a| a.kill_at),
                     self.console.next_deadline(),
-                    self.watchdog.map(|(_, next)| next),
+                    self.systemd.watchdog.map(|(_, next)| next),
                     (!self.all_accepting_announced || self.health.is_backing_off())
                         .then(|| now + Duration::from_secs(1)),
                 ];
@@ -933,17 +965,17 @@ impl Master {
         // counts.
         let text = format!(
             "raasd master{} gen {}: {accepting}/{} workers{late}{state} -w {} {}",
-            name_part(self.name),
+            name_part(self.title.name),
             self.generation,
             self.target,
             self.target,
             self.addresses.join(" "),
         );
-        if text != self.title {
+        if text != self.title.shown {
             // systemctl status shows the same line.
             notify_systemd(&[NotifyState::Status(&text)]);
             title::set(&text);
-            self.title = text;
+            self.title.shown = text;
         }
     }
 }

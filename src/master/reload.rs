@@ -34,8 +34,8 @@ impl Master {
             return Err("the server is stopping".to_string());
         }
         notify_systemd(&[NotifyState::Reloading]);
-        self.systemd_ready = false;
-        let config = match config::load(&self.args) {
+        self.systemd.ready = false;
+        let config = match config::load(&self.origin.args) {
             Ok(config) => config,
             Err(LoadError::CommandLine(e)) => return self.reload_failed(&e.to_string()),
             Err(LoadError::File(errors)) => return self.reload_failed(&errors.join("; ")),
@@ -63,14 +63,14 @@ impl Master {
         if config.max_conns != self.config.max_conns || config.listen != self.config.listen {
             super::warn_if_descriptors_fall_short(&config);
         }
-        if config.handover && self.handoff.is_none() {
+        if config.handover && self.coordination.handoff.is_none() {
             match crate::handoff::Queue::new() {
-                Ok(queue) => self.handoff = Some(queue),
+                Ok(queue) => self.coordination.handoff = Some(queue),
                 Err(e) => warn!("reload: cannot create the hand-over queue: {e}"),
             }
         }
         if config.name != self.config.name {
-            self.name = super::leak_name(config.name.as_deref());
+            self.title.name = super::leak_name(config.name.as_deref());
         }
         logging::set_level(config.log_level);
         self.identity = identity;

@@ -147,7 +147,7 @@ impl Master {
                 target_workers: self.target,
                 accepting_workers: accepting,
                 state: state.to_string(),
-                handover: self.config.handover && self.handoff.is_some(),
+                handover: self.config.handover && self.coordination.handoff.is_some(),
             },
             listeners,
             workers: worker_status,
