@@ -158,12 +158,10 @@ fn with_handover_off_connections_are_drained_as_before() {
     assert!(s.count_log("draining its connections") >= 2);
 }
 
-#[test]
-fn a_receiver_that_cannot_take_leaves_the_connections_to_their_worker() {
-    // worker[0], the only one to stay, is stopped (SIGSTOP) when worker[1] retires:
-    // nobody takes its batch within a second, so worker[1] serves its connections to
-    // their end; worker[0] is then killed (a receiver dying mid-hand-over) and its
-    // replacement finds the stale batch and leaves it.
+/// `-w 2` under load; worker[0] (the only one to stay) is stopped with SIGSTOP, then
+/// TTOU retires worker[1], whose hand-over has nobody to take it.
+fn retire_worker_1_while_worker_0_is_stopped() -> (Server, std::net::SocketAddr, Load, Vec<Worker>)
+{
     let s = Server::start(&["-w", "2", "-l", "127.0.0.1:0", "--timeout", "0"]);
     let addr = s.addr();
     s.wait_for_log("all 2 workers accepting", SOON);
@@ -175,6 +173,16 @@ fn a_receiver_that_cannot_take_leaves_the_connections_to_their_worker() {
         matches!(proc_state(workers[0].pid), Some('T' | 't'))
     });
     s.signal(Signal::SIGTTOU);
+    (s, addr, load, workers)
+}
+
+#[test]
+fn a_receiver_that_cannot_take_leaves_the_connections_to_their_worker() {
+    // worker[0], the only one to stay, is stopped (SIGSTOP) when worker[1] retires:
+    // nobody takes its batch within a second, so worker[1] serves its connections to
+    // their end; worker[0] is then killed (a receiver dying mid-hand-over) and its
+    // replacement finds the stale batch and leaves it.
+    let (s, addr, load, workers) = retire_worker_1_while_worker_0_is_stopped();
     s.wait_for_log("not taken in time, served here to their end", SOON);
     signal_pid(workers[0].pid, Signal::SIGKILL);
     wait_until("worker[1] to finish and a new worker[0]", SOON, || {
@@ -198,17 +206,7 @@ fn a_receiver_that_cannot_take_leaves_the_connections_to_their_worker() {
 
 #[test]
 fn term_during_a_hand_over_drains_everything_and_exits() {
-    let s = Server::start(&["-w", "2", "-l", "127.0.0.1:0", "--timeout", "0"]);
-    let addr = s.addr();
-    s.wait_for_log("all 2 workers accepting", SOON);
-    let load = reconnecting_load(addr);
-    load.wait_replies(300, SOON);
-    let workers = s.wait_workers(2);
-    signal_pid(workers[0].pid, Signal::SIGSTOP);
-    wait_until("worker[0] to be stopped", SOON, || {
-        matches!(proc_state(workers[0].pid), Some('T' | 't'))
-    });
-    s.signal(Signal::SIGTTOU);
+    let (s, _addr, load, workers) = retire_worker_1_while_worker_0_is_stopped();
     s.wait_for_log("retiring: handing my connections over", SOON);
     // worker[1] waits for a taker that cannot come: stop the server meanwhile.
     s.signal(Signal::SIGTERM);

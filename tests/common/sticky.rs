@@ -273,6 +273,36 @@ fn not_reading(
     same_port("not reading", reader.get_ref(), port, &failures);
 }
 
+/// Sends `line`, reads its reply and checks it; false (with the failure recorded as
+/// `who`'s) when anything went wrong.
+fn roundtrip_checked(
+    who: &str,
+    stream: &TcpStream,
+    reader: &mut BufReader<TcpStream>,
+    line: &str,
+    replies: &AtomicU64,
+    failures: &Mutex<Vec<String>>,
+) -> bool {
+    if let Err(e) = (&*stream).write_all(format!("{line}\n").as_bytes()) {
+        fail(failures, format!("{who}: write {line:?}: {e}"));
+        return false;
+    }
+    match read_reply(reader) {
+        Ok(reply) if reply == reversed(line) => {
+            replies.fetch_add(1, Ordering::SeqCst);
+            true
+        }
+        Ok(reply) => {
+            fail(failures, format!("{who}: {reply:?} for {line:?}"));
+            false
+        }
+        Err(e) => {
+            fail(failures, format!("{who}: after {line:?}: {e}"));
+            false
+        }
+    }
+}
+
 fn idle(
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
@@ -281,26 +311,8 @@ fn idle(
 ) {
     let (stream, port) = connect(addr);
     let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut once = |line: &str| -> bool {
-        if let Err(e) = (&stream).write_all(format!("{line}\n").as_bytes()) {
-            fail(&failures, format!("idle: write: {e}"));
-            return false;
-        }
-        match read_reply(&mut reader) {
-            Ok(reply) if reply == reversed(line) => {
-                replies.fetch_add(1, Ordering::SeqCst);
-                true
-            }
-            Ok(reply) => {
-                fail(&failures, format!("idle: {reply:?} for {line:?}"));
-                false
-            }
-            Err(e) => {
-                fail(&failures, format!("idle: {e}"));
-                false
-            }
-        }
-    };
+    let mut once =
+        |line: &str| roundtrip_checked("idle", &stream, &mut reader, line, &replies, &failures);
     if !once("idle at the start") {
         return;
     }
@@ -323,22 +335,8 @@ fn blocking(
     let mut n = 0u64;
     while !stop.load(Ordering::SeqCst) {
         let line = format!("blocking {n}");
-        if let Err(e) = (&stream).write_all(format!("{line}\n").as_bytes()) {
-            fail(&failures, format!("blocking: write {n}: {e}"));
+        if !roundtrip_checked("blocking", &stream, &mut reader, &line, &replies, &failures) {
             return;
-        }
-        match read_reply(&mut reader) {
-            Ok(reply) if reply == reversed(&line) => {
-                replies.fetch_add(1, Ordering::SeqCst);
-            }
-            Ok(reply) => {
-                fail(&failures, format!("blocking: {reply:?} for {line:?}"));
-                return;
-            }
-            Err(e) => {
-                fail(&failures, format!("blocking: after {n} replies: {e}"));
-                return;
-            }
         }
         n += 1;
         thread::sleep(Duration::from_millis(2));
