@@ -31,15 +31,17 @@ static ACCESS_LOG: Mutex<Option<(PathBuf, File)>> = Mutex::new(None);
 pub fn open_access_log(path: &Path) -> Result<(), String> {
     let file = open(path)?;
     *ACCESS_LOG.lock().unwrap_or_else(|e| e.into_inner()) = Some((path.to_path_buf(), file));
+    ACCESS_LOG_ON.store(true, Ordering::Relaxed);
     Ok(())
 }
 
+/// Set once the access log is open: read on every closed connection, so without
+/// taking the lock.
+static ACCESS_LOG_ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Whether there is an access log to write to.
 pub fn access_log_enabled() -> bool {
-    ACCESS_LOG
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .is_some()
+    ACCESS_LOG_ON.load(Ordering::Relaxed)
 }
 
 /// Appends one line to the access log, stamped and signed like the log's lines,
@@ -209,6 +211,14 @@ impl Write for FileWriter {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// A count in words that agree with it: `1 connection`, `2 connections`.
+pub fn plural(n: u64, what: &str) -> String {
+    match n {
+        1 => format!("1 {what}"),
+        n => format!("{n} {what}s"),
     }
 }
 

@@ -85,6 +85,11 @@ pub fn set(title: &str) {
 }
 
 /// Sets the comm (cut to 15 bytes by the kernel).
+/// ` NAME` in a title, when --name is set (nothing otherwise).
+pub fn name_part(name: Option<&str>) -> String {
+    name.map(|n| format!(" {n}")).unwrap_or_default()
+}
+
 pub fn set_comm(name: &str) {
     if let Ok(name) = CString::new(name) {
         let _ = nix::sys::prctl::set_name(&name);

@@ -250,6 +250,9 @@ impl<'a> Worker<'a> {
                 self.serve_connection(index, now);
             }
             self.again_spare = again;
+            // Once per pass (relaxed stores, no system call): the console's status and
+            // metrics read them.
+            self.publish_counters();
             if self.gate.paused_until().is_some() {
                 self.update_accepting(now)?;
             }
@@ -271,7 +274,7 @@ impl<'a> Worker<'a> {
                 if now >= deadline {
                     warn!(
                         "stopping with {} still open",
-                        plural(self.open, "connection")
+                        crate::logging::plural(self.open as u64, "connection")
                     );
                     return Ok(());
                 }
@@ -479,7 +482,7 @@ impl<'a> Worker<'a> {
         }
         if took > 0 {
             self.taken_over += took;
-            info!("took over {}", plural(took as usize, "connection"));
+            info!("took over {}", crate::logging::plural(took, "connection"));
             self.title_shown = None;
             self.show_progress();
         }
@@ -533,13 +536,13 @@ impl<'a> Worker<'a> {
         } else if back == 0 {
             info!(
                 "handed over {} to gen {}",
-                plural(outcome.taken, "connection"),
+                crate::logging::plural(outcome.taken as u64, "connection"),
                 to.join(", ")
             );
         } else {
             warn!(
                 "handed over {} to gen {}; {back} of {offered} not taken in time, served here to their end",
-                plural(outcome.taken, "connection"),
+                crate::logging::plural(outcome.taken as u64, "connection"),
                 if to.is_empty() {
                     "-".to_string()
                 } else {
@@ -620,9 +623,6 @@ impl<'a> Worker<'a> {
         self.traffic.served += traffic.served;
         self.traffic.bytes_in += traffic.bytes_in;
         self.traffic.bytes_out += traffic.bytes_out;
-        // Published at once (relaxed stores, no system call): the console's status
-        // and metrics read them.
-        self.publish_counters();
         let limit_reached = self
             .serving
             .max_requests
@@ -665,7 +665,7 @@ impl<'a> Worker<'a> {
         let (slot, generation) = (self.who.slot, self.who.generation);
         let mut text = format!(
             "raasd worker[{slot}]{} gen {generation}: {} conns, {} served",
-            crate::master::name_part(self.who.name),
+            title::name_part(self.who.name),
             self.open,
             self.traffic.served
         );
@@ -786,12 +786,4 @@ fn epoll_timeout(timeout: Duration) -> EpollTimeout {
 fn quick_exit() -> ! {
     info!("quick stop");
     std::process::exit(0)
-}
-
-/// `1 connection`, `2 connections`.
-fn plural(n: usize, what: &str) -> String {
-    match n {
-        1 => format!("1 {what}"),
-        n => format!("{n} {what}s"),
-    }
 }

@@ -485,8 +485,8 @@ impl Master {
                 Life::Retiring => info!(
                     "worker[{}] pid {pid} exited ({how}) after {} on {}",
                     gone.slot,
-                    plural(served.served, "request"),
-                    plural(served.accepted, "connection")
+                    logging::plural(served.served, "request"),
+                    logging::plural(served.accepted, "connection")
                 ),
                 _ if self.stopping.is_some() => {
                     info!("worker[{}] pid {pid} exited ({how})", gone.slot)
@@ -691,7 +691,7 @@ impl Master {
         }
         title::set(&format!(
             "raasd worker[{slot}]{} gen {}",
-            name_part(self.title.name),
+            title::name_part(self.title.name),
             self.generation
         ));
         title::set_comm("raasd-worker");
@@ -965,7 +965,7 @@ impl Master {
         // counts.
         let text = format!(
             "raasd master{} gen {}: {accepting}/{} workers{late}{state} -w {} {}",
-            name_part(self.title.name),
+            title::name_part(self.title.name),
             self.generation,
             self.target,
             self.target,
@@ -1024,19 +1024,6 @@ fn warn_if_descriptors_fall_short(config: &Config) {
 /// that changes it).
 fn leak_name(name: Option<&str>) -> Option<&'static str> {
     name.map(|n| &*Box::leak(n.to_owned().into_boxed_str()))
-}
-
-/// ` NAME` for titles, when --name is set.
-pub(crate) fn name_part(name: Option<&str>) -> String {
-    name.map(|n| format!(" {n}")).unwrap_or_default()
-}
-
-/// `1 request`, `2 requests`.
-fn plural(n: u64, what: &str) -> String {
-    match n {
-        1 => format!("1 {what}"),
-        n => format!("{n} {what}s"),
-    }
 }
 
 /// Whether this process has a controlling terminal (opening /dev/tty fails with
