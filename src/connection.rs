@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use crate::codec::Codec;
 use crate::config::Serving;
-use crate::handoff::Parcel;
+use crate::handoff::{Parcel, Travels};
 use crate::listeners::Stream;
 
 /// Reads a connection may do before the others get their turn.
@@ -134,6 +134,20 @@ pub struct Connection {
     pub opened: Instant,
     /// Why it is ending, once that is known (the client closing, a limit, a stop).
     ending: Option<Ending>,
+    /// A hand-over offered it and nobody took it: it is served here to its end.
+    stays: bool,
+}
+
+impl Travels for Connection {
+    fn stream(&self) -> &Stream {
+        &self.stream
+    }
+    fn unsent(&self) -> &[u8] {
+        &self.out[self.written..]
+    }
+    fn partial_line(&self) -> &[u8] {
+        self.codec.pending()
+    }
 }
 
 impl Connection {
@@ -157,6 +171,7 @@ impl Connection {
             bytes_in_at_stop: 0,
             opened: now,
             ending: None,
+            stays: false,
         }
     }
 
@@ -185,19 +200,18 @@ impl Connection {
     /// served to its end.
     pub fn can_travel(&mut self, now: Instant) -> bool {
         self.state == State::Open
+            && !self.stays
             && !self.hung_up
             && self.stopping_grace.is_none()
             && !self.codec.is_poisoned()
             && self.write_out(now).is_ok()
     }
 
-    /// The connection as a parcel (see [`Connection::can_travel`]).
-    pub fn into_parcel(self) -> Parcel {
-        Parcel {
-            unsent: self.out[self.written..].to_vec(),
-            partial_line: self.codec.pending().to_vec(),
-            stream: self.stream,
-        }
+    /// A hand-over offered it and nobody took it: it stays, served here to its
+    /// end. It was out of the epoll set meanwhile: look for input at once.
+    pub fn stay_here(&mut self) {
+        self.stays = true;
+        self.readable = true;
     }
 
     pub fn stream(&self) -> &Stream {

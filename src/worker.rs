@@ -27,19 +27,35 @@ use crate::accept_gate::{AcceptGate, Nudge, OUT_OF_DESCRIPTORS, should_step_back
 use crate::config::Serving;
 use crate::connection::{Connection, Ending, Traffic, Turn};
 use crate::control::{Command, Report, WorkerEnd};
-use crate::handoff::{self, Queue};
+use crate::handoff::{self, ClaimOutcome, Incoming, Outgoing, Queue, Settled, Taken};
 use crate::listeners::Listener;
 use crate::process::Blocked;
 use crate::scoreboard::{CellWriter, Counters, Scoreboard, monotonic_ms};
 use crate::signals::SignalSet;
 use crate::title;
 
+mod life;
+mod table;
+
+use life::{Exit, Life};
+use table::Table;
+
 const CONTROL: u64 = u64::MAX;
 const SIGNALS: u64 = u64::MAX - 1;
 const NUDGE: u64 = u64::MAX - 2;
 const HANDOFF: u64 = u64::MAX - 3;
-/// Listener i has token LISTENERS - i; connection k has token k.
+/// Listener i has token LISTENERS - i; connection k has token k; the settle socket
+/// of outgoing batch b has OUTGOING + b, of incoming claim c INCOMING + c.
 const LISTENERS: u64 = u64::MAX - 4;
+const OUTGOING: u64 = 1 << 48;
+const INCOMING: u64 = 1 << 49;
+/// Connections a retiring worker offers per loop pass, and batches a receiver takes
+/// per pass: slices small enough that the other clients of both wait a few
+/// milliseconds at most while thousands move.
+const OFFER_PER_PASS: usize = 4 * handoff::MAX_BATCH;
+const TAKE_PER_PASS: usize = 4;
+/// How soon a retiring worker tries again when the hand-over queue was full.
+const QUEUE_FULL_RETRY: Duration = Duration::from_millis(1);
 /// How long a worker whose master died may take to finish.
 const ORPHAN_DRAIN: Duration = Duration::from_millis(500);
 /// The parent-death signal: it arms an alarm of [`ORPHAN_DEADLINE_SECS`], so an
@@ -105,43 +121,57 @@ pub struct Who {
 struct Worker<'a> {
     who: Who,
     cell: CellWriter<'a>,
-    /// Totals over every connection this worker has served.
-    traffic: Traffic,
-    accepted: u64,
-    replacement_requested: bool,
+    tally: Tally,
     epoll: Epoll,
     listeners: Vec<Listener>,
     control: Option<WorkerEnd>,
     signals: SignalSet,
-    connections: Vec<Option<Connection>>,
-    /// Free connection slots, and slots freed during the current batch of events
-    /// (reused only after it, so a stale event in the batch cannot reach a new client).
-    free: Vec<usize>,
-    released: Vec<usize>,
-    /// Connections that used up their turn with input still waiting.
-    again: Vec<usize>,
-    again_spare: Vec<usize>,
-    open: usize,
+    table: Table<Connection>,
     serving: Serving,
     scratch: Vec<u8>,
-    /// Set once stopping: the moment the worker exits even with clients left.
-    stop_deadline: Option<Instant>,
-    /// While stopping: when the listen sockets get their last drain and are closed.
-    listeners_close_at: Option<Instant>,
-    /// The listeners are in the poll set.
-    accepting: bool,
-    /// The pause is a step back (over its share), which ends early once the share
-    /// has caught up; a pause for want of descriptors does not.
+    life: Life,
+    /// Whether to accept now, for how long a pause lasts, and why.
     gate: AcceptGate,
+    /// What is in the epoll set now.
+    watching: Watching,
     nudge: Nudge,
-    /// Where connections of retiring siblings arrive, and where this worker's go
-    /// when it retires (None with --handover off).
-    handoff: Option<Queue>,
+    transfers: Transfers,
+    title_shown: Option<Instant>,
+}
+
+/// This worker's counters over its life.
+#[derive(Default)]
+struct Tally {
+    traffic: Traffic,
+    accepted: u64,
     /// Connections taken over from retiring siblings.
     taken_over: u64,
     /// Once retiring by hand-over: connections handed over, and to which generations.
     handed_over: Option<(usize, Vec<u64>)>,
-    title_shown: Option<Instant>,
+    /// Connections that came back from a hand-over (nobody took them).
+    kept: usize,
+    replacement_requested: bool,
+}
+
+/// Which of the shared sockets are in the epoll set.
+#[derive(Default)]
+struct Watching {
+    listeners: bool,
+    queue: bool,
+}
+
+/// The hand-over: the queue (None with --handover off), the batches this worker
+/// offered (retiring) and those it claimed (in service), each until settled.
+struct Transfers {
+    queue: Option<Queue>,
+    outgoing: Outgoing<Connection>,
+    incoming: Incoming,
+}
+
+impl Transfers {
+    fn settling(&self) -> bool {
+        !self.outgoing.is_empty() || !self.incoming.is_empty()
+    }
 }
 
 impl<'a> Worker<'a> {
@@ -183,29 +213,23 @@ impl<'a> Worker<'a> {
         let mut worker = Worker {
             who,
             cell,
-            traffic: Traffic::default(),
-            accepted: 0,
-            replacement_requested: false,
+            tally: Tally::default(),
             epoll,
             listeners,
             control: Some(control),
             signals,
-            connections: Vec::new(),
-            free: Vec::new(),
-            released: Vec::new(),
-            again: Vec::new(),
-            again_spare: Vec::new(),
-            open: 0,
+            table: Table::default(),
             serving,
             scratch: vec![0; SCRATCH],
-            stop_deadline: None,
-            listeners_close_at: None,
-            accepting: false,
+            life: Life::Serving,
             gate: AcceptGate::default(),
+            watching: Watching::default(),
             nudge,
-            handoff,
-            taken_over: 0,
-            handed_over: None,
+            transfers: Transfers {
+                queue: handoff,
+                outgoing: Outgoing::default(),
+                incoming: Incoming::default(),
+            },
             title_shown: None,
         };
         worker.update_accepting(Instant::now())?;
@@ -223,16 +247,20 @@ impl<'a> Worker<'a> {
         loop {
             let wake_at = [
                 self.gate.paused_until(),
-                self.stop_deadline,
-                self.listeners_close_at,
+                self.life.deadline(),
+                self.life.listeners_close_at(),
+                self.transfers.outgoing.next_deadline(),
             ]
             .into_iter()
             .flatten()
             .fold(next_tick, Instant::min);
-            let timeout = if self.again.is_empty() {
-                wake_at.saturating_duration_since(Instant::now())
-            } else {
+            let timeout = if self.table.any_again() || self.more_to_offer() {
                 Duration::ZERO
+            } else if self.transfers.outgoing.has_unsent() {
+                // The queue was full: try again soon.
+                QUEUE_FULL_RETRY.min(wake_at.saturating_duration_since(Instant::now()))
+            } else {
+                wake_at.saturating_duration_since(Instant::now())
             };
             let ready = match self.epoll.wait(&mut events, epoll_timeout(timeout)) {
                 Ok(n) => n,
@@ -243,13 +271,16 @@ impl<'a> Worker<'a> {
             for event in &events[..ready] {
                 self.dispatch(event, now)?;
             }
-            // Swapped with a spare list, so no allocation per pass.
-            let mut again =
-                std::mem::replace(&mut self.again, std::mem::take(&mut self.again_spare));
-            for index in again.drain(..) {
+            let again = self.table.take_again();
+            for &index in &again {
                 self.serve_connection(index, now);
             }
-            self.again_spare = again;
+            self.table.return_again(again);
+            self.offer_a_slice(now)?;
+            for settled in self.transfers.outgoing.expire(now) {
+                self.settled(settled, now)?;
+            }
+            self.finish_retiring_if_settled(now);
             // Once per pass (relaxed stores, no system call): the console's status and
             // metrics read them.
             self.publish_counters();
@@ -262,19 +293,29 @@ impl<'a> Worker<'a> {
                 self.show_progress();
                 next_tick = now + self.serving.heartbeat;
             }
-            if self.listeners_close_at.is_some_and(|at| now >= at) {
+            if self.life.listeners_close_at().is_some_and(|at| now >= at) {
                 self.close_listeners(now);
             }
-            self.free.append(&mut self.released);
-            if let Some(deadline) = self.stop_deadline {
-                if self.open == 0 && self.listeners.is_empty() {
+            self.table.end_of_batch();
+            let holds_anything = self.table.open() > 0
+                || !self.listeners.is_empty()
+                || self.transfers.settling();
+            match self.life.may_exit(now, holds_anything) {
+                Exit::No => {}
+                Exit::Done => {
                     info!("stopped");
                     return Ok(());
                 }
-                if now >= deadline {
+                Exit::Deadline => {
                     warn!(
                         "stopping with {} still open",
-                        crate::logging::plural(self.open as u64, "connection")
+                        crate::logging::plural(
+                            (self.table.open()
+                                + self.transfers.outgoing.connections()
+                                + self.transfers.incoming.connections())
+                                as u64,
+                            "connection"
+                        )
                     );
                     return Ok(());
                 }
@@ -298,9 +339,21 @@ impl<'a> Worker<'a> {
             token if token > LISTENERS - self.listeners.len() as u64 => {
                 self.accept_from((LISTENERS - token) as usize, now)?;
             }
+            token if token >= INCOMING => {
+                let outcome = self.transfers.incoming.on_ready((token - INCOMING) as usize);
+                if let ClaimOutcome::Own(parcels) = outcome {
+                    self.own_taken_over(parcels, now)?;
+                }
+            }
+            token if token >= OUTGOING => {
+                if let Some(settled) = self.transfers.outgoing.on_ready((token - OUTGOING) as usize)
+                {
+                    self.settled(settled, now)?;
+                }
+            }
             index => {
                 let index = index as usize;
-                if let Some(Some(connection)) = self.connections.get_mut(index) {
+                if let Some(connection) = self.table.get_mut(index) {
                     let flags = event.events();
                     let hung_up =
                         EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR;
@@ -323,7 +376,7 @@ impl<'a> Worker<'a> {
             match command {
                 Command::QuickStop => quick_exit(),
                 Command::GracefulStop => self.stop(now, "the master's request")?,
-                Command::HandOver => self.hand_over_and_stop(now)?,
+                Command::HandOver => self.retire(now)?,
                 Command::ReopenLogs => match crate::logging::reopen(None) {
                     Ok(()) => info!("log file reopened"),
                     Err(e) => {
@@ -347,7 +400,9 @@ impl<'a> Worker<'a> {
             nix::unistd::alarm::set(ORPHAN_DEADLINE_SECS);
             self.stop(now, "the master's death")?;
             // Orphans must not hold the port for long: answer what was read, then go.
-            self.stop_deadline = self.stop_deadline.map(|d| d.min(now + ORPHAN_DRAIN));
+            if let Life::Stopping { deadline, .. } = &mut self.life {
+                *deadline = (*deadline).min(now + ORPHAN_DRAIN);
+            }
         }
         Ok(())
     }
@@ -355,21 +410,23 @@ impl<'a> Worker<'a> {
     /// Puts the listeners in the poll set or takes them out, as accepting now calls
     /// for: not while stopping, not while out of descriptors (a listener that stays
     /// readable would spin the loop), not at --max-conns (so siblings accept instead).
+    /// The hand-over queue is watched while in service and not stepped back: a
+    /// connection handed over is not a new one, so --max-conns does not refuse it.
     fn update_accepting(&mut self, now: Instant) -> io::Result<()> {
         // A step back ends early once the siblings have caught up (a burst reached
         // them too): no need to wait.
-        let (cell, mine) = (&self.cell, self.open as u64);
+        let (cell, mine) = (&self.cell, self.table.open() as u64);
         self.gate.resume_if_due(now, || {
             should_step_back(mine, cell.siblings_load(monotonic_ms()))
         });
-        self.gate.set_full(self.open >= self.serving.max_conns);
+        self.gate.set_full(self.table.open() >= self.serving.max_conns);
         self.cell.set_accept_state(
             !self.gate.is_stopping(),
             self.gate.accepts_from_ms(now, monotonic_ms()),
         );
         let wanted = self.gate.wants_listeners();
-        if wanted != self.accepting {
-            self.accepting = wanted;
+        if wanted != self.watching.listeners {
+            self.watching.listeners = wanted;
             for (which, listener) in self.listeners.iter().enumerate() {
                 if wanted {
                     self.epoll.add(listener.as_fd(), listener_interest(which))?;
@@ -377,15 +434,18 @@ impl<'a> Worker<'a> {
                     let _ = self.epoll.delete(listener.as_fd());
                 }
             }
-            // Connections handed over are taken on the same terms as new ones.
-            if let Some(queue) = &self.handoff {
-                if wanted {
-                    let interest = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
-                    self.epoll
-                        .add(queue.rx(), EpollEvent::new(interest, HANDOFF))?;
-                } else {
-                    let _ = self.epoll.delete(queue.rx());
-                }
+        }
+        let takes = self.life.in_service() && !self.gate.stepped_back();
+        if let Some(queue) = &self.transfers.queue
+            && takes != self.watching.queue
+        {
+            self.watching.queue = takes;
+            if takes {
+                let interest = EpollFlags::EPOLLIN | EpollFlags::EPOLLEXCLUSIVE;
+                self.epoll
+                    .add(queue.rx(), EpollEvent::new(interest, HANDOFF))?;
+            } else {
+                let _ = self.epoll.delete(queue.rx());
             }
         }
         Ok(())
@@ -394,7 +454,7 @@ impl<'a> Worker<'a> {
     /// Accepts until the queue is empty or this worker is full.
     fn accept_from(&mut self, which: usize, now: Instant) -> io::Result<()> {
         let mut accepted = 0;
-        while self.open < self.serving.max_conns {
+        while self.table.open() < self.serving.max_conns {
             match self.listeners[which].accept() {
                 Ok(stream) => {
                     self.add_connection(Connection::new(stream, &self.serving, now))?;
@@ -428,9 +488,9 @@ impl<'a> Worker<'a> {
                 }
             }
         }
-        self.accepted += accepted;
+        self.tally.accepted += accepted;
         self.update_accepting(now)?;
-        if accepted > 0 && self.accepting {
+        if accepted > 0 && self.watching.listeners {
             // To the back of the wait queue: the next connection wakes a sibling.
             let listener = &self.listeners[which];
             self.epoll.delete(listener.as_fd())?;
@@ -443,7 +503,10 @@ impl<'a> Worker<'a> {
     /// before a busy one, so one worker can collect far more connections than its
     /// siblings; [`should_step_back`] says when it holds more than its share.
     fn holds_more_than_its_share(&self) -> bool {
-        should_step_back(self.open as u64, self.cell.siblings_load(monotonic_ms()))
+        should_step_back(
+            self.table.open() as u64,
+            self.cell.siblings_load(monotonic_ms()),
+        )
     }
 
     fn pause_accepting(&mut self, now: Instant, error: &io::Error) {
@@ -452,27 +515,38 @@ impl<'a> Worker<'a> {
         }
     }
 
-    /// Takes the batches retiring workers handed over, while this worker accepts and
-    /// holds no more than its share (then a sibling is nudged to take the rest).
+    /// Takes a few of the batches retiring workers handed over (the rest wait for
+    /// the next pass: the queue is level-triggered), and claims each: it is served
+    /// once its sender grants it ([`Worker::own_taken_over`]). Over its share, this
+    /// worker steps back and nudges a sibling to take the rest.
     fn take_over(&mut self, now: Instant) -> io::Result<()> {
-        let mut took = 0;
-        while self.gate.wants_listeners() {
-            let Some(queue) = &self.handoff else {
+        for _ in 0..TAKE_PER_PASS {
+            if !self.life.in_service() || self.gate.stepped_back() {
+                break;
+            }
+            let Some(queue) = &self.transfers.queue else {
                 break;
             };
-            let parcels = match handoff::receive(queue, self.who.generation) {
-                Ok(handoff::Received::Batch(parcels)) => parcels,
-                Ok(handoff::Received::Empty) => break,
+            match self.transfers.incoming.take(queue, self.who.generation) {
+                Ok(Taken::Claimed(key)) => {
+                    let fd = self.transfers.incoming.settle_fd(key).expect("just claimed");
+                    let interest = EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP;
+                    if let Err(e) = self
+                        .epoll
+                        .add(fd, EpollEvent::new(interest, INCOMING + key as u64))
+                    {
+                        // Without a wake-up for it, settle it now: the answer may be
+                        // there already; if not, this claim waits for the next one.
+                        warn!("cannot watch a hand-over settlement: {e}");
+                    }
+                }
+                Ok(Taken::Refused) => warn!("refused a hand-over batch it could not read"),
+                Ok(Taken::Empty) => break,
                 Err(e) => {
                     warn!("cannot take handed-over connections: {e}");
                     break;
                 }
-            };
-            for parcel in parcels {
-                self.add_connection(Connection::resume(parcel, &self.serving, now))?;
-                took += 1;
             }
-            self.update_accepting(now)?;
             if self.holds_more_than_its_share() {
                 self.gate.step_back(now);
                 self.nudge.poke();
@@ -480,84 +554,202 @@ impl<'a> Worker<'a> {
                 break;
             }
         }
-        if took > 0 {
-            self.taken_over += took;
-            info!("took over {}", crate::logging::plural(took, "connection"));
-            self.title_shown = None;
-            self.show_progress();
+        Ok(())
+    }
+
+    /// A batch this worker claimed is its own now: serve it.
+    fn own_taken_over(&mut self, parcels: Vec<handoff::Parcel>, now: Instant) -> io::Result<()> {
+        let took = parcels.len();
+        for parcel in parcels {
+            self.add_connection(Connection::resume(parcel, &self.serving, now))?;
+        }
+        if took == 0 {
+            return Ok(());
+        }
+        self.tally.taken_over += took as u64;
+        let max = self.serving.max_conns;
+        if self.table.open() > max {
+            info!(
+                "took over {} (now {} open, above --max-conns {max}: they are not new ones)",
+                crate::logging::plural(took as u64, "connection"),
+                self.table.open()
+            );
+        } else {
+            info!("took over {}", crate::logging::plural(took as u64, "connection"));
+        }
+        self.update_accepting(now)?;
+        self.title_shown = None;
+        Ok(())
+    }
+
+    /// Retires by handing its connections over to the workers that stay: out of
+    /// service first (no accepting, no taking over), then the connections are
+    /// offered a slice per loop pass ([`Worker::offer_a_slice`]) while the rest are
+    /// served; what nobody takes, and what cannot travel (a client that closed, a
+    /// conversation ending), is served to its end here.
+    fn retire(&mut self, now: Instant) -> io::Result<()> {
+        if self.transfers.queue.is_none() {
+            return self.stop(now, "the master's request");
+        }
+        if !self.life.retire(now, self.serving.graceful_timeout) {
+            return Ok(());
+        }
+        info!("retiring: handing my connections over");
+        self.gate.stop();
+        self.update_accepting(now)?;
+        let _ = self.epoll.delete(self.nudge.as_fd());
+        self.listeners.clear();
+        self.title_shown = None;
+        Ok(())
+    }
+
+    /// Whether a retiring worker has connections it has not looked at yet.
+    fn more_to_offer(&self) -> bool {
+        matches!(self.life, Life::Retiring { cursor, .. } if cursor < self.table.capacity())
+    }
+
+    /// Offers the next [`OFFER_PER_PASS`] connections that can travel, in batches,
+    /// and sends what the queue takes.
+    fn offer_a_slice(&mut self, now: Instant) -> io::Result<()> {
+        let Life::Retiring { cursor, deadline } = self.life else {
+            return Ok(());
+        };
+        if self.transfers.queue.is_none() {
+            return Ok(());
+        }
+        let mut index = cursor;
+        let mut batch: Vec<Connection> = Vec::new();
+        let mut offered = 0;
+        // Not while the queue is full: what is offered waits out of service.
+        while !self.transfers.outgoing.has_unsent()
+            && offered < OFFER_PER_PASS
+            && index < self.table.capacity()
+        {
+            let travels = self
+                .table
+                .get_mut(index)
+                .is_some_and(|c| c.can_travel(now));
+            if travels {
+                let connection = self.table.remove(index).expect("present");
+                // Out of our epoll set before the batch goes: the receiver's copy
+                // shares the open file, so our registration would follow it.
+                let _ = self.epoll.delete(connection.stream().as_fd());
+                batch.push(connection);
+                offered += 1;
+            }
+            index += 1;
+            if batch.len() == handoff::MAX_BATCH {
+                self.offer_batch(std::mem::take(&mut batch), now)?;
+            }
+        }
+        if !batch.is_empty() {
+            self.offer_batch(batch, now)?;
+        }
+        self.life = Life::Retiring {
+            cursor: index,
+            deadline,
+        };
+        let queue = self.transfers.queue.as_ref().expect("checked above");
+        let (sent, failed) = self.transfers.outgoing.send_pending(queue, now);
+        for key in sent {
+            let fd = self.transfers.outgoing.settle_fd(key).expect("just sent");
+            let interest = EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP;
+            if let Err(e) = self
+                .epoll
+                .add(fd, EpollEvent::new(interest, OUTGOING + key as u64))
+            {
+                // Its deadline still settles it.
+                warn!("cannot watch a hand-over settlement: {e}");
+            }
+        }
+        for settled in failed {
+            self.settled(settled, now)?;
         }
         Ok(())
     }
 
-    /// Retires by handing every connection it can over to the workers that stay:
-    /// out of service first (no accepting, no taking over), then each connection is
-    /// flushed and offered with its state; what nobody takes, and what cannot travel
-    /// (a client that closed, a conversation ending), is served to its end here.
-    fn hand_over_and_stop(&mut self, now: Instant) -> io::Result<()> {
-        if self.gate.is_stopping() {
-            return Ok(());
-        }
-        let Some(queue) = self.handoff.take() else {
-            return self.stop(now, "the master's request");
-        };
-        info!("retiring: handing my connections over");
-        self.gate.stop();
-        self.update_accepting(now)?;
-        let _ = self.epoll.delete(queue.rx());
-        let _ = self.epoll.delete(self.nudge.as_fd());
-        self.listeners.clear();
-        let mut parcels = Vec::new();
-        for index in 0..self.connections.len() {
-            let travels = match self.connections[index].as_mut() {
-                Some(connection) => connection.can_travel(now),
-                None => continue,
-            };
-            if travels && let Some(connection) = self.connections[index].take() {
-                if crate::logging::access_log_enabled() {
-                    log_access(&connection, Ending::HandedOver);
-                }
-                let parcel = connection.into_parcel();
-                // Out of our epoll set before our copy closes: the receiver's copy
-                // shares the open file, so a close alone would leave it registered.
-                let _ = self.epoll.delete(parcel.stream.as_fd());
-                self.open -= 1;
-                self.released.push(index);
-                parcels.push(parcel);
+    fn offer_batch(&mut self, batch: Vec<Connection>, now: Instant) -> io::Result<()> {
+        match self.transfers.outgoing.offer(batch, now) {
+            Ok(()) => Ok(()),
+            Err((items, e)) => {
+                warn!("hand-over: cannot make a socketpair: {e}; serving a batch here");
+                self.keep(items, now)
             }
         }
-        let offered = parcels.len();
-        let outcome = handoff::hand_over(&queue, parcels);
-        let back = outcome.back.len();
-        let mut generations = outcome.generations.clone();
-        generations.sort_unstable();
-        let to: Vec<String> = generations.iter().map(u64::to_string).collect();
-        if offered == 0 {
+    }
+
+    /// A batch this worker offered is settled.
+    fn settled(&mut self, settled: Settled<Connection>, now: Instant) -> io::Result<()> {
+        match settled {
+            Settled::Taken { items, generation } => {
+                if crate::logging::access_log_enabled() {
+                    for connection in &items {
+                        log_access(connection, Ending::HandedOver);
+                    }
+                }
+                // Our copies close here; the receiver's live on.
+                let count = items.len();
+                drop(items);
+                let (total, to) = self.tally.handed_over.get_or_insert_with(Default::default);
+                *total += count;
+                if !to.contains(&generation) {
+                    to.push(generation);
+                    to.sort_unstable();
+                }
+                self.title_shown = None;
+                Ok(())
+            }
+            Settled::Kept(connections) => self.keep(connections, now),
+        }
+    }
+
+    /// Connections nobody took: served here to their end (or stopped with the rest
+    /// if a stop has begun).
+    fn keep(&mut self, connections: Vec<Connection>, _now: Instant) -> io::Result<()> {
+        self.tally.kept += connections.len();
+        for mut connection in connections {
+            connection.stay_here();
+            self.add_connection(connection)?;
+        }
+        Ok(())
+    }
+
+    /// Once every connection was offered and every batch settled: says how the
+    /// hand-over went, and serves what stayed to its end.
+    fn finish_retiring_if_settled(&mut self, _now: Instant) {
+        if !matches!(self.life, Life::Retiring { .. })
+            || self.more_to_offer()
+            || !self.transfers.outgoing.is_empty()
+        {
+            return;
+        }
+        self.life.finish_retiring();
+        let (taken, to) = self.tally.handed_over.clone().unwrap_or_default();
+        let to: Vec<String> = to.iter().map(u64::to_string).collect();
+        let kept = self.tally.kept;
+        if taken == 0 && kept == 0 {
             info!("no connection to hand over");
-        } else if back == 0 {
+        } else if kept == 0 {
             info!(
                 "handed over {} to gen {}",
-                crate::logging::plural(outcome.taken as u64, "connection"),
+                crate::logging::plural(taken as u64, "connection"),
                 to.join(", ")
             );
         } else {
             warn!(
-                "handed over {} to gen {}; {back} of {offered} not taken in time, served here to their end",
-                crate::logging::plural(outcome.taken as u64, "connection"),
+                "handed over {} to gen {}; {kept} of {} not taken in time, served here to their end",
+                crate::logging::plural(taken as u64, "connection"),
                 if to.is_empty() {
                     "-".to_string()
                 } else {
                     to.join(", ")
-                }
+                },
+                taken + kept
             );
         }
-        self.handed_over = Some((outcome.taken, generations));
-        for parcel in outcome.back {
-            self.add_connection(Connection::resume(parcel, &self.serving, now))?;
-        }
-        self.cell.set_connections(self.open as u64);
+        self.cell.set_connections(self.table.open() as u64);
         self.title_shown = None;
         self.show_progress();
-        self.stop(now, "hand-over")
     }
 
     /// A sibling stepped back from a burst: take what is left in the accept queues.
@@ -569,17 +761,14 @@ impl<'a> Worker<'a> {
                 self.accept_from(which, now)?;
             }
         }
+        if self.watching.queue {
+            self.take_over(now)?;
+        }
         Ok(())
     }
 
-    fn add_connection(&mut self, connection: Connection) -> io::Result<()> {
-        let index = match self.free.pop() {
-            Some(index) => index,
-            None => {
-                self.connections.push(None);
-                self.connections.len() - 1
-            }
-        };
+    fn add_connection(&mut self, mut connection: Connection) -> io::Result<()> {
+        let index = self.table.vacant();
         let interest = EpollFlags::EPOLLIN
             | EpollFlags::EPOLLOUT
             | EpollFlags::EPOLLRDHUP
@@ -588,24 +777,20 @@ impl<'a> Worker<'a> {
             connection.stream().as_fd(),
             EpollEvent::new(interest, index as u64),
         ) {
-            self.released.push(index);
             warn!("cannot watch a new connection: {e}");
             return Ok(());
         }
-        let stopping = self.stop_deadline.is_some();
-        let slot = &mut self.connections[index];
-        *slot = Some(connection);
-        if stopping {
-            slot.as_mut().expect("just set").stop(Instant::now());
+        if self.life.is_stopping() {
+            connection.stop(Instant::now());
         }
-        self.open += 1;
-        self.cell.set_connections(self.open as u64);
-        debug!("accepted a connection ({} open)", self.open);
+        self.table.insert_at(index, connection);
+        self.cell.set_connections(self.table.open() as u64);
+        debug!("accepted a connection ({} open)", self.table.open());
         Ok(())
     }
 
     fn serve_connection(&mut self, index: usize, now: Instant) {
-        let Some(connection) = self.connections[index].as_mut() else {
+        let Some(connection) = self.table.get_mut(index) else {
             return;
         };
         let before = connection.traffic();
@@ -614,24 +799,25 @@ impl<'a> Worker<'a> {
         self.count(traffic);
         match turn {
             Turn::Wait => {}
-            Turn::Again => self.again.push(index),
+            Turn::Again => self.table.again(index),
             Turn::Close => self.close(index),
         }
     }
 
     fn count(&mut self, traffic: Traffic) {
-        self.traffic.served += traffic.served;
-        self.traffic.bytes_in += traffic.bytes_in;
-        self.traffic.bytes_out += traffic.bytes_out;
+        let tally = &mut self.tally;
+        tally.traffic.served += traffic.served;
+        tally.traffic.bytes_in += traffic.bytes_in;
+        tally.traffic.bytes_out += traffic.bytes_out;
         let limit_reached = self
             .serving
             .max_requests
-            .is_some_and(|max| self.traffic.served >= max);
-        if limit_reached && !self.replacement_requested {
-            self.replacement_requested = true;
+            .is_some_and(|max| tally.traffic.served >= max);
+        if limit_reached && !tally.replacement_requested {
+            tally.replacement_requested = true;
             info!(
                 "served {} requests; asking to be replaced",
-                self.traffic.served
+                tally.traffic.served
             );
             if let Some(control) = &self.control {
                 let _ = control.send(Report::ReplaceMe);
@@ -642,11 +828,11 @@ impl<'a> Worker<'a> {
     /// This worker's counters, in its scoreboard cell.
     fn publish_counters(&self) {
         self.cell.publish(&Counters {
-            connections: self.open as u64,
-            accepted: self.accepted,
-            served: self.traffic.served,
-            bytes_in: self.traffic.bytes_in,
-            bytes_out: self.traffic.bytes_out,
+            connections: self.table.open() as u64,
+            accepted: self.tally.accepted,
+            served: self.tally.traffic.served,
+            bytes_in: self.tally.traffic.bytes_in,
+            bytes_out: self.tally.traffic.bytes_out,
         });
     }
 
@@ -666,13 +852,13 @@ impl<'a> Worker<'a> {
         let mut text = format!(
             "raasd worker[{slot}]{} gen {generation}: {} conns, {} served",
             title::name_part(self.who.name),
-            self.open,
-            self.traffic.served
+            self.table.open(),
+            self.tally.traffic.served
         );
-        if self.taken_over > 0 {
-            text += &format!(", took over {}", self.taken_over);
+        if self.tally.taken_over > 0 {
+            text += &format!(", took over {}", self.tally.taken_over);
         }
-        if let Some((count, to)) = &self.handed_over {
+        if let Some((count, to)) = &self.tally.handed_over {
             let to: Vec<String> = to.iter().map(u64::to_string).collect();
             text += &format!(", handed over {count} to gen {}", to.join(","));
         }
@@ -681,14 +867,12 @@ impl<'a> Worker<'a> {
 
     fn close(&mut self, index: usize) {
         // Closing the socket removes it from the epoll set: it is never duplicated.
-        if let Some(connection) = self.connections[index].take() {
+        if let Some(connection) = self.table.remove(index) {
             if crate::logging::access_log_enabled() {
                 log_access(&connection, connection.ending());
             }
-            self.open -= 1;
-            self.cell.set_connections(self.open as u64);
-            self.released.push(index);
-            if !self.accepting && self.open + 1 == self.serving.max_conns {
+            self.cell.set_connections(self.table.open() as u64);
+            if !self.watching.listeners && self.table.open() + 1 == self.serving.max_conns {
                 let _ = self.update_accepting(Instant::now());
             }
         }
@@ -696,8 +880,8 @@ impl<'a> Worker<'a> {
 
     fn enforce_time_limits(&mut self, now: Instant) -> io::Result<()> {
         self.update_accepting(now)?;
-        for index in 0..self.connections.len() {
-            let Some(connection) = self.connections[index].as_mut() else {
+        for index in 0..self.table.capacity() {
+            let Some(connection) = self.table.get_mut(index) else {
                 continue;
             };
             match connection.is_overdue(now) {
@@ -710,21 +894,21 @@ impl<'a> Worker<'a> {
     }
 
     /// Graceful stop: take what waits in the accept queue, close the listeners, then
-    /// answer every client what it has sent and close it.
+    /// answer every client what it has sent and close it. Batches on their way keep
+    /// settling; what comes back or is granted is stopped the same way.
     fn stop(&mut self, now: Instant, why: &str) -> io::Result<()> {
-        if self.stop_deadline.is_some() {
+        let graceful = self.serving.graceful_timeout;
+        if !self.life.stop(now, graceful, LISTENER_GRACE) {
             return Ok(());
         }
         info!("stopping gracefully on {why}");
-        self.stop_deadline = Some(now + self.serving.graceful_timeout);
         self.gate.stop();
         // A nudge woken here would be lost to the siblings that still serve.
         let _ = self.epoll.delete(self.nudge.as_fd());
         self.drain_accept_queues(now);
         self.update_accepting(now)?;
-        self.listeners_close_at = Some(now + LISTENER_GRACE);
-        for index in 0..self.connections.len() {
-            if let Some(connection) = self.connections[index].as_mut() {
+        for index in 0..self.table.capacity() {
+            if let Some(connection) = self.table.get_mut(index) {
                 connection.stop(now);
                 self.serve_connection(index, now);
             }
@@ -747,7 +931,7 @@ impl Worker<'_> {
     fn close_listeners(&mut self, now: Instant) {
         self.drain_accept_queues(now);
         self.listeners.clear();
-        self.listeners_close_at = None;
+        self.life.listeners_closed();
     }
 }
 
