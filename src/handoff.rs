@@ -732,7 +732,10 @@ mod tests {
         let in_key = claimed(&queue, &mut incoming);
         // Nothing is decided until the sender reads the claim.
         assert!(matches!(incoming.on_ready(in_key), ClaimOutcome::Pending));
-        assert!(outgoing.on_ready(out_key).is_none(), "granted, not yet acked");
+        assert!(
+            outgoing.on_ready(out_key).is_none(),
+            "granted, not yet acked"
+        );
         let ClaimOutcome::Own(received) = incoming.on_ready(in_key) else {
             panic!("the grant was not read")
         };
@@ -795,7 +798,9 @@ mod tests {
         claimed(&queue, &mut incoming);
         drop(incoming);
         // It reads the claim and grants, then sees the end before any ack.
-        let settled = outgoing.on_ready(out_key).or_else(|| outgoing.on_ready(out_key));
+        let settled = outgoing
+            .on_ready(out_key)
+            .or_else(|| outgoing.on_ready(out_key));
         assert!(matches!(settled, Some(Settled::Kept(p)) if p.len() == 2));
     }
 

@@ -297,9 +297,8 @@ impl<'a> Worker<'a> {
                 self.close_listeners(now);
             }
             self.table.end_of_batch();
-            let holds_anything = self.table.open() > 0
-                || !self.listeners.is_empty()
-                || self.transfers.settling();
+            let holds_anything =
+                self.table.open() > 0 || !self.listeners.is_empty() || self.transfers.settling();
             match self.life.may_exit(now, holds_anything) {
                 Exit::No => {}
                 Exit::Done => {
@@ -340,13 +339,19 @@ impl<'a> Worker<'a> {
                 self.accept_from((LISTENERS - token) as usize, now)?;
             }
             token if token >= INCOMING => {
-                let outcome = self.transfers.incoming.on_ready((token - INCOMING) as usize);
+                let outcome = self
+                    .transfers
+                    .incoming
+                    .on_ready((token - INCOMING) as usize);
                 if let ClaimOutcome::Own(parcels) = outcome {
                     self.own_taken_over(parcels, now)?;
                 }
             }
             token if token >= OUTGOING => {
-                if let Some(settled) = self.transfers.outgoing.on_ready((token - OUTGOING) as usize)
+                if let Some(settled) = self
+                    .transfers
+                    .outgoing
+                    .on_ready((token - OUTGOING) as usize)
                 {
                     self.settled(settled, now)?;
                 }
@@ -419,7 +424,8 @@ impl<'a> Worker<'a> {
         self.gate.resume_if_due(now, || {
             should_step_back(mine, cell.siblings_load(monotonic_ms()))
         });
-        self.gate.set_full(self.table.open() >= self.serving.max_conns);
+        self.gate
+            .set_full(self.table.open() >= self.serving.max_conns);
         self.cell.set_accept_state(
             !self.gate.is_stopping(),
             self.gate.accepts_from_ms(now, monotonic_ms()),
@@ -529,7 +535,11 @@ impl<'a> Worker<'a> {
             };
             match self.transfers.incoming.take(queue, self.who.generation) {
                 Ok(Taken::Claimed(key)) => {
-                    let fd = self.transfers.incoming.settle_fd(key).expect("just claimed");
+                    let fd = self
+                        .transfers
+                        .incoming
+                        .settle_fd(key)
+                        .expect("just claimed");
                     let interest = EpollFlags::EPOLLIN | EpollFlags::EPOLLRDHUP;
                     if let Err(e) = self
                         .epoll
@@ -560,6 +570,10 @@ impl<'a> Worker<'a> {
     /// A batch this worker claimed is its own now: serve it.
     fn own_taken_over(&mut self, parcels: Vec<handoff::Parcel>, now: Instant) -> io::Result<()> {
         let took = parcels.len();
+        // Claimed before this worker began to retire: they go on with the rest.
+        if let Life::Retiring { cursor, .. } = &mut self.life {
+            *cursor = 0;
+        }
         for parcel in parcels {
             self.add_connection(Connection::resume(parcel, &self.serving, now))?;
         }
@@ -575,7 +589,10 @@ impl<'a> Worker<'a> {
                 self.table.open()
             );
         } else {
-            info!("took over {}", crate::logging::plural(took as u64, "connection"));
+            info!(
+                "took over {}",
+                crate::logging::plural(took as u64, "connection")
+            );
         }
         self.update_accepting(now)?;
         self.title_shown = None;
@@ -625,10 +642,7 @@ impl<'a> Worker<'a> {
             && offered < OFFER_PER_PASS
             && index < self.table.capacity()
         {
-            let travels = self
-                .table
-                .get_mut(index)
-                .is_some_and(|c| c.can_travel(now));
+            let travels = self.table.get_mut(index).is_some_and(|c| c.can_travel(now));
             if travels {
                 let connection = self.table.remove(index).expect("present");
                 // Out of our epoll set before the batch goes: the receiver's copy
@@ -719,7 +733,7 @@ impl<'a> Worker<'a> {
     fn finish_retiring_if_settled(&mut self, _now: Instant) {
         if !matches!(self.life, Life::Retiring { .. })
             || self.more_to_offer()
-            || !self.transfers.outgoing.is_empty()
+            || self.transfers.settling()
         {
             return;
         }

@@ -55,7 +55,9 @@ pub enum Offer {
 /// What the sender learns about a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SenderInput {
-    Claimed { generation: u64 },
+    Claimed {
+        generation: u64,
+    },
     Refused,
     Acked,
     /// End of file or an error on the settle socket: the receiver is gone.

@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod crowd;
 pub mod load;
 pub mod sticky;
 
