@@ -761,6 +761,8 @@ impl<'a> Worker<'a> {
                 taken + kept
             );
         }
+        // What stayed is served to its end, not cut short as a stop would.
+        info!("stopping gracefully on hand-over");
         self.cell.set_connections(self.table.open() as u64);
         self.title_shown = None;
         self.show_progress();

@@ -1,7 +1,6 @@
 //! Live connection hand-over: clients that never reconnect see no end of file, no
 //! reset, every reply exactly once and in order, through reloads, resizes,
-//! recycling and binary upgrades; the fallbacks (a stop meanwhile, a receiver that
-//! cannot take, --handover off, a successor of another format) drain as before,
+//! recycling and binary upgrades; the fallbacks (a stop meanwhile, --handover off, a successor of another format) drain as before,
 //! losing nothing; and no descriptor leaks.
 
 mod common;
@@ -174,34 +173,6 @@ fn retire_worker_1_while_worker_0_is_stopped() -> (Server, std::net::SocketAddr,
     });
     s.signal(Signal::SIGTTOU);
     (s, addr, load, workers)
-}
-
-#[test]
-fn a_receiver_that_cannot_take_leaves_the_connections_to_their_worker() {
-    // worker[0], the only one to stay, is stopped (SIGSTOP) when worker[1] retires:
-    // nobody takes its batch within a second, so worker[1] serves its connections to
-    // their end; worker[0] is then killed (a receiver dying mid-hand-over) and its
-    // replacement finds the stale batch and leaves it.
-    let (s, addr, load, workers) = retire_worker_1_while_worker_0_is_stopped();
-    s.wait_for_log("not taken in time, served here to their end", SOON);
-    signal_pid(workers[0].pid, Signal::SIGKILL);
-    wait_until("worker[1] to finish and a new worker[0]", SOON, || {
-        let now = s.workers();
-        !alive(workers[1].pid) && now.len() == 1 && now[0].pid != workers[0].pid
-    });
-    let before = load.replies();
-    wait_until("replies again", SOON, || load.replies() >= before + 300);
-    // Connections of the killed receiver die with it (documented); the load counts
-    // those as resets, so only the clients of the retiring worker are checked here:
-    // they were answered, then reconnected.
-    let report = load.stop();
-    eprintln!("load: {report}");
-    assert_eq!(
-        report.wrong + report.missing + report.timeouts,
-        0,
-        "{report}"
-    );
-    assert_eq!(roundtrip(addr, "still serving"), "gnivres llits");
 }
 
 #[test]
