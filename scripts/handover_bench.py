@@ -27,6 +27,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAASD = os.path.join(ROOT, "target", "release", "raasd")
 CONNS = int(os.environ.get("CONNS", "10000"))
+# The active client does one exchange every PACE_MS (0: back to back).
+PACE_MS = float(os.environ.get("PACE_MS", "2"))
 
 
 def free_port():
@@ -109,12 +111,15 @@ def one_run():
             while not stop.is_set():
                 t = time.perf_counter()
                 roundtrip(s, b"active %d" % n)
-                latencies.append((time.time(), time.perf_counter() - t))
+                took = time.perf_counter() - t
+                latencies.append((time.time(), took))
                 n += 1
+                if PACE_MS > 0 and took < PACE_MS / 1000:
+                    time.sleep(PACE_MS / 1000 - took)
 
         worker = threading.Thread(target=active)
         worker.start()
-        time.sleep(0.5)
+        time.sleep(1.0)
         hup = time.time()
         os.kill(server.pid, signal.SIGHUP)
         moved_at = None
@@ -137,7 +142,7 @@ def one_run():
             roundtrip(s, b"after %d" % i)
             s.close()
         window = [l for (t, l) in latencies if hup - 0.1 <= t <= moved_at + 0.1]
-        before = [l for (t, l) in latencies if t < hup - 0.1]
+        before = [l for (t, l) in latencies if hup - 1.0 <= t < hup - 0.1]
         return moved_at - hup, window, before, held_before
     finally:
         server.send_signal(signal.SIGTERM)
@@ -157,18 +162,25 @@ def main():
     runs = int(sys.argv[1]) if len(sys.argv) > 1 else 3
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, CONNS * 2 + 1000)), hard))
-    times = []
+    times, longest, steady = [], [], []
     for r in range(runs):
         took, window, before, _ = one_run()
         times.append(took)
+        longest.append(max(window))
+        steady.append(max(before))
         print(
             f"run {r + 1}: {CONNS} idle connections moved in {took * 1000:.0f} ms; active client "
-            f"during the hand-over: {len(window)} roundtrips, p50 {pct(window, 0.5) * 1e6:.0f} us, "
-            f"p99 {pct(window, 0.99) * 1e6:.0f} us, max {max(window) * 1e6:.0f} us "
-            f"(before: p50 {pct(before, 0.5) * 1e6:.0f} us, p99 {pct(before, 0.99) * 1e6:.0f} us); "
+            f"(one exchange every {PACE_MS:g} ms) during the hand-over: {len(window)} exchanges, "
+            f"p50 {pct(window, 0.5) * 1e6:.0f} us, p99 {pct(window, 0.99) * 1e6:.0f} us, "
+            f"longest wait {max(window) * 1e3:.1f} ms (the 0.9 s before: p50 "
+            f"{pct(before, 0.5) * 1e6:.0f} us, longest {max(before) * 1e3:.1f} ms); "
             f"every idle connection answered again"
         )
-    print(f"median hand-over time over {runs} runs: {statistics.median(times) * 1000:.0f} ms")
+    print(
+        f"medians over {runs} runs: hand-over {statistics.median(times) * 1000:.0f} ms; "
+        f"active client's longest wait {statistics.median(longest) * 1e3:.1f} ms during it, "
+        f"{statistics.median(steady) * 1e3:.1f} ms in the steady state before"
+    )
 
 
 if __name__ == "__main__":

@@ -52,8 +52,16 @@ const INCOMING: u64 = 1 << 49;
 /// Connections a retiring worker offers per loop pass, and batches a receiver takes
 /// per pass: slices small enough that the other clients of both wait a few
 /// milliseconds at most while thousands move.
-const OFFER_PER_PASS: usize = 4 * handoff::MAX_BATCH;
+const OFFER_PER_PASS: usize = 2 * handoff::MAX_BATCH;
 const TAKE_PER_PASS: usize = 4;
+/// Connections a receiver starts serving per pass (settle sockets are
+/// level-triggered: a granted batch over the budget is read on the next pass).
+const OWN_PER_PASS: usize = 2 * handoff::MAX_BATCH;
+/// Connections a retiring worker has out of service (offered, not yet settled) at
+/// most: a connection offered waits for its batch's settlement, so the fewer wait in
+/// line ahead of it, the shorter its client's pause; those not offered yet are
+/// served meanwhile.
+const IN_FLIGHT: usize = 8 * handoff::MAX_BATCH;
 /// How soon a retiring worker tries again when the hand-over queue was full.
 const QUEUE_FULL_RETRY: Duration = Duration::from_millis(1);
 /// How long a worker whose master died may take to finish.
@@ -166,6 +174,8 @@ struct Transfers {
     queue: Option<Queue>,
     outgoing: Outgoing<Connection>,
     incoming: Incoming,
+    /// Connections owned from claims in this loop pass.
+    owned_this_pass: usize,
 }
 
 impl Transfers {
@@ -229,6 +239,7 @@ impl<'a> Worker<'a> {
                 queue: handoff,
                 outgoing: Outgoing::default(),
                 incoming: Incoming::default(),
+                owned_this_pass: 0,
             },
             title_shown: None,
         };
@@ -254,7 +265,7 @@ impl<'a> Worker<'a> {
             .into_iter()
             .flatten()
             .fold(next_tick, Instant::min);
-            let timeout = if self.table.any_again() || self.more_to_offer() {
+            let timeout = if self.table.any_again() || self.may_offer_now() {
                 Duration::ZERO
             } else if self.transfers.outgoing.has_unsent() {
                 // The queue was full: try again soon.
@@ -268,6 +279,7 @@ impl<'a> Worker<'a> {
                 Err(e) => return Err(e.into()),
             };
             let now = Instant::now();
+            self.transfers.owned_this_pass = 0;
             for event in &events[..ready] {
                 self.dispatch(event, now)?;
             }
@@ -339,6 +351,9 @@ impl<'a> Worker<'a> {
                 self.accept_from((LISTENERS - token) as usize, now)?;
             }
             token if token >= INCOMING => {
+                if self.transfers.owned_this_pass >= OWN_PER_PASS {
+                    return Ok(()); // level-triggered: the next pass reads it
+                }
                 let outcome = self
                     .transfers
                     .incoming
@@ -570,6 +585,7 @@ impl<'a> Worker<'a> {
     /// A batch this worker claimed is its own now: serve it.
     fn own_taken_over(&mut self, parcels: Vec<handoff::Parcel>, now: Instant) -> io::Result<()> {
         let took = parcels.len();
+        self.transfers.owned_this_pass += took;
         // Claimed before this worker began to retire: they go on with the rest.
         if let Life::Retiring { cursor, .. } = &mut self.life {
             *cursor = 0;
@@ -625,6 +641,11 @@ impl<'a> Worker<'a> {
         matches!(self.life, Life::Retiring { cursor, .. } if cursor < self.table.capacity())
     }
 
+    /// Whether it may offer more now: more to offer, and room in flight.
+    fn may_offer_now(&self) -> bool {
+        self.more_to_offer() && self.transfers.outgoing.connections() < IN_FLIGHT
+    }
+
     /// Offers the next [`OFFER_PER_PASS`] connections that can travel, in batches,
     /// and sends what the queue takes.
     fn offer_a_slice(&mut self, now: Instant) -> io::Result<()> {
@@ -640,6 +661,7 @@ impl<'a> Worker<'a> {
         // Not while the queue is full: what is offered waits out of service.
         while !self.transfers.outgoing.has_unsent()
             && offered < OFFER_PER_PASS
+            && self.transfers.outgoing.connections() + batch.len() < IN_FLIGHT
             && index < self.table.capacity()
         {
             let travels = self.table.get_mut(index).is_some_and(|c| c.can_travel(now));

@@ -105,7 +105,7 @@ impl Life {
     /// or settle — or past its deadline.
     pub fn may_exit(&self, now: Instant, holds_anything: bool) -> Exit {
         match *self {
-            Life::Serving | Life::Retiring { .. } if !self.deadline().is_some_and(|d| now >= d) => {
+            Life::Serving | Life::Retiring { .. } if self.deadline().is_none_or(|d| now < d) => {
                 Exit::No
             }
             _ if !holds_anything => Exit::Done,
