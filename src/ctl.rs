@@ -185,7 +185,7 @@ fn status_table(status: &serde_json::Value) -> String {
     }
     let _ = writeln!(
         out,
-        "{:>4} {:>7} {:>4} {:<10} {:>6} {:>10} {:>12} {:>12} {:>9} {:>8}",
+        "{:>4} {:>7} {:>4} {:<10} {:>6} {:>10} {:>12} {:>12} {:>9} {:>8} {}",
         "slot",
         "pid",
         "gen",
@@ -195,7 +195,8 @@ fn status_table(status: &serde_json::Value) -> String {
         "bytes in",
         "bytes out",
         "beat ms",
-        "rss MiB"
+        "rss MiB",
+        "sandbox"
     );
     for w in status["workers"].as_array().into_iter().flatten() {
         let rss = w["resident_bytes"]
@@ -203,7 +204,7 @@ fn status_table(status: &serde_json::Value) -> String {
             .map_or("-".to_string(), |b| format!("{:.1}", b as f64 / 1048576.0));
         let _ = writeln!(
             out,
-            "{:>4} {:>7} {:>4} {:<10} {:>6} {:>10} {:>12} {:>12} {:>9} {:>8}",
+            "{:>4} {:>7} {:>4} {:<10} {:>6} {:>10} {:>12} {:>12} {:>9} {:>8} {}",
             s(&w["slot"]),
             s(&w["pid"]),
             s(&w["generation"]),
@@ -213,7 +214,8 @@ fn status_table(status: &serde_json::Value) -> String {
             s(&w["bytes_in"]),
             s(&w["bytes_out"]),
             s(&w["heartbeat_age_ms"]),
-            rss
+            rss,
+            s(&w["sandbox"])
         );
     }
     out
