@@ -24,7 +24,7 @@
 //!
 //! | calls | verdict | why |
 //! |---|---|---|
-//! | `read` `write` `readv` `writev` `recvfrom` `sendto` `recvmsg` `sendmsg` `close` `shutdown` `accept4` `epoll_wait` `epoll_pwait` `epoll_ctl` `poll` `ppoll` `lseek` `fstat` `newfstatat` `statx` `getpeername` `getsockname` `getsockopt` `brk` `munmap` `mremap` `madvise` `clock_gettime` `clock_getres` `gettimeofday` `clock_nanosleep` `nanosleep` `alarm` `setitimer` `getitimer` `getpid` `getppid` `gettid` `rt_sigreturn` `rt_sigprocmask` `restart_syscall` `futex` `sched_yield` `getrandom` `memfd_create` `exit` `exit_group` | allowed | serving, hand-over, heartbeat, orphan alarm, logging, exit |
+//! | `read` `write` `readv` `writev` `recvfrom` `sendto` `recvmsg` `sendmsg` `close` `shutdown` `accept4` `epoll_wait` `epoll_pwait` `epoll_ctl` `poll` `ppoll` `lseek` `fstat` `newfstatat` `statx` `getpeername` `getsockname` `getsockopt` `brk` `munmap` `mremap` `madvise` `clock_gettime` `clock_getres` `gettimeofday` `clock_nanosleep` `nanosleep` `alarm` `setitimer` `getitimer` `getpid` `getppid` `gettid` `rt_sigreturn` `rt_sigprocmask` `sigaltstack` `restart_syscall` `futex` `sched_yield` `getrandom` `memfd_create` `exit` `exit_group` | allowed | serving, hand-over, heartbeat, orphan alarm, logging, exit |
 //! | `mmap` `mprotect` | allowed without `PROT_EXEC` | the allocator; no new executable memory |
 //! | `fcntl` | allowed for `F_GETFL` `F_SETFL` `F_GETFD` `F_SETFD` `F_DUPFD_CLOEXEC` | non-blocking sockets, duplicated handles |
 //! | `ioctl` | allowed for `FIONBIO` | the standard library's `set_nonblocking` |
@@ -222,6 +222,7 @@ pub mod filter {
         libc::SYS_gettid,
         libc::SYS_rt_sigreturn,
         libc::SYS_rt_sigprocmask,
+        libc::SYS_sigaltstack,
         libc::SYS_restart_syscall,
         libc::SYS_futex,
         libc::SYS_sched_yield,
@@ -288,6 +289,24 @@ pub mod filter {
     ];
     #[cfg(target_arch = "aarch64")]
     const DEADLY_HERE: &[libc::c_long] = &[];
+
+    /// Every call the allowlist names, with or without conditions on its arguments
+    /// (for the test that performs each).
+    pub fn allowed_calls() -> Vec<i64> {
+        let mut calls: Vec<i64> = ALLOWED.iter().chain(ALLOWED_HERE).copied().collect();
+        calls.extend(
+            allowed_with_arguments()
+                .expect("compiles")
+                .into_iter()
+                .map(|(call, _)| call),
+        );
+        calls
+    }
+
+    /// Every call that kills the worker.
+    pub fn deadly_calls() -> Vec<i64> {
+        DEADLY.iter().chain(DEADLY_HERE).copied().collect()
+    }
 
     /// The worker's two programs: the deadly list first, then the allowlist.
     #[derive(Debug)]
