@@ -24,7 +24,7 @@
 //!
 //! | calls | verdict | why |
 //! |---|---|---|
-//! | `read` `write` `readv` `writev` `recvfrom` `sendto` `recvmsg` `sendmsg` `close` `shutdown` `accept4` `epoll_wait` `epoll_pwait` `epoll_ctl` `poll` `ppoll` `lseek` `fstat` `newfstatat` `statx` `getpeername` `getsockname` `getsockopt` `brk` `munmap` `mremap` `madvise` `clock_gettime` `clock_getres` `gettimeofday` `clock_nanosleep` `nanosleep` `alarm` `setitimer` `getitimer` `getpid` `getppid` `gettid` `rt_sigreturn` `rt_sigprocmask` `sigaltstack` `restart_syscall` `futex` `sched_yield` `getrandom` `memfd_create` `exit` `exit_group` | allowed | serving, hand-over, heartbeat, orphan alarm, logging, exit |
+//! | `read` `write` `readv` `writev` `recvfrom` `sendto` `recvmsg` `sendmsg` `close` `shutdown` `accept4` `epoll_wait` `epoll_pwait` `epoll_ctl` `poll` `ppoll` `lseek` `fstat` `statx` `getpeername` `getsockname` `getsockopt` `brk` `munmap` `mremap` `madvise` `clock_gettime` `clock_getres` `gettimeofday` `clock_nanosleep` `nanosleep` `alarm` `setitimer` `getitimer` `getpid` `getppid` `gettid` `rt_sigreturn` `rt_sigprocmask` `sigaltstack` `restart_syscall` `futex` `sched_yield` `getrandom` `memfd_create` `exit` `exit_group` | allowed | serving, hand-over, heartbeat, orphan alarm, logging, exit |
 //! | `mmap` `mprotect` | allowed without `PROT_EXEC` | the allocator; no new executable memory |
 //! | `fcntl` | allowed for `F_GETFL` `F_SETFL` `F_GETFD` `F_SETFD` `F_DUPFD_CLOEXEC` | non-blocking sockets, duplicated handles |
 //! | `ioctl` | allowed for `FIONBIO` | the standard library's `set_nonblocking` |
@@ -201,7 +201,6 @@ pub mod filter {
         libc::SYS_ppoll,
         libc::SYS_lseek,
         libc::SYS_fstat,
-        libc::SYS_newfstatat,
         libc::SYS_statx,
         libc::SYS_getpeername,
         libc::SYS_getsockname,

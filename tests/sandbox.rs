@@ -525,20 +525,6 @@ fn allowed_probes() -> Vec<Probe> {
                 ],
             )
         }),
-        p("newfstatat (AT_EMPTY_PATH)", SYS_newfstatat, |f| {
-            let mut st = std::mem::MaybeUninit::<stat>::uninit();
-            sys(
-                SYS_newfstatat,
-                [
-                    f.memfd.as_raw_fd() as usize,
-                    c"".as_ptr() as usize,
-                    st.as_mut_ptr() as usize,
-                    AT_EMPTY_PATH as usize,
-                    0,
-                    0,
-                ],
-            )
-        }),
         p("statx (AT_EMPTY_PATH)", SYS_statx, |f| {
             let mut st = std::mem::MaybeUninit::<statx>::uninit();
             sys(
@@ -1112,6 +1098,20 @@ fn forbidden_probes() -> Vec<Probe> {
                     AT_FDCWD as usize,
                     c"/tmp/raasd-sandbox-probe".as_ptr() as usize,
                     0,
+                    0,
+                    0,
+                    0,
+                ],
+            )
+        }),
+        refused("newfstatat of a path", SYS_newfstatat, |_| {
+            let mut st = std::mem::MaybeUninit::<stat>::uninit();
+            sys(
+                SYS_newfstatat,
+                [
+                    AT_FDCWD as usize,
+                    c"/etc/passwd".as_ptr() as usize,
+                    st.as_mut_ptr() as usize,
                     0,
                     0,
                     0,
