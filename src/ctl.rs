@@ -185,7 +185,7 @@ fn status_table(status: &serde_json::Value) -> String {
     }
     let _ = writeln!(
         out,
-        "{:>4} {:>7} {:>4} {:<10} {:>6} {:>10} {:>12} {:>12} {:>9} {:>8} {}",
+        "{:>4} {:>7} {:>4} {:<10} {:>6} {:>10} {:>12} {:>12} {:>9} {:>8} sandbox",
         "slot",
         "pid",
         "gen",
@@ -195,8 +195,7 @@ fn status_table(status: &serde_json::Value) -> String {
         "bytes in",
         "bytes out",
         "beat ms",
-        "rss MiB",
-        "sandbox"
+        "rss MiB"
     );
     for w in status["workers"].as_array().into_iter().flatten() {
         let rss = w["resident_bytes"]
