@@ -24,7 +24,7 @@
 //!
 //! | calls | verdict | why |
 //! |---|---|---|
-//! | `read` `write` `readv` `writev` `recvfrom` `sendto` `recvmsg` `sendmsg` `close` `shutdown` `accept4` `epoll_wait` `epoll_pwait` `epoll_ctl` `poll` `ppoll` `lseek` `fstat` `statx` `getpeername` `getsockname` `getsockopt` `brk` `munmap` `mremap` `madvise` `clock_gettime` `clock_getres` `gettimeofday` `clock_nanosleep` `nanosleep` `alarm` `setitimer` `getitimer` `getpid` `getppid` `gettid` `rt_sigreturn` `rt_sigprocmask` `sigaltstack` `restart_syscall` `futex` `sched_yield` `getrandom` `memfd_create` `exit` `exit_group` | allowed | serving, hand-over, heartbeat, orphan alarm, logging, exit |
+//! | `read` `write` `readv` `writev` `recvfrom` `sendto` `recvmsg` `sendmsg` `close` `shutdown` `accept4` `epoll_wait` `epoll_pwait` `epoll_ctl` `poll` `ppoll` `lseek` `fstat` `statx` `getpeername` `getsockopt` `brk` `munmap` `mremap` `madvise` `clock_gettime` `gettimeofday` `clock_nanosleep` `nanosleep` `alarm` `setitimer` `getpid` `getppid` `gettid` `rt_sigreturn` `rt_sigprocmask` `sigaltstack` `restart_syscall` `futex` `sched_yield` `getrandom` `memfd_create` `exit` `exit_group` | allowed (`epoll_wait` `poll` `alarm` on x86_64 only: aarch64 has only the newer calls) | serving, hand-over, heartbeat, orphan alarm, logging, exit |
 //! | `mmap` `mprotect` | allowed without `PROT_EXEC` | the allocator; no new executable memory |
 //! | `fcntl` | allowed for `F_GETFL` `F_SETFL` `F_GETFD` `F_SETFD` `F_DUPFD_CLOEXEC` | non-blocking sockets, duplicated handles |
 //! | `ioctl` | allowed for `FIONBIO` | the standard library's `set_nonblocking` |
@@ -203,19 +203,16 @@ pub mod filter {
         libc::SYS_fstat,
         libc::SYS_statx,
         libc::SYS_getpeername,
-        libc::SYS_getsockname,
         libc::SYS_getsockopt,
         libc::SYS_brk,
         libc::SYS_munmap,
         libc::SYS_mremap,
         libc::SYS_madvise,
         libc::SYS_clock_gettime,
-        libc::SYS_clock_getres,
         libc::SYS_gettimeofday,
         libc::SYS_clock_nanosleep,
         libc::SYS_nanosleep,
         libc::SYS_setitimer,
-        libc::SYS_getitimer,
         libc::SYS_getpid,
         libc::SYS_getppid,
         libc::SYS_gettid,

@@ -554,21 +554,6 @@ fn allowed_probes() -> Vec<Probe> {
                 ],
             )
         }),
-        p("getsockname", SYS_getsockname, |f| {
-            let mut addr = std::mem::MaybeUninit::<sockaddr_storage>::uninit();
-            let mut len = std::mem::size_of::<sockaddr_storage>() as socklen_t;
-            sys(
-                SYS_getsockname,
-                [
-                    f.listener.as_raw_fd() as usize,
-                    addr.as_mut_ptr() as usize,
-                    &mut len as *mut _ as usize,
-                    0,
-                    0,
-                    0,
-                ],
-            )
-        }),
         p("getsockopt", SYS_getsockopt, |f| {
             let mut value: c_int = 0;
             let mut len = std::mem::size_of::<c_int>() as socklen_t;
@@ -627,23 +612,6 @@ fn allowed_probes() -> Vec<Probe> {
                 ],
             )
         }),
-        p("clock_getres", SYS_clock_getres, |_| {
-            let mut t = timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            sys(
-                SYS_clock_getres,
-                [
-                    CLOCK_MONOTONIC as usize,
-                    &mut t as *mut _ as usize,
-                    0,
-                    0,
-                    0,
-                    0,
-                ],
-            )
-        }),
         p("gettimeofday", SYS_gettimeofday, |_| {
             let mut t = timeval {
                 tv_sec: 0,
@@ -689,13 +657,6 @@ fn allowed_probes() -> Vec<Probe> {
             sys(
                 SYS_setitimer,
                 [ITIMER_REAL as usize, &t as *const _ as usize, 0, 0, 0, 0],
-            )
-        }),
-        p("getitimer", SYS_getitimer, |_| {
-            let mut t = std::mem::MaybeUninit::<itimerval>::uninit();
-            sys(
-                SYS_getitimer,
-                [ITIMER_REAL as usize, t.as_mut_ptr() as usize, 0, 0, 0, 0],
             )
         }),
         p("getpid", SYS_getpid, |_| sys(SYS_getpid, [0; 6])),
@@ -1112,6 +1073,21 @@ fn forbidden_probes() -> Vec<Probe> {
                     AT_FDCWD as usize,
                     c"/etc/passwd".as_ptr() as usize,
                     st.as_mut_ptr() as usize,
+                    0,
+                    0,
+                    0,
+                ],
+            )
+        }),
+        refused("getsockname", SYS_getsockname, |f| {
+            let mut addr = std::mem::MaybeUninit::<sockaddr_storage>::uninit();
+            let mut len = std::mem::size_of::<sockaddr_storage>() as socklen_t;
+            sys(
+                SYS_getsockname,
+                [
+                    f.listener.as_raw_fd() as usize,
+                    addr.as_mut_ptr() as usize,
+                    &mut len as *mut _ as usize,
                     0,
                     0,
                     0,
