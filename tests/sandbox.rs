@@ -265,19 +265,26 @@ fn perform(probe: &Probe) -> Outcome {
     // returns into the test harness.
     match unsafe { nix::unistd::fork() }.expect("fork") {
         ForkResult::Child => {
-            let fixture = Fixture::new();
-            // No core file from a kill; no probe may hang.
-            let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
-            nix::unistd::alarm::set(10);
-            if filter.install().is_err() {
-                // SAFETY: _exit ends the child at once.
-                unsafe { libc::_exit(99) };
-            }
-            let code = match (probe.call)(&fixture) {
-                Ok(_) => 0,
-                Err(errno) => 100 + errno.clamp(0, 150),
-            };
-            // SAFETY: as above.
+            // A panic here must end the child, never return into the test harness.
+            let code = std::panic::catch_unwind(|| {
+                let fixture = Fixture::new();
+                // No core file from a kill; no probe may hang.
+                let _ =
+                    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0);
+                nix::unistd::alarm::set(10);
+                if filter.install().is_err() {
+                    return 99;
+                }
+                let result = (probe.call)(&fixture);
+                // Not dropped: a probe may have closed one of its descriptors.
+                std::mem::forget(fixture);
+                match result {
+                    Ok(_) => 0,
+                    Err(errno) => 100 + errno.clamp(0, 150),
+                }
+            })
+            .unwrap_or(98);
+            // SAFETY: _exit ends the child at once, without running the harness's code.
             unsafe { libc::_exit(code) }
         }
         ForkResult::Parent { child } => match waitpid(child, None).expect("waitpid") {
