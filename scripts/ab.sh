@@ -10,8 +10,12 @@
 # from an older commit: git worktree add /tmp/a COMMIT && (cd /tmp/a &&
 # CARGO_TARGET_DIR=/tmp/a-target cargo build --release --bin raasd), then pass
 # /tmp/a-target/release. Environment: RUNS (per build and scenario, default 5), SECS
-# (per run, default 3), WORKERS (default 2). Only 127.0.0.1 is targeted; every server
-# is stopped by pid.
+# (per run, default 3), WORKERS (default 2), A_ARGS and B_ARGS (more raasd options for
+# each side: one build against itself with `A_ARGS="--sandbox off" B_ARGS="--sandbox
+# on"`). Besides the ratio of the medians, the last column is the median of the ratios
+# of each round (B's run against the A run just before it), which cancels the drift of
+# a busy machine between rounds. Only 127.0.0.1 is targeted; every server is stopped by
+# pid.
 
 set -uo pipefail
 A=${1:?usage: scripts/ab.sh A_BIN_DIR B_BIN_DIR}
@@ -19,6 +23,8 @@ B=${2:?usage: scripts/ab.sh A_BIN_DIR B_BIN_DIR}
 RUNS=${RUNS:-5}
 SECS=${SECS:-3}
 WORKERS=${WORKERS:-2}
+A_ARGS=${A_ARGS:-}
+B_ARGS=${B_ARGS:-}
 RAAS=$B/raas
 SERVER=""
 
@@ -27,12 +33,13 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-# run BIN_DIR SCENARIO-ARGS... : prints replies/s of one run.
+# run BIN_DIR "RAASD-ARGS" SCENARIO-ARGS... : prints replies/s of one run.
 run() {
-    local dir=$1 port
-    shift
+    local dir=$1 extra=$2 port
+    shift 2
     port=$(free_port)
-    "$dir/raasd" -w "$WORKERS" -l "127.0.0.1:$port" 2>/dev/null &
+    # shellcheck disable=SC2086
+    "$dir/raasd" -w "$WORKERS" -l "127.0.0.1:$port" $extra 2>/dev/null &
     SERVER=$!
     for _ in $(seq 100); do
         (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
@@ -64,21 +71,27 @@ PY
 
 median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : int((a[NR/2]+a[NR/2+1])/2)}'; }
 
-printf '%-28s %12s %12s %7s %9s %9s %7s\n' scenario "A median/s" "B median/s" "B/A" "A us/rep" "B us/rep" "B/A"
+printf '%-28s %12s %12s %7s %9s %9s %7s %7s\n' scenario "A median/s" "B median/s" "B/A" "A us/rep" "B us/rep" "B/A" "rounds"
 for scenario in "--mode connect --conns 16" "--mode persist --conns 50 --pipeline 1" "--mode persist --conns 50 --pipeline 16"; do
     a_runs=()
     b_runs=()
     for _ in $(seq "$RUNS"); do
         # shellcheck disable=SC2086
-        a_runs+=("$(run "$A" $scenario)")
+        a_runs+=("$(run "$A" "$A_ARGS" $scenario)")
         # shellcheck disable=SC2086
-        b_runs+=("$(run "$B" $scenario)")
+        b_runs+=("$(run "$B" "$B_ARGS" $scenario)")
     done
     a=$(printf '%s\n' "${a_runs[@]%/*}" | median)
     b=$(printf '%s\n' "${b_runs[@]%/*}" | median)
     a_cpu=$(printf '%s\n' "${a_runs[@]#*/}" | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}')
     b_cpu=$(printf '%s\n' "${b_runs[@]#*/}" | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}')
-    printf '%-28s %12s %12s %7s %9s %9s %7s   (A: %s; B: %s)\n' "${scenario//--mode /}" "$a" "$b" \
+    # The CPU ratio of each round (B against the A run just before it), and its median.
+    rounds=$(python3 -c "
+import statistics, sys
+a = [float(r.split('/')[1]) for r in sys.argv[1].split()]
+b = [float(r.split('/')[1]) for r in sys.argv[2].split()]
+print(f'{statistics.median(y / x for x, y in zip(a, b) if x):.3f}')" "${a_runs[*]}" "${b_runs[*]}")
+    printf '%-28s %12s %12s %7s %9s %9s %7s %7s   (A: %s; B: %s)\n' "${scenario//--mode /}" "$a" "$b" \
         "$(python3 -c "print(f'{$b/$a:.2f}' if $a else '-')")" "$a_cpu" "$b_cpu" \
-        "$(python3 -c "print(f'{$b_cpu/$a_cpu:.2f}' if $a_cpu else '-')")" "${a_runs[*]}" "${b_runs[*]}"
+        "$(python3 -c "print(f'{$b_cpu/$a_cpu:.2f}' if $a_cpu else '-')")" "$rounds" "${a_runs[*]}" "${b_runs[*]}"
 done

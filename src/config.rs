@@ -131,6 +131,13 @@ pub struct Config {
           value_parser = PossibleValuesParser::new(["on", "off"]).map(|s| s == "on"))]
     pub handover: bool,
 
+    /// Confine each worker, at the end of its set-up, to the system calls it
+    /// serves with (seccomp-bpf, no_new_privs): it cannot open a file, execute,
+    /// fork or connect out. off: for debugging with tools that need more.
+    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set,
+          value_parser = PossibleValuesParser::new(["on", "off"]).map(|s| s == "on"))]
+    pub sandbox: bool,
+
     /// Control socket (a unix socket path, mode 0600) for `raasd ctl`: status,
     /// workers N, reload, upgrade, stop, reopen-logs.
     #[arg(long, value_name = "PATH")]
@@ -199,6 +206,7 @@ impl Config {
             max_conns: self.max_conns as usize,
             max_requests: None,
             heartbeat: heartbeat_interval(self.timeout),
+            sandbox: self.sandbox,
         }
     }
 }
@@ -453,6 +461,10 @@ impl Config {
             "handover = {}\n",
             quoted(if self.handover { "on" } else { "off" })
         );
+        out += &format!(
+            "sandbox = {}\n",
+            quoted(if self.sandbox { "on" } else { "off" })
+        );
         out += &optional(
             "working-directory",
             self.working_directory
@@ -499,6 +511,8 @@ pub struct Serving {
     pub max_requests: Option<u64>,
     /// How often the worker's loop wakes at least, to beat and to check time limits.
     pub heartbeat: Duration,
+    /// --sandbox: the worker confines itself at the end of its set-up.
+    pub sandbox: bool,
 }
 
 /// Often enough that an idle worker is never mistaken for a stuck one: four beats
@@ -729,6 +743,8 @@ mod tests {
             "--group",
             "nogroup",
             "--handover",
+            "off",
+            "--sandbox",
             "off",
             "--control",
             "/run/raasd/ctl.sock",

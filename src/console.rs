@@ -628,6 +628,8 @@ pub struct WorkerStatus {
     pub bytes_out: u64,
     pub heartbeat_age_ms: u64,
     pub resident_bytes: Option<u64>,
+    /// `seccomp`, `off`, `unavailable` or `pending` (see [`crate::sandbox::Confinement`]).
+    pub sandbox: &'static str,
 }
 
 /// Since the master started; they survive rotations.

@@ -185,7 +185,7 @@ fn status_table(status: &serde_json::Value) -> String {
     }
     let _ = writeln!(
         out,
-        "{:>4} {:>7} {:>4} {:<10} {:>6} {:>10} {:>12} {:>12} {:>9} {:>8}",
+        "{:>4} {:>7} {:>4} {:<10} {:>6} {:>10} {:>12} {:>12} {:>9} {:>8} sandbox",
         "slot",
         "pid",
         "gen",
@@ -203,7 +203,7 @@ fn status_table(status: &serde_json::Value) -> String {
             .map_or("-".to_string(), |b| format!("{:.1}", b as f64 / 1048576.0));
         let _ = writeln!(
             out,
-            "{:>4} {:>7} {:>4} {:<10} {:>6} {:>10} {:>12} {:>12} {:>9} {:>8}",
+            "{:>4} {:>7} {:>4} {:<10} {:>6} {:>10} {:>12} {:>12} {:>9} {:>8} {}",
             s(&w["slot"]),
             s(&w["pid"]),
             s(&w["generation"]),
@@ -213,7 +213,8 @@ fn status_table(status: &serde_json::Value) -> String {
             s(&w["bytes_in"]),
             s(&w["bytes_out"]),
             s(&w["heartbeat_age_ms"]),
-            rss
+            rss,
+            s(&w["sandbox"])
         );
     }
     out

@@ -25,6 +25,7 @@
 //! | [`scoreboard`] | the shared memory where workers publish heartbeat and counters |
 //! | [`upgrade`] | the binary upgrade hand-over: successor, readiness pipe, inherited sockets |
 //! | [`privileges`] | resolving `--user`/`--group` and dropping to them in workers |
+//! | [`sandbox`] | the workers' seccomp-bpf allowlist: compiled once, installed at the end of a worker's set-up |
 
 pub mod accept_gate;
 pub mod codec;
@@ -41,6 +42,7 @@ pub mod master;
 pub mod pidfile;
 pub mod privileges;
 pub mod process;
+pub mod sandbox;
 pub mod scoreboard;
 pub mod signals;
 pub mod title;

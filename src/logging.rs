@@ -3,7 +3,8 @@
 //! Owns the logger set-up, the line format,
 //! `[2026-11-23T16:27:57.123Z INFO  worker[2] pid=4242] accepting connections`,
 //! and the log destination: stderr, or `--log-file` opened in append mode and
-//! reopened on demand (USR1, after logrotate moved it). Every line is one write, so
+//! reopened on demand (USR1, after logrotate moved it: by the master, which passes
+//! the new file to its workers, see [`adopt`]). Every line is one write, so
 //! the lines of the master and its workers, which share the destination, never
 //! interleave mid-line. A forked worker calls [`become_worker`] so its lines name
 //! its slot.
@@ -153,35 +154,72 @@ const LEVELS: [LevelFilter; 6] = [
 /// out of LEVELS' range when it was not.
 static BASE_LEVEL: AtomicUsize = AtomicUsize::new(usize::MAX);
 
-/// Reopens the log file at its path (USR1): after a rotation, lines go to the new
-/// file. Nothing to do when logging to stderr. The master passes the workers' user
-/// as `owner`: the file it creates then belongs to them, so that workers that dropped
-/// privileges can open it too (nginx does the same) instead of writing on, for good,
-/// to the rotated file.
-pub fn reopen(owner: Option<(u32, u32)>) -> Result<(), String> {
-    reopen_one(&LOG_FILE, owner)?;
-    reopen_one(&ACCESS_LOG, owner)
+/// One of the two logs a process writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Log {
+    /// `--log-file`.
+    Main,
+    /// `--access-log`.
+    Access,
 }
 
-fn reopen_one(
-    log: &Mutex<Option<(PathBuf, File)>>,
-    owner: Option<(u32, u32)>,
-) -> Result<(), String> {
-    let mut guard = log.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((path, file)) = guard.as_mut() {
-        let opened = open(path)?;
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::fchown(&opened, Some(uid), Some(gid)).map_err(|e| {
-                format!(
-                    "cannot give log file {} to the workers' user: {}",
-                    path.display(),
-                    crate::errors::plain(&e)
-                )
-            })?;
+impl Log {
+    fn file(self) -> &'static Mutex<Option<(PathBuf, File)>> {
+        match self {
+            Log::Main => &LOG_FILE,
+            Log::Access => &ACCESS_LOG,
         }
-        *file = opened;
     }
-    Ok(())
+
+    /// `log file`, `access log`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Log::Main => "log file",
+            Log::Access => "access log",
+        }
+    }
+}
+
+/// Reopens `log` at its path (USR1, in the master): after a rotation, lines go to
+/// the new file. Returns a copy of the new file's descriptor for the workers, which
+/// may not open files (they are sandboxed) and get it over their control channel;
+/// None when this log is not written to a file. `owner` is the workers' user: the
+/// file the master creates then belongs to them, as nginx does.
+pub fn reopen(log: Log, owner: Option<(u32, u32)>) -> Result<Option<File>, String> {
+    let mut guard = log.file().lock().unwrap_or_else(|e| e.into_inner());
+    let Some((path, file)) = guard.as_mut() else {
+        return Ok(None);
+    };
+    let opened = open(path).map_err(|e| e.replace("log file", log.name()))?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(&opened, Some(uid), Some(gid)).map_err(|e| {
+            format!(
+                "cannot give {} {} to the workers' user: {}",
+                log.name(),
+                path.display(),
+                crate::errors::plain(&e)
+            )
+        })?;
+    }
+    let copy = opened.try_clone().map_err(|e| {
+        format!(
+            "cannot pass {} {} on: {}",
+            log.name(),
+            path.display(),
+            crate::errors::plain(&e)
+        )
+    })?;
+    *file = opened;
+    Ok(Some(copy))
+}
+
+/// Writes `log` to `file` from now on (a worker, given the file the master
+/// reopened). A log this process does not write is left alone.
+pub fn adopt(log: Log, file: File) {
+    let mut guard = log.file().lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, current)) = guard.as_mut() {
+        *current = file;
+    }
 }
 
 fn open(path: &Path) -> Result<File, String> {

@@ -244,6 +244,8 @@ impl<'a> Worker<'a> {
             title_shown: None,
         };
         worker.update_accepting(Instant::now())?;
+        // Last of the set-up: from here on the worker may only serve (crate::sandbox).
+        crate::sandbox::confine(worker.serving.sandbox)?;
         Ok(worker)
     }
 
@@ -397,17 +399,11 @@ impl<'a> Worker<'a> {
                 Command::QuickStop => quick_exit(),
                 Command::GracefulStop => self.stop(now, "the master's request")?,
                 Command::HandOver => self.retire(now)?,
-                Command::ReopenLogs => match crate::logging::reopen(None) {
-                    Ok(()) => info!("log file reopened"),
-                    Err(e) => {
-                        // Also where the operator who sent USR1 may be looking.
-                        eprintln!(
-                            "raasd: worker[{}]: {e}; still logging to the old file",
-                            self.who.slot
-                        );
-                        warn!("{e}; still logging to the old file");
-                    }
-                },
+                Command::LogTo(log, file) => {
+                    // The master reopened it (USR1): a sandboxed worker cannot open files.
+                    crate::logging::adopt(log, file);
+                    info!("{} reopened", log.name());
+                }
             }
         }
         if received.closed {

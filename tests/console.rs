@@ -24,28 +24,6 @@ fn dir(tag: &str) -> (PathBuf, RemoveDirOnDrop) {
     (dir.clone(), RemoveDirOnDrop(dir))
 }
 
-/// Runs `raasd ctl --control SOCKET ARGS...`: (exit code, stdout, stderr).
-fn ctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN)
-        .arg("ctl")
-        .arg("--control")
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("raasd ctl");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn status(socket: &Path) -> serde_json::Value {
-    let (code, out, err) = ctl(socket, &["status", "--json"]);
-    assert_eq!(code, 0, "raasd ctl status: {out} {err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status is not JSON ({e}): {out}"))
-}
-
 fn start(socket: &Path, extra: &[&str]) -> Server {
     let socket = socket.to_str().unwrap();
     let mut args = vec!["-w", "2", "-l", "127.0.0.1:0", "--control", socket];
@@ -74,7 +52,7 @@ fn status_adds_up_to_the_replies_clients_received() {
             bytes += line.len() as u64 + 1;
         }
     }
-    let st = status(&socket);
+    let st = ctl_status(&socket);
     assert_eq!(st["master"]["pid"], s.pid(), "{st}");
     assert_eq!(st["master"]["target_workers"], 2);
     assert_eq!(st["master"]["accepting_workers"], 2);
@@ -101,7 +79,7 @@ fn status_adds_up_to_the_replies_clients_received() {
     wait_until("the old generation to be gone", SOON, || {
         s.workers().len() == 2
     });
-    let after = status(&socket);
+    let after = ctl_status(&socket);
     assert!(
         after["totals"]["requests"].as_u64().unwrap() >= replies,
         "{after}"
@@ -163,7 +141,7 @@ fn upgrade_reports_the_hand_over_and_then_a_rollback_with_its_reason() {
     let new_pid = reply["new_master"].as_i64().unwrap() as i32;
     assert_eq!(s.wait_exit(SOON).code(), Some(0));
     // The new master answers on the same control socket.
-    let st = status(&socket);
+    let st = ctl_status(&socket);
     assert_eq!(st["master"]["pid"], new_pid);
     assert_eq!(st["master"]["generation"], 2);
 
@@ -175,7 +153,7 @@ fn upgrade_reports_the_hand_over_and_then_a_rollback_with_its_reason() {
         err.contains("rolled back") && err.contains("the new master exited"),
         "{err}"
     );
-    assert_eq!(status(&socket)["master"]["pid"], new_pid);
+    assert_eq!(ctl_status(&socket)["master"]["pid"], new_pid);
     kill(Pid::from_raw(new_pid), Signal::SIGTERM).unwrap();
     wait_until("the second master to exit", SOON, || !alive(new_pid));
 }

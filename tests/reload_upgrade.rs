@@ -1559,6 +1559,95 @@ fn usr1_reopens_the_log_file_in_master_and_workers() {
     assert!(s.log().is_empty(), "nothing on stderr: {}", s.log());
 }
 
+#[test]
+fn usr1_moves_the_access_log_of_every_worker_to_the_new_file() {
+    // Workers are sandboxed: the master opens the new file and passes it to them.
+    let dir = TempDir::new("usr1_access");
+    let log = dir.join("raasd.log");
+    let access = dir.join("access.log");
+    let rotated = dir.join("access.log.1");
+    let _dump = DumpOnPanic(vec![log.clone(), access.clone(), rotated.clone()]);
+    let s = Server::start(&[
+        "-w",
+        "2",
+        "-l",
+        "127.0.0.1:0",
+        "--log-file",
+        path_str(&log),
+        "--access-log",
+        path_str(&access),
+    ]);
+    wait_file_line(&log, "all 2 workers accepting", 1);
+    let addr = first_listen_addr(&text_of(&log).lines().map(str::to_owned).collect::<Vec<_>>())
+        .expect("a `listening on` line in the log file");
+    assert_eq!(roundtrip(addr, "old"), "dlo");
+    wait_file_line(&access, "lines=1 bytes_in=4", 1);
+    let workers = s.wait_workers(2);
+    fs::rename(&access, &rotated).expect("rename the access log");
+    s.signal(Signal::SIGUSR1);
+    wait_file_line(&log, "master pid=", 1);
+    wait_file_line(&log, "access log reopened", 1);
+    for w in &workers {
+        wait_file_line(
+            &log,
+            &format!("worker[{}] pid={}] access log reopened", w.slot, w.pid),
+            1,
+        );
+    }
+    // Every worker writes to the new file now: enough connections that both close some.
+    for i in 0..20 {
+        let line = format!("new{i:02}");
+        assert_eq!(
+            roundtrip(addr, &line),
+            line.chars().rev().collect::<String>()
+        );
+    }
+    wait_file_line(&access, "lines=1 bytes_in=6", 20);
+    let new_text = text_of(&access);
+    for w in &workers {
+        assert!(
+            new_text.contains(&format!("worker[{}] pid={} ", w.slot, w.pid)),
+            "worker[{}] wrote nothing to the new access log:\n{new_text}",
+            w.slot
+        );
+    }
+    assert_eq!(
+        text_of(&rotated).lines().count(),
+        1,
+        "{}",
+        text_of(&rotated)
+    );
+    assert!(s.log().is_empty(), "nothing on stderr: {}", s.log());
+}
+
+#[test]
+fn usr1_without_a_new_file_leaves_everyone_on_the_old_one_and_says_so_on_stderr() {
+    let dir = TempDir::new("usr1_fails");
+    let logs = dir.join("logs");
+    fs::create_dir_all(&logs).unwrap();
+    let log = logs.join("raasd.log");
+    let rotated = dir.join("raasd.log.1");
+    let _dump = DumpOnPanic(vec![rotated.clone()]);
+    let s = Server::start(&["-w", "2", "-l", "127.0.0.1:0", "--log-file", path_str(&log)]);
+    wait_file_line(&log, "all 2 workers accepting", 1);
+    // Rotated away, and the directory gone: the new file cannot be created.
+    fs::rename(&log, &rotated).expect("rename the log file");
+    fs::remove_dir(&logs).expect("remove the log directory");
+    s.signal(Signal::SIGUSR1);
+    s.wait_for_log("cannot open log file", SOON);
+    assert!(
+        s.log().contains("still logging to the old file"),
+        "{}",
+        s.log()
+    );
+    wait_file_line(&rotated, "still logging to the old file", 1);
+    // The workers write on to the old file.
+    s.signal(Signal::SIGHUP);
+    wait_file_line(&rotated, "all 2 workers accepting", 2);
+    wait_file_line(&rotated, "stopping gracefully", 2);
+    assert_eq!(text_of(&rotated).matches("log file reopened").count(), 0);
+}
+
 // ---------------------------------------------------------------------------------------
 // The harness itself
 // ---------------------------------------------------------------------------------------

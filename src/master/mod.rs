@@ -359,6 +359,7 @@ impl Master {
         for address in &addresses {
             info!("listening on {address}");
         }
+        warn_if_unconfined(&config);
         let name = leak_name(config.name.as_deref());
         let mut master = Master {
             scoreboard,
@@ -596,7 +597,7 @@ impl Master {
                 _ => "reload",
             };
             self.totals.count_restart(reason);
-            self.retire(pid, command);
+            self.retire(pid, &command);
         }
         let all_accepting = workers::all_accepting(&self.workers, self.target, self.generation);
         if all_accepting && !self.all_accepting_announced {
@@ -609,7 +610,7 @@ impl Master {
         }
     }
 
-    fn retire(&mut self, pid: Pid, command: Command) {
+    fn retire(&mut self, pid: Pid, command: &Command) {
         if let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) {
             let how = match command {
                 Command::HandOver => "handing its connections over",
@@ -660,6 +661,7 @@ impl Master {
                     cell,
                     spawned_at: Instant::now(),
                     life: Life::Starting,
+                    sandbox: self.config.sandbox,
                     channel: Some(channel),
                 });
                 true
@@ -755,7 +757,7 @@ impl Master {
                 w.life = Life::Retiring;
             }
             if let Some(channel) = &w.channel {
-                let _ = channel.send(command);
+                let _ = channel.send(&command);
             }
         }
         let handing_over = matches!(self.upgrade, Upgrade::HandedOver { .. });
@@ -1017,6 +1019,16 @@ fn warn_if_descriptors_fall_short(config: &Config) {
              systemd's LimitNOFILE=)",
             config.max_conns
         );
+    }
+}
+
+/// The filter is compiled here, once, before the first fork (workers inherit it);
+/// where it cannot be used, --sandbox on says so (the workers run unconfined).
+fn warn_if_unconfined(config: &Config) {
+    if let Err(why) = crate::sandbox::availability()
+        && config.sandbox
+    {
+        warn!("sandbox unavailable: {why}; workers run unconfined");
     }
 }
 

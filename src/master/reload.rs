@@ -15,7 +15,7 @@ use super::{Master, notify_systemd};
 use crate::config::{self, Config, LoadError};
 use crate::control::Command;
 use crate::listeners::{self, Configured, Inheritance};
-use crate::logging;
+use crate::logging::{self, Log};
 use crate::privileges::{self, Identity};
 
 impl Master {
@@ -71,6 +71,9 @@ impl Master {
         }
         if config.name != self.config.name {
             self.title.name = super::leak_name(config.name.as_deref());
+        }
+        if config.sandbox && !self.config.sandbox {
+            super::warn_if_unconfined(&config);
         }
         logging::set_level(config.log_level);
         self.identity = identity;
@@ -135,22 +138,29 @@ impl Master {
         Ok(())
     }
 
-    /// USR1: the master and every worker reopen the log file.
+    /// USR1: the master reopens the log file and the access log, and passes each
+    /// new file to every worker (which may not open files: see [`crate::sandbox`]).
     pub(super) fn reopen_logs(&mut self) {
         let owner = self
             .identity
             .map(|identity| (identity.uid.as_raw(), identity.gid.as_raw()));
-        match logging::reopen(owner) {
-            Ok(()) => info!("log file reopened"),
-            Err(e) => {
-                // The log file is the one place that did not change: say it there too.
-                eprintln!("raasd: {e}; still logging to the old file");
-                error!("{e}; still logging to the old file");
-            }
-        }
-        for w in &self.workers {
-            if let Some(channel) = &w.channel {
-                let _ = channel.send(Command::ReopenLogs);
+        for log in [Log::Main, Log::Access] {
+            match logging::reopen(log, owner) {
+                Ok(None) => {}
+                Ok(Some(file)) => {
+                    info!("{} reopened", log.name());
+                    let command = Command::LogTo(log, file);
+                    for w in &self.workers {
+                        if let Some(channel) = &w.channel {
+                            let _ = channel.send(&command);
+                        }
+                    }
+                }
+                Err(e) => {
+                    // The log file is the one place that did not change: say it there too.
+                    eprintln!("raasd: {e}; still logging to the old file");
+                    error!("{e}; still logging to the old file");
+                }
             }
         }
     }

@@ -121,6 +121,12 @@ impl Master {
                 bytes_out: c.bytes_out,
                 heartbeat_age_ms: self.scoreboard.heartbeat_age_ms(w.cell, now_ms),
                 resident_bytes: resident,
+                sandbox: crate::sandbox::confinement(
+                    w.sandbox,
+                    crate::sandbox::availability().is_ok(),
+                    crate::sandbox::kernel_mode(w.pid.as_raw()),
+                )
+                .word(),
             });
         }
         worker_status.sort_by_key(|w| (w.slot, w.pid));

@@ -44,6 +44,8 @@ pub(super) struct WorkerProcess {
     pub cell: usize,
     pub spawned_at: Instant,
     pub life: Life,
+    /// It was started with --sandbox on.
+    pub sandbox: bool,
     /// Its control channel, until the worker closes it (then there is nothing to
     /// poll: its exit follows).
     pub channel: Option<MasterEnd>,
@@ -120,6 +122,7 @@ mod tests {
             cell: 0,
             spawned_at: Instant::now(),
             life,
+            sandbox: true,
             channel: None,
         }
     }

@@ -876,6 +876,29 @@ pub fn reverse_graphemes(s: &str) -> String {
 // Misc
 // ---------------------------------------------------------------------------------------
 
+/// Runs `raasd ctl --control SOCKET ARGS...`: (exit code, stdout, stderr).
+pub fn ctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .arg("ctl")
+        .arg("--control")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("raasd ctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `raasd ctl status --json`, parsed.
+pub fn ctl_status(socket: &Path) -> serde_json::Value {
+    let (code, out, err) = ctl(socket, &["status", "--json"]);
+    assert_eq!(code, 0, "raasd ctl status: {out} {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status is not JSON ({e}): {out}"))
+}
+
 /// A fresh path in the temp dir, unique per test process and call; nothing is created.
 pub fn temp_path(tag: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
