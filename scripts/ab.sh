@@ -14,8 +14,10 @@
 # each side: one build against itself with `A_ARGS="--sandbox off" B_ARGS="--sandbox
 # on"`). Besides the ratio of the medians, the last column is the median of the ratios
 # of each round (B's run against the A run just before it), which cancels the drift of
-# a busy machine between rounds. Only 127.0.0.1 is targeted; every server is stopped by
-# pid.
+# a busy machine between rounds. SCENARIOS: a `|`-separated subset of the scenarios
+# (as the first column writes them). Against the tokio baseline: a directory whose
+# `raasd` is `#!/bin/sh` + `exec .../release/examples/tokio_baseline "$4"`. Only
+# 127.0.0.1 is targeted; every server is stopped by pid.
 
 set -uo pipefail
 A=${1:?usage: scripts/ab.sh A_BIN_DIR B_BIN_DIR}
@@ -72,7 +74,10 @@ PY
 median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : int((a[NR/2]+a[NR/2+1])/2)}'; }
 
 printf '%-28s %12s %12s %7s %9s %9s %7s %7s\n' scenario "A median/s" "B median/s" "B/A" "A us/rep" "B us/rep" "B/A" "rounds"
-for scenario in "--mode connect --conns 16" "--mode persist --conns 50 --pipeline 1" "--mode persist --conns 50 --pipeline 16"; do
+ALL="connect --conns 16|persist --conns 50 --pipeline 1|persist --conns 50 --pipeline 16"
+IFS='|' read -r -a CHOSEN <<<"${SCENARIOS:-$ALL}"
+for scenario in "${CHOSEN[@]}"; do
+    scenario="--mode $scenario"
     a_runs=()
     b_runs=()
     for _ in $(seq "$RUNS"); do
