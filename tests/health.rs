@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -1057,4 +1057,58 @@ fn the_title_counts_connections_and_requests() {
         "title {seen:?} after the clients closed, want `0 conns, 30 served`"
     );
     assert_eq!(s.workers(), vec![worker]);
+}
+
+#[test]
+fn a_worker_killed_by_the_oom_killer_is_named_so() {
+    // raasd in a memory cgroup of 64 MiB; clients feed its worker incomplete lines
+    // (allowed up to --max-line) until the kernel's OOM killer ends it.
+    let cgroup = MemoryCgroup::new("oom", 64 << 20);
+    let dir = temp_path("oom");
+    fs::create_dir_all(&dir).unwrap();
+    let _cleanup = RemoveDirOnDrop(dir.clone());
+    let wrapper = dir.join("raasd-in-cgroup");
+    install_script(
+        &wrapper,
+        &format!("#!/bin/sh\n{}\nexec {BIN} \"$@\"\n", cgroup.join_line()),
+    );
+    let s = Server::start_program(
+        &wrapper,
+        &[
+            "-w",
+            "1",
+            "-l",
+            "127.0.0.1:0",
+            "--max-line",
+            "500000000",
+            "--timeout",
+            "0",
+        ],
+        &[],
+        |_| {},
+    );
+    let addr = s.addr();
+    s.wait_for_log("1 worker accepting", SOON);
+    let victim = s.wait_workers(1)[0].pid;
+    let chunk = vec![b'x'; 1 << 20];
+    let mut clients: Vec<TcpStream> = (0..8).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    for c in &clients {
+        c.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+    }
+    let start = Instant::now();
+    'feed: while alive(victim) {
+        assert!(
+            start.elapsed() < SOON,
+            "the worker outlived 10 s of feeding"
+        );
+        for c in &mut clients {
+            if c.write_all(&chunk).is_err() {
+                break 'feed;
+            }
+        }
+    }
+    wait_until("the worker to be gone", SOON, || !alive(victim));
+    let line = s.wait_for_log("killed by the kernel's OOM killer", SOON);
+    assert!(line.contains(&format!("pid {victim}")), "{line}");
+    s.wait_workers(1);
 }

@@ -97,6 +97,8 @@ pub(super) struct Health {
     next_memory_sample: Instant,
     system: sysinfo::System,
     random: u64,
+    /// The OOM killer's count in our memory cgroup.
+    oom: super::oom::OomCounter,
 }
 
 /// A worker to kill for its heartbeat, and how old that is.
@@ -121,6 +123,7 @@ impl Health {
             system: sysinfo::System::new()
                 .map_err(|e| format!("cannot read process information: {e}"))?,
             random: seed | 1,
+            oom: super::oom::OomCounter::of_this_process(),
         })
     }
 
@@ -141,6 +144,13 @@ impl Health {
             backoff.delay = delay;
         }
         delay
+    }
+
+    /// Whether a worker that ended so was the OOM killer's: SIGKILL from outside while
+    /// the memory cgroup's OOM kill count rose. (Reads the count on every exit, so a
+    /// rise is never blamed on a later one.)
+    pub fn killed_by_oom(&mut self, exit: Exit) -> bool {
+        self.oom.rose() && exit == Exit::Signal(Signal::SIGKILL)
     }
 
     /// Whether `slot` may get a worker at `now` (its respawn delay is over).
@@ -299,11 +309,19 @@ impl Health {
 impl Master {
     /// A worker died without being asked to: log it, and when it failed young by its
     /// own doing, make its slot wait longer before the next one (crash-loop backoff).
-    pub(super) fn note_unexpected_exit(&mut self, gone: &WorkerProcess, exit: Exit) {
+    pub(super) fn note_unexpected_exit(&mut self, gone: &WorkerProcess, exit: Exit, oom: bool) {
         let (slot, pid) = (gone.slot, gone.pid);
         let lived = gone.spawned_at.elapsed();
         let delay = self.health.note_exit(slot, lived, exit);
         match exit {
+            _ if oom => error!(
+                "worker[{slot}] pid {pid} was killed by the kernel's OOM killer (its memory cgroup's oom_kill count rose); respawning{}",
+                if delay > Duration::ZERO {
+                    format!(" in {} ms", delay.as_millis())
+                } else {
+                    " at once".to_string()
+                }
+            ),
             _ if delay > Duration::ZERO => error!(
                 "worker[{slot}] pid {pid} exited unexpectedly ({exit}) {} ms after its start; respawning in {} ms",
                 lived.as_millis(),

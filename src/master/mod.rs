@@ -46,6 +46,7 @@ use crate::{logging, title, worker};
 
 mod handover;
 mod health;
+mod oom;
 mod reload;
 mod steering;
 mod workers;
@@ -493,12 +494,15 @@ impl Master {
                     info!("worker[{}] pid {pid} exited ({how})", gone.slot)
                 }
                 _ => {
-                    self.totals.count_restart(if how.is_own_failure() {
+                    let oom = self.health.killed_by_oom(how);
+                    self.totals.count_restart(if oom {
+                        "killed by the OOM killer"
+                    } else if how.is_own_failure() {
                         "failed"
                     } else {
                         "ended from outside"
                     });
-                    self.note_unexpected_exit(&gone, how)
+                    self.note_unexpected_exit(&gone, how, oom)
                 }
             }
         }

@@ -991,3 +991,67 @@ pub fn now_unix() -> i64 {
 pub fn pid_set(ws: &[Worker]) -> BTreeSet<i32> {
     ws.iter().map(|w| w.pid).collect()
 }
+
+/// A memory cgroup made for one test under the test process's own (v1 memory
+/// controller, or v2), with a memory limit; removed on drop, after the processes in
+/// it are gone (declare it before the [`Server`] that runs in it).
+pub struct MemoryCgroup {
+    pub dir: PathBuf,
+}
+
+impl MemoryCgroup {
+    pub fn new(tag: &str, limit_bytes: u64) -> MemoryCgroup {
+        let own = fs::read_to_string("/proc/self/cgroup").expect("/proc/self/cgroup");
+        let (base, v1) = own
+            .lines()
+            .find_map(|l| {
+                let path = l.splitn(3, ':').nth(2)?.trim_start_matches('/');
+                l.split(':')
+                    .nth(1)
+                    .is_some_and(|c| c.split(',').any(|c| c == "memory"))
+                    .then(|| (Path::new("/sys/fs/cgroup/memory").join(path), true))
+            })
+            .or_else(|| {
+                let path = own.lines().find_map(|l| l.strip_prefix("0::"))?;
+                Some((
+                    Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/')),
+                    false,
+                ))
+            })
+            .expect("a memory cgroup in /proc/self/cgroup");
+        let dir = base.join(format!("raasd-test-{}-{tag}", std::process::id()));
+        fs::create_dir(&dir)
+            .unwrap_or_else(|e| panic!("cannot make the cgroup {}: {e}", dir.display()));
+        let cgroup = MemoryCgroup { dir };
+        let (limit, swap) = if v1 {
+            ("memory.limit_in_bytes", "memory.memsw.limit_in_bytes")
+        } else {
+            ("memory.max", "memory.swap.max")
+        };
+        fs::write(cgroup.dir.join(limit), limit_bytes.to_string())
+            .unwrap_or_else(|e| panic!("cannot limit {}: {e}", cgroup.dir.display()));
+        // No swap to escape to, where the kernel accounts it.
+        let _ = fs::write(
+            cgroup.dir.join(swap),
+            if v1 {
+                limit_bytes.to_string()
+            } else {
+                "0".into()
+            },
+        );
+        cgroup
+    }
+
+    /// A shell line that moves the shell running it into this cgroup.
+    pub fn join_line(&self) -> String {
+        format!("echo $$ > '{}/cgroup.procs'", self.dir.display())
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        // Its processes are stopped by now; the kernel lets the group go once they
+        // are reaped.
+        poll_until(SOON, || fs::remove_dir(&self.dir).is_ok());
+    }
+}
