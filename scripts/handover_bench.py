@@ -5,10 +5,13 @@ does meanwhile.
 
     cargo build --release --bin raasd && python3 scripts/handover_bench.py [RUNS]
 
+(RAASD=PATH measures another build, CONNS and PACE_MS change the load.)
+
 Each run starts `target/release/raasd -w 2` on a free loopback port, opens CONNS
 (default 10,000) idle connections (each answers one line first, so it is accepted),
 starts one client doing roundtrips back to back, sends HUP, and polls /proc until the
-new workers hold every connection. It then checks that every idle connection still
+old workers are gone (they exit once every batch is settled), checks that the new
+workers hold every connection, then checks that every idle connection still
 answers on the same socket, and prints the hand-over time and the active client's
 latency percentiles in the second around the HUP. Only 127.0.0.1 is used; raasd is
 stopped by pid however the run ends.
@@ -25,7 +28,7 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RAASD = os.path.join(ROOT, "target", "release", "raasd")
+RAASD = os.environ.get("RAASD", os.path.join(ROOT, "target", "release", "raasd"))
 CONNS = int(os.environ.get("CONNS", "10000"))
 # The active client does one exchange every PACE_MS (0: back to back).
 PACE_MS = float(os.environ.get("PACE_MS", "2"))
@@ -50,6 +53,15 @@ def children(pid):
         except (OSError, IndexError):
             pass
     return out
+
+
+def is_alive(pid):
+    """Not gone and not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def sockets_of(pid):
@@ -123,16 +135,19 @@ def one_run():
         hup = time.time()
         os.kill(server.pid, signal.SIGHUP)
         moved_at = None
+        # Done when the old workers are gone (a retiring worker exits once every batch
+        # it offered is settled and nothing stayed with it). Only the existence of
+        # their /proc entries is polled: listing 10,000 descriptors each millisecond
+        # would take a core from the workers being measured.
         while time.time() - hup < 10:
-            now = children(server.pid)
-            new = [w for w in now if w not in old]
-            if len(new) == 2 and all(w not in now for w in old):
-                # The new workers hold every idle connection (and the active one).
-                held = sum(sockets_of(w) for w in new)
-                if held >= CONNS:
-                    moved_at = time.time()
-                    break
+            if not any(os.path.exists(f"/proc/{w}/stat") and is_alive(w) for w in old):
+                moved_at = time.time()
+                break
             time.sleep(0.001)
+        new = [w for w in children(server.pid) if w not in old]
+        held = sum(sockets_of(w) for w in new)
+        if moved_at is not None and held < CONNS:
+            raise RuntimeError(f"the new workers hold {held} sockets, fewer than {CONNS}")
         time.sleep(0.5)
         stop.set()
         worker.join()
