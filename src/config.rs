@@ -257,17 +257,26 @@ pub fn load(args: &[OsString]) -> Result<Config, LoadError> {
         None => format!("{}: key '{key}'", path.display()),
     };
 
-    let mut errors = Vec::new();
+    // (line, message): reported in the file's order, not the table's (sorted by key).
+    let mut errors: Vec<(usize, String)> = Vec::new();
+    let line_of = |key: &str| key_line(&text, key).unwrap_or(usize::MAX);
     let mut merged: Vec<OsString> = vec![args.first().cloned().unwrap_or_else(|| "raasd".into())];
     for (key, value) in &table {
         let Some(id) = file_key_id(key) else {
-            errors.push(format!("{}: unknown key '{key}'", path.display()));
+            let at = match key_line(&text, key) {
+                Some(line) => format!("{} (line {line})", path.display()),
+                None => path.display().to_string(),
+            };
+            let hint = closest_key(key)
+                .map(|k| format!("; did you mean '{k}'?"))
+                .unwrap_or_default();
+            errors.push((line_of(key), format!("{at}: unknown key '{key}'{hint}")));
             continue;
         };
         let values = match option_values(key, value) {
             Ok(values) => values,
             Err(why) => {
-                errors.push(format!("{}: {why}", where_is(key)));
+                errors.push((line_of(key), format!("{}: {why}", where_is(key))));
                 continue;
             }
         };
@@ -277,7 +286,10 @@ pub fn load(args: &[OsString]) -> Result<Config, LoadError> {
             .collect();
         let alone = std::iter::once(OsString::from("raasd")).chain(as_args.iter().cloned());
         if let Err(e) = Config::try_parse_from(alone) {
-            errors.push(format!("{}: {}", where_is(key), clap_reason(&e)));
+            errors.push((
+                line_of(key),
+                format!("{}: {}", where_is(key), clap_reason(&e)),
+            ));
             continue;
         }
         if matches.value_source(&id) != Some(ValueSource::CommandLine) {
@@ -285,7 +297,10 @@ pub fn load(args: &[OsString]) -> Result<Config, LoadError> {
         }
     }
     if !errors.is_empty() {
-        return Err(LoadError::File(errors));
+        errors.sort_by_key(|(line, _)| *line);
+        return Err(LoadError::File(
+            errors.into_iter().map(|(_, e)| e).collect(),
+        ));
     }
     merged.extend(args.iter().skip(1).cloned());
     let config = Config::try_parse_from(merged).map_err(LoadError::CommandLine)?;
@@ -365,6 +380,37 @@ fn file_key_id(key: &str) -> Option<String> {
         .get_arguments()
         .find(|arg| arg.get_long() == Some(key))
         .map(|arg| arg.get_id().to_string())
+}
+
+/// The known key nearest to an unknown one, if it is near enough to be a typo (an
+/// edit distance of at most 2, and less than half the key).
+fn closest_key(unknown: &str) -> Option<String> {
+    Config::command()
+        .get_arguments()
+        .filter_map(|arg| arg.get_long())
+        .filter(|k| file_key_id(k).is_some())
+        .map(|k| (edit_distance(unknown, k), k.to_string()))
+        .filter(|(d, k)| *d <= 2 && *d * 2 < k.len().max(unknown.len()))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// Levenshtein distance, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for j in 0..b.len() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != b[j]));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 /// A TOML value as the option value(s) it stands for.
@@ -696,6 +742,14 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn an_unknown_key_near_a_known_one_is_suggested() {
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(closest_key("wokers").as_deref(), Some("workers"));
+        assert_eq!(closest_key("max_line").as_deref(), Some("max-line"));
+        assert_eq!(closest_key("bogus"), None);
     }
 
     #[test]

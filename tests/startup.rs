@@ -363,16 +363,27 @@ fn check_config_prints_the_effective_configuration_or_every_error() {
     let dir = std::env::temp_dir().join(format!("raasd-check-config-{}", std::process::id()));
     fs::create_dir_all(&dir).unwrap();
     let bad = dir.join("bad.toml");
-    fs::write(&bad, "workers = 0\nbogus = 1\nunit = \"words\"\n").unwrap();
+    fs::write(
+        &bad,
+        "workers = 0\nbogus = 1\nunit = \"words\"\nmax_line = 10\n",
+    )
+    .unwrap();
     let (status, s) = run_to_exit(&["--check-config", "-c", bad.to_str().unwrap()]);
     fs::remove_dir_all(&dir).unwrap();
     assert_eq!(status.code(), Some(2), "{}", s.log());
-    for key in ["key 'workers'", "unknown key 'bogus'", "key 'unit'"] {
-        assert!(
-            s.log().contains(key),
-            "stderr should name {key}:\n{}",
-            s.log()
-        );
+    // Every error, in the file's order, each with its line; a typo gets a suggestion.
+    let log = s.log();
+    let mut at = 0;
+    for want in [
+        "(line 1): key 'workers'",
+        "(line 2): unknown key 'bogus'",
+        "(line 3): key 'unit'",
+        "(line 4): unknown key 'max_line'; did you mean 'max-line'?",
+    ] {
+        let found = log[at..].find(want).unwrap_or_else(|| {
+            panic!("stderr should say {want:?} after the errors before:\n{log}")
+        });
+        at += found + want.len();
     }
     assert!(s.stdout().is_empty(), "nothing printed for an invalid file");
 }
