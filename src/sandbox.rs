@@ -24,15 +24,14 @@
 //!
 //! | calls | verdict | why |
 //! |---|---|---|
-//! | `read` `write` `readv` `writev` `recvfrom` `sendto` `recvmsg` `sendmsg` `close` `shutdown` `accept4` `epoll_wait` `epoll_pwait` `epoll_ctl` `poll` `ppoll` `lseek` `fstat` `statx` `getpeername` `getsockopt` `brk` `munmap` `mremap` `madvise` `clock_gettime` `gettimeofday` `clock_nanosleep` `nanosleep` `alarm` `setitimer` `getpid` `getppid` `gettid` `rt_sigreturn` `rt_sigprocmask` `sigaltstack` `restart_syscall` `futex` `sched_yield` `getrandom` `memfd_create` `exit` `exit_group` | allowed (`epoll_wait` `poll` `alarm` on x86_64 only: aarch64 has only the newer calls) | serving, hand-over, heartbeat, orphan alarm, logging, exit |
+//! | `read` `write` `readv` `writev` `recvfrom` `sendto` `recvmsg` `sendmsg` `close` `shutdown` `accept4` `epoll_wait` `epoll_pwait` `epoll_ctl` `lseek` `fstat` `statx` `getpeername` `getsockopt` `brk` `munmap` `mremap` `madvise` `clock_gettime` `gettimeofday` `clock_nanosleep` `nanosleep` `alarm` `setitimer` `getpid` `getppid` `gettid` `rt_sigreturn` `rt_sigprocmask` `sigaltstack` `restart_syscall` `futex` `sched_yield` `getrandom` `memfd_create` `exit` `exit_group` | allowed (`epoll_wait` `alarm` on x86_64 only: aarch64 has only the newer calls) | serving, hand-over, heartbeat, orphan alarm, logging, exit |
 //! | `mmap` `mprotect` | allowed without `PROT_EXEC` | the allocator; no new executable memory |
 //! | `fcntl` | allowed for `F_GETFL` `F_SETFL` `F_GETFD` `F_SETFD` `F_DUPFD_CLOEXEC` | non-blocking sockets, duplicated handles |
 //! | `ioctl` | allowed for `FIONBIO` | the standard library's `set_nonblocking` |
 //! | `socketpair` | allowed for `AF_UNIX` | the hand-over's settle pair |
-//! | `setsockopt` | allowed for `SOL_SOCKET` `SO_RCVTIMEO` | the hand-over receiver's bounded wait |
 //! | `tgkill` | allowed for `SIGABRT` | `abort()` ends the process as a crash the master recognises |
 //! | `execve` `execveat` `fork` `vfork` `clone` `clone3` `ptrace` `process_vm_readv` `process_vm_writev` `connect` `mount` `umount2` `pivot_root` `chroot` `setns` `unshare` `open_tree` `move_mount` `fsopen` `fsconfig` `fsmount` `fspick` `name_to_handle_at` `open_by_handle_at` `bpf` `perf_event_open` `userfaultfd` `kexec_load` `kexec_file_load` `init_module` `finit_module` `delete_module` `reboot` `swapon` `swapoff` `keyctl` `add_key` `request_key` `personality` `iopl` `ioperm` | kill the process (`SECCOMP_RET_KILL_PROCESS`: the master sees SIGSYS) | nothing in a worker makes them; only an attacker would: stop it at once, loudly |
-//! | any other call: `open` `openat` `socket` `bind` `kill` `setuid` `seccomp` `prctl` `rt_sigaction` … | fails with `EPERM` | code on a rare path (a library that tries a file, a panic's backtrace) gets an error it handles instead of killing a worker that serves clients |
+//! | any other call: `open` `openat` `socket` `bind` `setsockopt` `poll` `kill` `setuid` `seccomp` `prctl` `rt_sigaction` … | fails with `EPERM` | code on a rare path (a library that tries a file, a panic's backtrace) gets an error it handles instead of killing a worker that serves clients |
 //! | any call through another ABI (i386 `int 0x80` on x86_64) | kill the process | the architecture check heads the filter |
 //!
 //! Two filters carry the two kinds of refusal (seccompiler gives each filter one
@@ -198,7 +197,6 @@ pub mod filter {
         libc::SYS_accept4,
         libc::SYS_epoll_pwait,
         libc::SYS_epoll_ctl,
-        libc::SYS_ppoll,
         libc::SYS_lseek,
         libc::SYS_fstat,
         libc::SYS_statx,
@@ -231,7 +229,7 @@ pub mod filter {
     /// x86_64 has the older calls too (glibc uses them; aarch64 has only the
     /// newer ones above).
     #[cfg(target_arch = "x86_64")]
-    const ALLOWED_HERE: &[libc::c_long] = &[libc::SYS_epoll_wait, libc::SYS_poll, libc::SYS_alarm];
+    const ALLOWED_HERE: &[libc::c_long] = &[libc::SYS_epoll_wait, libc::SYS_alarm];
     #[cfg(target_arch = "aarch64")]
     const ALLOWED_HERE: &[libc::c_long] = &[];
 
@@ -392,13 +390,6 @@ pub mod filter {
             (libc::SYS_fcntl, fcntl),
             (libc::SYS_ioctl, vec![one(1, libc::FIONBIO)?]),
             (libc::SYS_socketpair, vec![one(0, libc::AF_UNIX as u64)?]),
-            (
-                libc::SYS_setsockopt,
-                vec![SeccompRule::new(vec![
-                    is(1, libc::SOL_SOCKET as u64)?,
-                    is(2, libc::SO_RCVTIMEO as u64)?,
-                ])?],
-            ),
             (libc::SYS_tgkill, vec![one(2, libc::SIGABRT as u64)?]),
         ])
     }

@@ -490,28 +490,6 @@ fn allowed_probes() -> Vec<Probe> {
                 ],
             )
         }),
-        p("ppoll", SYS_ppoll, |f| {
-            let mut fds = [pollfd {
-                fd: f.stream.0.as_raw_fd(),
-                events: POLLIN,
-                revents: 0,
-            }];
-            let zero = timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            sys(
-                SYS_ppoll,
-                [
-                    fds.as_mut_ptr() as usize,
-                    1,
-                    &zero as *const _ as usize,
-                    0,
-                    8,
-                    0,
-                ],
-            )
-        }),
         p("lseek", SYS_lseek, |f| {
             sys(
                 SYS_lseek,
@@ -808,23 +786,6 @@ fn allowed_probes() -> Vec<Probe> {
                 ],
             )
         }),
-        p("setsockopt SO_RCVTIMEO", SYS_setsockopt, |f| {
-            let t = timeval {
-                tv_sec: 3,
-                tv_usec: 0,
-            };
-            sys(
-                SYS_setsockopt,
-                [
-                    f.stream.0.as_raw_fd() as usize,
-                    SOL_SOCKET as usize,
-                    SO_RCVTIMEO as usize,
-                    &t as *const _ as usize,
-                    std::mem::size_of::<timeval>(),
-                    0,
-                ],
-            )
-        }),
         p("tgkill SIGABRT", SYS_tgkill, |_| {
             let pid = sys(SYS_getpid, [0; 6])?;
             let tid = sys(SYS_gettid, [0; 6])?;
@@ -860,14 +821,6 @@ fn allowed_probes() -> Vec<Probe> {
                     0,
                 ],
             )
-        }),
-        p("poll", SYS_poll, |f| {
-            let mut fds = [pollfd {
-                fd: f.stream.0.as_raw_fd(),
-                events: POLLIN,
-                revents: 0,
-            }];
-            sys(SYS_poll, [fds.as_mut_ptr() as usize, 1, 0, 0, 0, 0])
         }),
         p("alarm", SYS_alarm, |_| sys(SYS_alarm, [9, 0, 0, 0, 0, 0])),
     ]);
