@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod exposition;
 pub mod load;
 pub mod sticky;
 
@@ -966,4 +967,29 @@ pub fn now_unix() -> i64 {
 /// A set of pids, for readable assertions.
 pub fn pid_set(ws: &[Worker]) -> BTreeSet<i32> {
     ws.iter().map(|w| w.pid).collect()
+}
+
+/// A loopback address with a port that was free a moment ago (for `--metrics`, which
+/// takes no port 0).
+pub fn free_loopback_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().unwrap().to_string()
+}
+
+/// One HTTP/1.1 `GET path` to `addr`: (status code, head, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status code in {head:?}"));
+    (code, head.to_string(), body.to_string())
 }
