@@ -600,7 +600,10 @@ pub struct MasterStatus {
     pub config_file: Option<String>,
     pub generation: u64,
     pub target_workers: usize,
+    /// Current workers that beat in time (a late one is not counted).
     pub accepting_workers: usize,
+    /// Current workers that have missed their heartbeat, not killed yet.
+    pub late_workers: usize,
     /// `idle`, `waiting for the new master`, `handed over`, `stopping`.
     pub state: String,
     pub handover: bool,
@@ -711,8 +714,14 @@ pub fn metrics(status: &Status) -> String {
     put(
         "raasd_workers_accepting",
         "gauge",
-        "Workers of the current generation accepting.",
+        "Workers of the current generation accepting, beating in time.",
         vec![(String::new(), status.master.accepting_workers.to_string())],
+    );
+    put(
+        "raasd_workers_late",
+        "gauge",
+        "Workers of the current generation that missed their heartbeat.",
+        vec![(String::new(), status.master.late_workers.to_string())],
     );
     put(
         "raasd_generation",

@@ -146,13 +146,17 @@ fn status_table(status: &serde_json::Value) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "master pid {} (raasd {}), generation {}, {}: {}/{} workers accepting",
+        "master pid {} (raasd {}), generation {}, {}: {}/{} workers accepting{}",
         s(&m["pid"]),
         s(&m["version"]),
         s(&m["generation"]),
         s(&m["state"]),
         s(&m["accepting_workers"]),
-        s(&m["target_workers"])
+        s(&m["target_workers"]),
+        match m["late_workers"].as_u64() {
+            Some(late) if late > 0 => format!(", {late} late"),
+            _ => String::new(),
+        }
     );
     let _ = writeln!(
         out,

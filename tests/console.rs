@@ -7,44 +7,13 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-
-/// A directory of its own (mode 0755, so another user can reach a socket in it).
-fn dir(tag: &str) -> (PathBuf, RemoveDirOnDrop) {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = temp_path(tag);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    (dir.clone(), RemoveDirOnDrop(dir))
-}
-
-/// Runs `raasd ctl --control SOCKET ARGS...`: (exit code, stdout, stderr).
-fn ctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN)
-        .arg("ctl")
-        .arg("--control")
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("raasd ctl");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn status(socket: &Path) -> serde_json::Value {
-    let (code, out, err) = ctl(socket, &["status", "--json"]);
-    assert_eq!(code, 0, "raasd ctl status: {out} {err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status is not JSON ({e}): {out}"))
-}
 
 fn start(socket: &Path, extra: &[&str]) -> Server {
     let socket = socket.to_str().unwrap();

@@ -939,16 +939,16 @@ impl Master {
         }
     }
 
+    /// The slots now: accepting, or late with their heartbeat.
+    fn census(&self) -> workers::Census {
+        workers::census(&self.workers, self.target, self.generation, |w| {
+            self.is_late(w)
+        })
+    }
+
     /// `raasd master gen 2 -w 3 127.0.0.1:2200: 3/3 workers`, rewritten only when it changes.
     fn show_title(&mut self) {
-        let (mut accepting, mut late) = (0, 0);
-        for slot in 0..self.target {
-            match workers::current(&self.workers, slot, self.generation) {
-                Some(w) if w.life == Life::Accepting && self.is_late(w) => late += 1,
-                Some(w) if w.life == Life::Accepting => accepting += 1,
-                _ => {}
-            }
-        }
+        let workers::Census { accepting, late } = self.census();
         let late = if late > 0 {
             format!(", {late} late")
         } else {

@@ -11,7 +11,7 @@ use log::debug;
 
 use super::Master;
 use super::handover::Upgrade;
-use super::workers::{self, Life};
+use super::workers::Life;
 use crate::console::{
     self, ListenerStatus, MasterStatus, Request, Status, Totals, WorkerStatus, error_reply,
 };
@@ -81,12 +81,7 @@ impl Master {
             (_, Some(_)) => "stopping",
             _ => "serving",
         };
-        let accepting = (0..self.target)
-            .filter(|&slot| {
-                workers::current(&self.workers, slot, self.generation)
-                    .is_some_and(|w| w.life == Life::Accepting)
-            })
-            .count();
+        let census = self.census();
         let mut totals: Totals = self.totals.clone();
         let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
             .ok()
@@ -109,6 +104,7 @@ impl Master {
                 generation: w.generation,
                 state: match w.life {
                     Life::Starting => "starting",
+                    Life::Accepting if self.is_late(w) => "late",
                     Life::Accepting => "accepting",
                     Life::Replacing => "replacing",
                     Life::Retiring => "retiring",
@@ -145,7 +141,8 @@ impl Master {
                 config_file: self.config.config.as_ref().map(|p| p.display().to_string()),
                 generation: self.generation,
                 target_workers: self.target,
-                accepting_workers: accepting,
+                accepting_workers: census.accepting,
+                late_workers: census.late,
                 state: state.to_string(),
                 handover: self.config.handover && self.coordination.handoff.is_some(),
             },

@@ -993,3 +993,36 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String, String) {
         .unwrap_or_else(|| panic!("no status code in {head:?}"));
     (code, head.to_string(), body.to_string())
 }
+
+/// A directory of its own (mode 0755, so another user can reach a socket in it),
+/// removed when the guard is dropped.
+pub fn dir(tag: &str) -> (PathBuf, RemoveDirOnDrop) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = temp_path(tag);
+    fs::create_dir_all(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    (dir.clone(), RemoveDirOnDrop(dir))
+}
+
+/// Runs `raasd ctl --control SOCKET ARGS...`: (exit code, stdout, stderr).
+pub fn ctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .arg("ctl")
+        .arg("--control")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("raasd ctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `raasd ctl status --json`, which must succeed.
+pub fn status(socket: &Path) -> serde_json::Value {
+    let (code, out, err) = ctl(socket, &["status", "--json"]);
+    assert_eq!(code, 0, "raasd ctl status: {out} {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status is not JSON ({e}): {out}"))
+}
