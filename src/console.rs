@@ -146,6 +146,9 @@ pub struct Client {
 #[derive(Debug, Default)]
 pub struct Console {
     control: Option<(UnixListener, PathBuf)>,
+    /// The control socket's file was made by this process (not inherited from a
+    /// predecessor, which still serves on it): a failed start removes it.
+    made_control_file: bool,
     metrics: Option<TcpListener>,
     clients: Vec<Client>,
     next_id: u64,
@@ -164,20 +167,24 @@ impl Console {
         let mut console = Console::default();
         if let Some(path) = control {
             console.control = Some((bind_control(path)?, path.to_path_buf()));
+            console.made_control_file = true;
         }
         if let Some(addr) = metrics {
-            let listener = TcpListener::bind(addr).map_err(|e| {
-                format!(
-                    "cannot listen for metrics on {addr}: {}",
-                    crate::errors::plain(&e)
-                )
-            })?;
-            listener
-                .set_nonblocking(true)
-                .map_err(|e| format!("metrics socket: {e}"))?;
-            console.metrics = Some(listener);
+            match bind_metrics(addr) {
+                Ok(listener) => console.metrics = Some(listener),
+                Err(e) => {
+                    console.abandon();
+                    return Err(e);
+                }
+            }
         }
         Ok(console)
+    }
+
+    /// After a failed start: removes the control socket file if this process made it.
+    pub fn abandon(mut self) {
+        let made = self.made_control_file;
+        self.close_listeners(made);
     }
 
     /// Binds what `control` and `metrics` name, taking over the sockets a
@@ -219,7 +226,10 @@ impl Console {
                 let _ = listener.set_nonblocking(true);
                 console.control = Some((listener, path.to_path_buf()));
             }
-            (Some(path), None) => console.control = Some((bind_control(path)?, path.to_path_buf())),
+            (Some(path), None) => {
+                console.control = Some((bind_control(path)?, path.to_path_buf()));
+                console.made_control_file = true;
+            }
             (None, _) => {}
         }
         match (metrics, inherited_metrics) {
@@ -227,7 +237,13 @@ impl Console {
                 let _ = listener.set_nonblocking(true);
                 console.metrics = Some(listener);
             }
-            (Some(addr), None) => console.metrics = Console::bind(None, Some(addr))?.metrics.take(),
+            (Some(addr), None) => match bind_metrics(addr) {
+                Ok(listener) => console.metrics = Some(listener),
+                Err(e) => {
+                    console.abandon();
+                    return Err(e);
+                }
+            },
             (None, _) => {}
         }
         Ok(console)
@@ -467,6 +483,19 @@ impl Console {
             self.clients.push(client);
         }
     }
+}
+
+fn bind_metrics(addr: &str) -> Result<TcpListener, String> {
+    let listener = TcpListener::bind(addr).map_err(|e| {
+        format!(
+            "cannot listen for metrics on {addr}: {}",
+            crate::errors::plain(&e)
+        )
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("metrics socket: {e}"))?;
+    Ok(listener)
 }
 
 fn bind_control(path: &Path) -> Result<UnixListener, String> {

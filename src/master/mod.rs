@@ -331,17 +331,11 @@ impl Master {
             owned_files(&listeners);
             format!("cannot install signal handlers: {e}")
         })?;
-        // A master started by an upgrade writes the pid file once it serves; until
-        // then the file is the old master's (renamed .oldbin) and a rollback needs
-        // the name free.
-        let pid_file = match (&config.pid, &predecessor) {
-            (Some(path), None) => Some(
-                PidFile::write(path, std::process::id())
-                    .inspect_err(|_| owned_files(&listeners))
-                    .map_err(StartError::PidFile)?,
-            ),
-            _ => None,
-        };
+        let health = Health::new(seed()).inspect_err(|_| owned_files(&listeners))?;
+        let nudge = Nudge::new().map_err(|e| {
+            owned_files(&listeners);
+            format!("cannot create an eventfd: {e}")
+        })?;
         let console = Console::open(
             config.control.as_deref(),
             config.metrics.as_deref(),
@@ -349,6 +343,21 @@ impl Master {
         )
         .inspect_err(|_| owned_files(&listeners))
         .map_err(StartError::Console)?;
+        // The last thing that can fail, so that a failed start leaves no file behind.
+        // A master started by an upgrade writes the pid file once it serves; until
+        // then the file is the old master's (renamed .oldbin) and a rollback needs
+        // the name free.
+        let pid_file = match (&config.pid, &predecessor) {
+            (Some(path), None) => match PidFile::write(path, std::process::id()) {
+                Ok(file) => Some(file),
+                Err(e) => {
+                    owned_files(&listeners);
+                    console.abandon();
+                    return Err(StartError::PidFile(e));
+                }
+            },
+            _ => None,
+        };
         if let Err(e) = title::init() {
             warn!("process titles unavailable: {e}");
         }
@@ -363,7 +372,7 @@ impl Master {
         let mut master = Master {
             scoreboard,
             identity,
-            health: Health::new(seed())?,
+            health,
             woken: Vec::new(),
             title: Title {
                 name,
@@ -390,7 +399,7 @@ impl Master {
             pid_file,
             workers: Vec::new(),
             coordination: Coordination {
-                nudge: Some(Nudge::new().map_err(|e| format!("cannot create an eventfd: {e}"))?),
+                nudge: Some(nudge),
                 handoff,
             },
             console,
