@@ -110,6 +110,32 @@ fn workers_n_sets_exactly_n_without_a_signal() {
     assert!(err.contains("cannot reach"), "{err}");
 }
 
+/// `ctl workers 0`: the master keeps its sockets but nobody serves, and status says
+/// so; a TTOU then, or at 1 worker, is logged as ignored rather than dropped.
+#[test]
+fn with_no_workers_status_says_paused_and_ttou_says_why_it_is_ignored() {
+    let (dir, _cleanup) = dir("ctl-paused");
+    let socket = dir.join("ctl.sock");
+    let s = start(&socket, &[]);
+    let (code, _, _) = ctl(&socket, &["workers", "0"]);
+    assert_eq!(code, 0);
+    s.wait_workers(0);
+    let st = status(&socket);
+    assert_eq!(st["master"]["state"], "paused", "{st}");
+    let (_, table, _) = ctl(&socket, &["status"]);
+    assert!(table.contains("paused: 0/0 workers accepting"), "{table}");
+    s.signal(Signal::SIGTTOU);
+    s.wait_for_log("SIGTTOU ignored: no workers", SOON);
+    let (code, _, _) = ctl(&socket, &["workers", "1"]);
+    assert_eq!(code, 0);
+    s.wait_for_log("1 worker accepting", SOON);
+    wait_until("status serving", SOON, || {
+        status(&socket)["master"]["state"] == "serving"
+    });
+    s.signal(Signal::SIGTTOU);
+    s.wait_for_log("SIGTTOU ignored: 1 worker", SOON);
+}
+
 #[test]
 fn upgrade_reports_the_hand_over_and_then_a_rollback_with_its_reason() {
     let (dir, _cleanup) = dir("ctl-upgrade");

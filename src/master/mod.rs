@@ -531,9 +531,12 @@ impl Master {
                     self.target.saturating_add(times).min(MAX_WORKERS),
                     "SIGTTIN",
                 ),
-                libc::SIGTTOU if self.target > 0 => {
-                    self.resize(self.target.saturating_sub(times).max(1), "SIGTTOU")
-                }
+                libc::SIGTTOU => match self.target {
+                    // Said, not dropped: the operator is left wondering otherwise.
+                    0 => info!("SIGTTOU ignored: no workers (TTIN or HUP brings them back)"),
+                    1 => info!("SIGTTOU ignored: 1 worker, the least TTOU leaves"),
+                    n => self.resize(n.saturating_sub(times).max(1), "SIGTTOU"),
+                },
                 libc::SIGCHLD => {} // reaped at the top of the loop
                 _ => {}
             }

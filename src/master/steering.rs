@@ -11,7 +11,7 @@ use log::debug;
 
 use super::Master;
 use super::handover::Upgrade;
-use super::workers::Life;
+use super::workers::{self, Life};
 use crate::console::{
     self, ListenerStatus, MasterStatus, Request, Status, Totals, WorkerStatus, error_reply,
 };
@@ -75,13 +75,8 @@ impl Master {
         let now_epoch = super::epoch_seconds();
         let now = Instant::now();
         let now_ms = crate::scoreboard::monotonic_ms();
-        let state = match (&self.upgrade, &self.stopping) {
-            (Upgrade::Waiting { .. }, _) => "upgrading",
-            (Upgrade::HandedOver { .. }, _) => "handed over",
-            (_, Some(_)) => "stopping",
-            _ => "serving",
-        };
         let census = self.census();
+        let state = self.phase().name();
         let mut totals: Totals = self.totals.clone();
         let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
             .ok()
@@ -153,6 +148,66 @@ impl Master {
     }
 }
 
+/// What the master is doing, as `ctl status` says and `/readyz` decides by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// At least one worker of the current generation accepts and beats in time.
+    Serving,
+    /// No worker is wanted (WINCH, `ctl workers 0`): the sockets stay open and
+    /// connections wait in the accept queue.
+    Paused,
+    /// Workers are wanted but none accepts (starting, late or failing).
+    Unavailable,
+    /// A new master was started and is not ready yet; this one still serves.
+    Upgrading,
+    /// A new master took over; this one is on its way out.
+    HandedOver,
+    /// A stop has begun.
+    Stopping,
+}
+
+impl Phase {
+    /// Decides from the master's state: a pure rule, so that it is tested alone.
+    pub(super) fn of(
+        upgrade: &Upgrade,
+        stopping: bool,
+        census: workers::Census,
+        target: usize,
+    ) -> Phase {
+        match upgrade {
+            Upgrade::HandedOver { .. } => Phase::HandedOver,
+            _ if stopping => Phase::Stopping,
+            _ if target == 0 => Phase::Paused,
+            _ if census.accepting == 0 => Phase::Unavailable,
+            Upgrade::Waiting { .. } => Phase::Upgrading,
+            Upgrade::Idle => Phase::Serving,
+        }
+    }
+
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Phase::Serving => "serving",
+            Phase::Paused => "paused",
+            Phase::Unavailable => "unavailable",
+            Phase::Upgrading => "upgrading",
+            Phase::HandedOver => "handed over",
+            Phase::Stopping => "stopping",
+        }
+    }
+}
+
+impl Master {
+    /// The master's phase now.
+    pub(super) fn phase(&self) -> Phase {
+        Phase::of(
+            &self.upgrade,
+            self.stopping.is_some(),
+            self.census(),
+            self.target,
+        )
+    }
+}
+
 /// The accept queue's capacity: --backlog, capped by the kernel's somaxconn.
 fn effective_backlog(backlog: u32) -> u32 {
     std::fs::read_to_string("/proc/sys/net/core/somaxconn")
@@ -193,4 +248,25 @@ fn accept_queue(listener: &Listener) -> Option<u32> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_phase_says_serving_only_while_a_worker_serves() {
+        let up = |accepting| workers::Census { accepting, late: 0 };
+        let idle = Upgrade::Idle;
+        assert_eq!(Phase::of(&idle, false, up(2), 2), Phase::Serving);
+        assert_eq!(Phase::of(&idle, false, up(0), 0), Phase::Paused);
+        assert_eq!(Phase::of(&idle, false, up(0), 2), Phase::Unavailable);
+        assert_eq!(Phase::of(&idle, true, up(2), 2), Phase::Stopping);
+        assert_eq!(Phase::of(&idle, true, up(0), 0), Phase::Stopping);
+        let handed = Upgrade::HandedOver {
+            connections_follow: true,
+        };
+        assert_eq!(Phase::of(&handed, true, up(2), 2), Phase::HandedOver);
+        assert_eq!(Phase::Paused.name(), "paused");
+    }
 }
