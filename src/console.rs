@@ -17,7 +17,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The longest request (a command line, or an HTTP request head).
 pub const MAX_REQUEST: usize = 4096;
@@ -662,8 +662,8 @@ pub struct WorkerStatus {
     pub resident_bytes: Option<u64>,
 }
 
-/// Since the master started; they survive rotations.
-#[derive(Debug, Clone, Default, Serialize)]
+/// Since the master started; they survive rotations, and an upgrade hands them on.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Totals {
     pub requests: u64,
     pub connections: u64,
@@ -682,6 +682,17 @@ impl Totals {
         self.connections += counters.accepted;
         self.bytes_in += counters.bytes_in;
         self.bytes_out += counters.bytes_out;
+    }
+
+    /// Adds the totals a previous master handed on.
+    pub fn add(&mut self, other: &Totals) {
+        self.requests += other.requests;
+        self.connections += other.connections;
+        self.bytes_in += other.bytes_in;
+        self.bytes_out += other.bytes_out;
+        for (reason, n) in &other.restarts {
+            *self.restarts.entry(reason.clone()).or_default() += n;
+        }
     }
 
     pub fn count_restart(&mut self, reason: &str) {

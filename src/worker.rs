@@ -647,6 +647,7 @@ impl<'a> Worker<'a> {
             served: self.traffic.served,
             bytes_in: self.traffic.bytes_in,
             bytes_out: self.traffic.bytes_out,
+            taken_over: self.taken_over,
         });
     }
 

@@ -136,6 +136,58 @@ fn with_no_workers_status_says_paused_and_ttou_says_why_it_is_ignored() {
     s.wait_for_log("SIGTTOU ignored: 1 worker", SOON);
 }
 
+/// The totals are the old master's to hand over, like the sockets: after `ctl upgrade`
+/// they go on from where they were, and a connection the new workers took over counts
+/// in their exit line.
+#[test]
+fn totals_go_on_across_an_upgrade_and_taken_over_connections_count() {
+    let (dir, _cleanup) = dir("ctl-totals");
+    let socket = dir.join("ctl.sock");
+    let exe = dir.join("raasd");
+    let copied = Command::new("cp").arg(BIN).arg(&exe).status().expect("cp");
+    assert!(copied.success());
+    let sock = socket.to_str().unwrap();
+    let s = Server::start_program(
+        &exe,
+        &["-w", "2", "-l", "127.0.0.1:0", "--control", sock],
+        &[],
+        |_| {},
+    );
+    s.wait_for_log("all 2 workers accepting", SOON);
+    let addr = s.addr();
+    for i in 0..10 {
+        let l = format!("before {i}");
+        assert_eq!(roundtrip(addr, &l), reverse_ascii(&l));
+    }
+    let mut stays = LineClient::connect(addr).expect("connect");
+    assert_eq!(stays.roundtrip("stays"), "syats");
+    wait_until("11 requests in the totals", SOON, || {
+        status(&socket)["totals"]["requests"] == 11
+    });
+    let (code, out, err) = ctl(&socket, &["upgrade"]);
+    assert_eq!(code, 0, "{out} {err}");
+    let reply: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let new_pid = reply["new_master"].as_i64().unwrap() as i32;
+    assert_eq!(s.wait_exit(SOON).code(), Some(0));
+    // The connection moved to a new worker, live.
+    for i in 0..3 {
+        let l = format!("after {i}");
+        assert_eq!(stays.roundtrip(&l), reverse_ascii(&l));
+    }
+    let mut last = serde_json::Value::Null;
+    let carried = poll_until(SOON, || {
+        last = status(&socket);
+        last["totals"]["requests"] == 14
+    });
+    assert!(carried, "the totals did not go on from 11 to 14: {last}");
+    assert_eq!(last["totals"]["connections"], 11, "{last}");
+    // A reload in the new master: the worker that took the connection over says so.
+    kill(Pid::from_raw(new_pid), Signal::SIGHUP).unwrap();
+    s.wait_for_log("after 3 requests on 1 connection", SOON);
+    kill(Pid::from_raw(new_pid), Signal::SIGTERM).unwrap();
+    wait_until("the new master to exit", SOON, || !alive(new_pid));
+}
+
 #[test]
 fn upgrade_reports_the_hand_over_and_then_a_rollback_with_its_reason() {
     let (dir, _cleanup) = dir("ctl-upgrade");

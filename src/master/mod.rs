@@ -199,6 +199,8 @@ pub struct Master {
     upgrade: Upgrade,
     /// This master was started by USR2: the old master waits to hear it is ready.
     predecessor: Option<Predecessor>,
+    /// Once ready after an upgrade: where the old master's totals will come from.
+    farewell: Option<upgrade::Farewell>,
     /// A successor given up on, whose process group is being ended.
     abandoned: Option<handover::Abandoned>,
     systemd: Systemd,
@@ -390,6 +392,7 @@ impl Master {
             upgrade: Upgrade::Idle,
             abandoned: None,
             predecessor: predecessor.take(),
+            farewell: None,
             systemd: Systemd {
                 ready: false,
                 watchdog: sd_notify::watchdog_enabled().map(|usec| (usec / 2, Instant::now())),
@@ -427,6 +430,7 @@ impl Master {
                 break;
             }
             self.follow_upgrade();
+            self.hear_farewell();
             self.finish_abandoned_upgrade(false);
             self.maintain_worker_count();
             self.murder_lazy_workers();
@@ -437,6 +441,7 @@ impl Master {
             self.sleep_until_woken();
         }
         self.finish_abandoned_upgrade(true);
+        self.hand_on_totals();
         self.console.flush();
         let handed_over = matches!(self.upgrade, Upgrade::HandedOver { .. });
         self.console.close_listeners(!handed_over);
@@ -492,10 +497,14 @@ impl Master {
                     )
                 }
                 Life::Retiring => info!(
-                    "worker[{}] pid {pid} exited ({how}) after {} on {}",
+                    "worker[{}] pid {pid} exited ({how}) after {} on {}{}",
                     gone.slot,
                     logging::plural(served.served, "request"),
-                    logging::plural(served.accepted, "connection")
+                    logging::plural(served.accepted + served.taken_over, "connection"),
+                    match served.taken_over {
+                        0 => String::new(),
+                        n => format!(" ({n} taken over)"),
+                    }
                 ),
                 _ if self.stopping.is_some() => {
                     info!("worker[{}] pid {pid} exited ({how})", gone.slot)
@@ -713,6 +722,7 @@ impl Master {
         }
         self.upgrade = Upgrade::Idle;
         self.predecessor = None;
+        self.farewell = None;
         // The console is the master's: a worker must hold none of its sockets.
         self.console = Console::default();
         let listeners = std::mem::take(&mut self.listeners)
@@ -758,6 +768,7 @@ impl Master {
             match self.upgrade {
                 Upgrade::HandedOver {
                     connections_follow: true,
+                    ..
                 } => (Command::HandOver, timeout),
                 _ => (Command::GracefulStop, timeout),
             }
@@ -774,8 +785,9 @@ impl Master {
         if !handing_over {
             notify_systemd(&[NotifyState::Stopping]);
         }
-        if let Upgrade::Waiting { successor, .. } =
-            std::mem::replace(&mut self.upgrade, Upgrade::Idle)
+        if matches!(self.upgrade, Upgrade::Waiting { .. })
+            && let Upgrade::Waiting { successor, .. } =
+                std::mem::replace(&mut self.upgrade, Upgrade::Idle)
         {
             info!(
                 "stopping: the upgrade to pid {} is abandoned",
@@ -888,6 +900,9 @@ impl Master {
         fds.push(PollFd::new(signals.fd(), PollFlags::POLLIN));
         if let Upgrade::Waiting { successor, .. } = &self.upgrade {
             fds.push(PollFd::new(successor.fd(), PollFlags::POLLIN));
+        }
+        if let Some(farewell) = &self.farewell {
+            fds.push(PollFd::new(farewell.fd(), PollFlags::POLLIN));
         }
         let interests = self.console.interests();
         for interest in &interests {

@@ -148,6 +148,14 @@ impl Master {
     }
 }
 
+/// Where an upgrade is, for [`Phase::of`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum UpgradeStep {
+    Idle,
+    Waiting,
+    HandedOver,
+}
+
 /// What the master is doing, as `ctl status` says and `/readyz` decides by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Phase {
@@ -169,18 +177,18 @@ pub(super) enum Phase {
 impl Phase {
     /// Decides from the master's state: a pure rule, so that it is tested alone.
     pub(super) fn of(
-        upgrade: &Upgrade,
+        upgrade: UpgradeStep,
         stopping: bool,
         census: workers::Census,
         target: usize,
     ) -> Phase {
         match upgrade {
-            Upgrade::HandedOver { .. } => Phase::HandedOver,
+            UpgradeStep::HandedOver => Phase::HandedOver,
             _ if stopping => Phase::Stopping,
             _ if target == 0 => Phase::Paused,
             _ if census.accepting == 0 => Phase::Unavailable,
-            Upgrade::Waiting { .. } => Phase::Upgrading,
-            Upgrade::Idle => Phase::Serving,
+            UpgradeStep::Waiting => Phase::Upgrading,
+            UpgradeStep::Idle => Phase::Serving,
         }
     }
 
@@ -199,12 +207,12 @@ impl Phase {
 impl Master {
     /// The master's phase now.
     pub(super) fn phase(&self) -> Phase {
-        Phase::of(
-            &self.upgrade,
-            self.stopping.is_some(),
-            self.census(),
-            self.target,
-        )
+        let step = match self.upgrade {
+            Upgrade::Idle => UpgradeStep::Idle,
+            Upgrade::Waiting { .. } => UpgradeStep::Waiting,
+            Upgrade::HandedOver { .. } => UpgradeStep::HandedOver,
+        };
+        Phase::of(step, self.stopping.is_some(), self.census(), self.target)
     }
 }
 
@@ -257,16 +265,16 @@ mod tests {
     #[test]
     fn the_phase_says_serving_only_while_a_worker_serves() {
         let up = |accepting| workers::Census { accepting, late: 0 };
-        let idle = Upgrade::Idle;
-        assert_eq!(Phase::of(&idle, false, up(2), 2), Phase::Serving);
-        assert_eq!(Phase::of(&idle, false, up(0), 0), Phase::Paused);
-        assert_eq!(Phase::of(&idle, false, up(0), 2), Phase::Unavailable);
-        assert_eq!(Phase::of(&idle, true, up(2), 2), Phase::Stopping);
-        assert_eq!(Phase::of(&idle, true, up(0), 0), Phase::Stopping);
-        let handed = Upgrade::HandedOver {
-            connections_follow: true,
-        };
-        assert_eq!(Phase::of(&handed, true, up(2), 2), Phase::HandedOver);
+        let idle = UpgradeStep::Idle;
+        assert_eq!(Phase::of(idle, false, up(2), 2), Phase::Serving);
+        assert_eq!(Phase::of(idle, false, up(0), 0), Phase::Paused);
+        assert_eq!(Phase::of(idle, false, up(0), 2), Phase::Unavailable);
+        assert_eq!(Phase::of(idle, true, up(2), 2), Phase::Stopping);
+        assert_eq!(Phase::of(idle, true, up(0), 0), Phase::Stopping);
+        let waiting = UpgradeStep::Waiting;
+        assert_eq!(Phase::of(waiting, false, up(1), 2), Phase::Upgrading);
+        let handed = UpgradeStep::HandedOver;
+        assert_eq!(Phase::of(handed, true, up(2), 2), Phase::HandedOver);
         assert_eq!(Phase::Paused.name(), "paused");
     }
 }
