@@ -52,6 +52,10 @@ pub fn parse_command(line: &str) -> Result<Request, String> {
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
         ["status"] => Ok(Request::Status),
+        ["workers"] => Err(format!(
+            "workers needs a count: workers N (0 to {})",
+            crate::config::MAX_WORKERS
+        )),
         ["workers", n] => match n.parse::<usize>() {
             Ok(n) if n <= crate::config::MAX_WORKERS => Ok(Request::Workers(n)),
             _ => Err(format!(

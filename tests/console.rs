@@ -188,6 +188,54 @@ fn totals_go_on_across_an_upgrade_and_taken_over_connections_count() {
     wait_until("the new master to exit", SOON, || !alive(new_pid));
 }
 
+/// `raasd ctl -c FILE` needs only the `control` key: a file the server would refuse
+/// (after a failed reload) still leads to the socket, and a relative path is the
+/// file's directory's. Wrong input says what is wrong.
+#[test]
+fn ctl_finds_the_socket_in_any_config_file_and_says_what_is_wrong() {
+    let (dir, _cleanup) = dir("ctl-lenient");
+    let socket = dir.join("ctl.sock");
+    let _s = start(&socket, &[]);
+    let file = dir.join("raasd.toml");
+    std::fs::write(
+        &file,
+        "control = \"ctl.sock\"\nbogus = 1\nworkers = \"many\"\n",
+    )
+    .unwrap();
+    // Run from elsewhere: the path is the file's directory's, not the working one's.
+    let out = Command::new(BIN)
+        .args(["ctl", "-c"])
+        .arg(&file)
+        .args(["status", "--json"])
+        .current_dir("/")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout} {stderr}");
+    assert!(stdout.contains("\"accepting_workers\":2"), "{stdout}");
+    // `workers` without its count.
+    let (code, _, err) = ctl(&socket, &["workers"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("workers N"), "{err}");
+    // Something that is not a socket where the socket should be.
+    let (code, _, err) = ctl(&dir, &["status"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("is a directory, not a control socket"),
+        "{err}"
+    );
+    let (code, _, err) = ctl(&file, &["status"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is a file, not a control socket"), "{err}");
+    // A timeout of 0 is a usage error that says what is allowed.
+    let (code, _, err) = ctl(&socket, &["--timeout", "0", "status"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("at least 1"), "{err}");
+}
+
 #[test]
 fn upgrade_reports_the_hand_over_and_then_a_rollback_with_its_reason() {
     let (dir, _cleanup) = dir("ctl-upgrade");
