@@ -23,6 +23,60 @@ use log::LevelFilter;
 
 use crate::codec::Unit;
 
+/// `raasd -h`: the everyday options on one screen of a phone's terminal (24 lines of
+/// 80 columns, as Unicorn's `-h`), ending with where the rest is, as curl and git do.
+/// tests/manpage.rs checks its size and that every option in it exists.
+pub const SHORT_HELP: &str = "\
+raasd: Reverse string As A Service, a preforking master/worker server
+
+Usage: raasd [OPTIONS]
+       raasd ctl [--control PATH | -c FILE] COMMAND   (steer a running raasd)
+
+Everyday options:
+  -c, --config FILE        config file (TOML; the command line wins)
+      --check-config       check the configuration, print it and exit
+  -w, --workers N|auto     worker processes (default: auto, one per CPU)
+  -l, --listen ADDR        HOST:PORT, :PORT or unix:PATH; repeatable
+                           (default: 127.0.0.1:2200)
+      --timeout SECS       kill a worker silent this long (default: 30)
+      --pid FILE           write the master's pid here
+      --log-file PATH      log here instead of stderr (reopened on USR1)
+      --control PATH       the control socket, for raasd ctl
+      --metrics ADDR       Prometheus /metrics, /livez and /readyz here
+      --user USER          run the workers as USER
+  -h, --help               this summary; --help: every option
+  -V, --version            the version
+
+Signals: TERM graceful stop, INT quick stop, HUP reload, USR2 upgrade,
+TTIN/TTOU one worker more/fewer, USR1 reopen the logs.
+Every option: raasd --help. The manual: man 8 raasd. Steering: raasd ctl --help.
+";
+
+const HELP_ID: &str = "help";
+
+/// The command line parser: [`Config`]'s, with one help flag that [`load`] answers:
+/// `-h` with [`SHORT_HELP`], `--help` with clap's full help.
+fn command() -> clap::Command {
+    use clap::{Arg, ArgAction};
+    Config::command()
+        .disable_help_flag(true)
+        .override_usage(
+            "raasd [OPTIONS]\n       raasd ctl [--control PATH | -c FILE] COMMAND  \
+             (raasd ctl --help)",
+        )
+        .after_long_help(
+            "Signals, files, the control socket and the metrics: man 8 raasd. \
+             Steering a running raasd: raasd ctl --help.",
+        )
+        .arg(
+            Arg::new(HELP_ID)
+                .short('h')
+                .long("help")
+                .action(ArgAction::SetTrue)
+                .help("Print help (-h: the everyday options; --help: every option)"),
+        )
+}
+
 /// raasd: Reverse string As A Service, a preforking master/worker server.
 ///
 /// Every line a client sends (up to "\n") comes back reversed. The master binds the
@@ -210,6 +264,8 @@ pub enum LoadError {
     CommandLine(clap::Error),
     /// The config file is unreadable or has bad keys: one message per problem.
     File(Vec<String>),
+    /// `-h` or `--help`: print this ([`SHORT_HELP`], or every option) and exit 0.
+    Help(String),
 }
 
 /// Options that make sense on the command line only.
@@ -217,9 +273,17 @@ const COMMAND_LINE_ONLY: [&str; 4] = ["config", "check-config", "help", "version
 
 /// Parses `args` (argv, program name first), then the config file it names.
 pub fn load(args: &[OsString]) -> Result<Config, LoadError> {
-    let matches = Config::command()
+    let matches = command()
         .try_get_matches_from(args)
         .map_err(LoadError::CommandLine)?;
+    if matches.get_flag(HELP_ID) {
+        let long = args.iter().any(|a| a == "--help");
+        return Err(LoadError::Help(if long {
+            command().render_long_help().to_string()
+        } else {
+            SHORT_HELP.to_string()
+        }));
+    }
     let on_command_line = Config::from_arg_matches(&matches).map_err(LoadError::CommandLine)?;
     let Some(path) = &on_command_line.config else {
         reject_duplicate_listeners(&on_command_line)?;

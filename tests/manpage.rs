@@ -162,6 +162,68 @@ fn flag_scanner_finds_whole_options() {
     assert!(mentions_flag(&roff, "bench"));
 }
 
+/// The widest line of `text`, in characters.
+fn widest(text: &str) -> usize {
+    text.lines().map(|l| l.chars().count()).max().unwrap_or(0)
+}
+
+/// `raasd -h` fits a phone's terminal (24 lines of 80 columns, as Unicorn's does),
+/// lists only real options and ends with where the rest is; every help is 80 wide;
+/// the helps and the SYNOPSIS name `raasd ctl`.
+#[test]
+fn help_fits_80_by_24_and_says_where_the_rest_is() {
+    let raasd = env!("CARGO_BIN_EXE_raasd");
+    let raas = env!("CARGO_BIN_EXE_raas");
+    let short = help_of(raasd, &["-h"]);
+    let long = help_of(raasd, &["--help"]);
+    assert!(short.starts_with("raasd: "), "{short}");
+    assert!(
+        short.lines().count() <= 24,
+        "raasd -h is {} lines:\n{short}",
+        short.lines().count()
+    );
+    assert!(
+        widest(&short) <= 80,
+        "raasd -h is {} wide:\n{short}",
+        widest(&short)
+    );
+    let tail: String = short.lines().rev().take(3).collect::<Vec<_>>().join("\n");
+    assert!(
+        tail.contains("--help") && tail.contains("man 8 raasd"),
+        "raasd -h must end with where the rest is:\n{short}"
+    );
+    for flag in long_flags(&short) {
+        assert!(
+            mentions_flag(&long, &flag),
+            "raasd -h lists {flag}, which --help lacks"
+        );
+    }
+    assert!(
+        short.contains("raasd ctl") && long.contains("raasd ctl"),
+        "{short}\n{long}"
+    );
+    for (program, args) in [
+        (raasd, &["--help"][..]),
+        (raasd, &["ctl", "--help"][..]),
+        (raas, &["-h"][..]),
+        (raas, &["--help"][..]),
+        (raas, &["bench", "-h"][..]),
+        (raas, &["bench", "--help"][..]),
+    ] {
+        let help = help_of(program, args);
+        assert!(
+            widest(&help) <= 80,
+            "{program} {args:?} is {} wide:\n{help}",
+            widest(&help)
+        );
+    }
+    assert!(help_of(raasd, &["ctl", "--help"]).contains("Usage: raasd ctl"));
+    let synopsis = page_text(RAASD_PAGE);
+    let synopsis = &synopsis
+        [synopsis.find(".SH SYNOPSIS").unwrap()..synopsis.find(".SH DESCRIPTION").unwrap()];
+    assert!(synopsis.contains("raasd ctl"), "{synopsis}");
+}
+
 #[test]
 fn raasd_page_documents_every_option() {
     let help = help_of(env!("CARGO_BIN_EXE_raasd"), &["--help"]);

@@ -40,7 +40,7 @@ use crate::addr::Addr;
 #[command(
     name = "raas",
     version,
-    max_term_width = 100,
+    max_term_width = 80,
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
