@@ -898,6 +898,7 @@ mod tests {
         match got {
             Err(LoadError::File(errors)) => errors,
             Err(LoadError::CommandLine(e)) => vec![e.to_string()],
+            Err(LoadError::Help(text)) => vec![text],
             Ok(_) => Vec::new(),
         }
     }
