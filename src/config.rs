@@ -119,6 +119,11 @@ pub struct Config {
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub graceful_timeout: u64,
 
+    /// Seconds a graceful stop (TERM, QUIT, ctl stop) first keeps serving, with
+    /// /readyz failing, so that load balancers stop sending before the sockets close.
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    pub drain_delay: u64,
+
     /// Longest line accepted, in bytes (without its "\n"); longer lines get an ERR reply.
     #[arg(long, value_name = "BYTES", default_value_t = 65536,
           value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
@@ -501,6 +506,7 @@ impl Config {
         out += &format!("listen = [{}]\n", listen.join(", "));
         out += &format!("backlog = {}\n", self.backlog);
         out += &format!("graceful-timeout = {}\n", self.graceful_timeout);
+        out += &format!("drain-delay = {}\n", self.drain_delay);
         out += &format!("max-line = {}\n", self.max_line);
         out += &format!("idle-timeout = {}\n", self.idle_timeout);
         out += &format!("unit = {}\n", quoted(self.unit.name()));

@@ -42,6 +42,10 @@ pub enum Request {
     ReopenLogs,
     /// `GET /metrics`.
     Metrics,
+    /// `GET /livez`: the master loop runs and no worker is late.
+    Livez,
+    /// `GET /readyz`: serving, and no stop has begun.
+    Readyz,
 }
 
 /// The commands, for errors and `raasd ctl --help`.
@@ -584,8 +588,12 @@ fn complete(client: &Client, ended: bool) -> Option<Result<Request, String>> {
             match request.parse(text) {
                 Ok(httparse::Status::Complete(_)) => Some(match (request.method, request.path) {
                     (Some("GET"), Some("/metrics")) => Ok(Request::Metrics),
-                    (Some("GET"), Some(path)) => Err(format!("no such page {path}; try /metrics")),
-                    _ => Err("only GET /metrics is served".to_string()),
+                    (Some("GET"), Some("/livez")) => Ok(Request::Livez),
+                    (Some("GET"), Some("/readyz")) => Ok(Request::Readyz),
+                    (Some("GET"), Some(path)) => Err(format!(
+                        "no such page {path}; try /metrics, /livez or /readyz"
+                    )),
+                    _ => Err("only GET /metrics, /livez and /readyz are served".to_string()),
                 }),
                 Ok(httparse::Status::Partial) if !ended => None,
                 Ok(httparse::Status::Partial) => Some(Err("incomplete request".to_string())),
@@ -599,11 +607,16 @@ fn reply_bytes(protocol: Protocol, status: u16, body: &str) -> Vec<u8> {
     match protocol {
         Protocol::Control => format!("{body}\n").into_bytes(),
         Protocol::Http => {
-            let (reason, kind) = match status {
-                200 => ("OK", "text/plain; version=0.0.4; charset=utf-8"),
-                400 => ("Bad Request", "application/json"),
-                404 => ("Not Found", "application/json"),
-                _ => ("Service Unavailable", "application/json"),
+            let reason = match status {
+                200 => "OK",
+                400 => "Bad Request",
+                404 => "Not Found",
+                _ => "Service Unavailable",
+            };
+            let kind = if body.starts_with('{') {
+                "application/json"
+            } else {
+                "text/plain; version=0.0.4; charset=utf-8"
             };
             format!(
                 "HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

@@ -312,6 +312,59 @@ fn metrics_are_a_valid_prometheus_exposition() {
     assert_eq!(code, 400, "{response}");
 }
 
+/// The probes of load balancers and Kubernetes: `/livez` fails while a worker is
+/// late, `/readyz` while no worker is wanted and from the first moment of a graceful
+/// stop, while `--drain-delay` keeps the workers accepting for a while.
+#[test]
+fn livez_and_readyz_answer_and_drain_delay_keeps_serving_after_readyz_fails() {
+    let (dir, _cleanup) = dir("probes");
+    let socket = dir.join("ctl.sock");
+    let metrics = free_loopback_addr();
+    let s = start(
+        &socket,
+        &[
+            "--metrics",
+            &metrics,
+            "--drain-delay",
+            "3",
+            "--timeout",
+            "30",
+        ],
+    );
+    let addr = s.addr();
+    assert_eq!(http_get(&metrics, "/livez").0, 200);
+    assert_eq!(http_get(&metrics, "/readyz").0, 200);
+    // No worker wanted: not ready, but alive.
+    assert_eq!(ctl(&socket, &["workers", "0"]).0, 0);
+    let (code, _, body) = http_get(&metrics, "/readyz");
+    assert_eq!((code, body.trim()), (503, "paused"));
+    assert_eq!(http_get(&metrics, "/livez").0, 200);
+    assert_eq!(ctl(&socket, &["workers", "2"]).0, 0);
+    wait_until("ready again", SOON, || {
+        http_get(&metrics, "/readyz").0 == 200
+    });
+    // A late worker: not alive.
+    let victim = s.wait_workers(2)[0].pid;
+    kill(Pid::from_raw(victim), Signal::SIGSTOP).unwrap();
+    let late = poll_until(SOON, || http_get(&metrics, "/livez").0 == 503);
+    kill(Pid::from_raw(victim), Signal::SIGCONT).unwrap();
+    assert!(late, "/livez stayed 200 with a stopped worker");
+    wait_until("alive again", SOON, || {
+        http_get(&metrics, "/livez").0 == 200
+    });
+    // TERM: /readyz fails at once, and new connections are still served meanwhile.
+    s.signal(Signal::SIGTERM);
+    wait_until("/readyz to fail", SOON, || {
+        http_get(&metrics, "/readyz").0 == 503
+    });
+    let (_, _, body) = http_get(&metrics, "/readyz");
+    assert_eq!(body.trim(), "draining");
+    assert_eq!(roundtrip(addr, "still served"), "devres llits");
+    s.wait_for_log("draining for 3s", SOON);
+    assert_eq!(s.wait_exit(SOON).code(), Some(0));
+    assert_eq!(s.count_log("SIGTERM: graceful stop"), 1, "{}", s.log());
+}
+
 #[test]
 fn hostile_console_clients_never_stall_supervision() {
     let (dir, _cleanup) = dir("ctl-hostile");

@@ -201,6 +201,8 @@ pub struct Master {
     predecessor: Option<Predecessor>,
     /// Once ready after an upgrade: where the old master's totals will come from.
     farewell: Option<upgrade::Farewell>,
+    /// A graceful stop asked for, waiting out --drain-delay: until when, and who asked.
+    draining: Option<(Instant, String)>,
     /// A successor given up on, whose process group is being ended.
     abandoned: Option<handover::Abandoned>,
     systemd: Systemd,
@@ -393,6 +395,7 @@ impl Master {
             abandoned: None,
             predecessor: predecessor.take(),
             farewell: None,
+            draining: None,
             systemd: Systemd {
                 ready: false,
                 watchdog: sd_notify::watchdog_enabled().map(|usec| (usec / 2, Instant::now())),
@@ -431,6 +434,7 @@ impl Master {
             }
             self.follow_upgrade();
             self.hear_farewell();
+            self.finish_draining();
             self.finish_abandoned_upgrade(false);
             self.maintain_worker_count();
             self.murder_lazy_workers();
@@ -526,7 +530,7 @@ impl Master {
         for (signal, times) in signals.take() {
             debug!("received {} x{times}", signals::name(signal));
             match signal {
-                libc::SIGTERM | libc::SIGQUIT => self.stop(false, signals::name(signal)),
+                libc::SIGTERM | libc::SIGQUIT => self.stop_after_draining(signals::name(signal)),
                 libc::SIGINT => self.stop(true, signals::name(signal)),
                 libc::SIGHUP => {
                     let _ = self.reload();
@@ -749,6 +753,38 @@ impl Master {
     }
 
     /// TERM/QUIT or a hand-over (graceful), INT (quick).
+    /// A graceful stop, after --drain-delay: meanwhile /readyz fails and the workers
+    /// keep accepting, so that load balancers stop sending before the sockets close.
+    /// Asked again while draining, it stops at once.
+    fn stop_after_draining(&mut self, why: &str) {
+        let delay = self.config.drain_delay;
+        if delay == 0 || self.draining.is_some() || self.stopping.is_some() {
+            self.draining = None;
+            self.stop(false, why);
+            return;
+        }
+        info!(
+            "{why}: draining for {delay}s (/readyz fails, the workers keep accepting), \
+             then a graceful stop"
+        );
+        self.draining = Some((Instant::now() + Duration::from_secs(delay), why.to_string()));
+        self.title.shown.clear();
+    }
+
+    /// The drain delay is over: the graceful stop proceeds.
+    fn finish_draining(&mut self) {
+        let Some((until, _)) = &self.draining else {
+            return;
+        };
+        if self.stopping.is_some() {
+            self.draining = None;
+        } else if Instant::now() >= *until
+            && let Some((_, why)) = self.draining.take()
+        {
+            self.stop(false, &why);
+        }
+    }
+
     fn stop(&mut self, quick: bool, why: &str) {
         if self.stopping.as_ref().is_some_and(|s| s.quick || !quick) {
             return;
@@ -874,6 +910,7 @@ impl Master {
                     (self.config.timeout > 0).then(|| now + self.config.serving().heartbeat),
                     (self.config.max_worker_memory > 0).then(|| self.health.next_memory_sample()),
                     self.upgrade.deadline(),
+                    self.draining.as_ref().map(|(until, _)| *until),
                     self.abandoned.as_ref().map(|a| a.kill_at),
                     self.console.next_deadline(),
                     self.systemd.watchdog.map(|(_, next)| next),
@@ -985,6 +1022,8 @@ impl Master {
             " (old)"
         } else if self.stopping.is_some() {
             " (stopping)"
+        } else if self.draining.is_some() {
+            " (draining)"
         } else {
             ""
         };

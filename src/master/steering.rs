@@ -32,6 +32,21 @@ impl Master {
                     self.console.reply(id, 200, &console::metrics(&status), now);
                     continue;
                 }
+                Request::Livez => {
+                    let (code, body) = match self.census().late {
+                        0 => (200, "ok\n".to_string()),
+                        late => (503, format!("{late} late\n")),
+                    };
+                    self.console.reply(id, code, &body, now);
+                    continue;
+                }
+                Request::Readyz => {
+                    let phase = self.phase();
+                    let code = if phase.is_ready() { 200 } else { 503 };
+                    self.console
+                        .reply(id, code, &format!("{}\n", phase.name()), now);
+                    continue;
+                }
                 Request::Workers(n) if self.stopping.is_some() => {
                     let _ = n;
                     error_reply("the server is stopping")
@@ -58,7 +73,11 @@ impl Master {
                 Request::Stop { quick } => {
                     let reply = serde_json::json!({ "ok": true, "stopping": if quick { "quick" } else { "graceful" } });
                     self.console.reply(id, 200, &reply.to_string(), now);
-                    self.stop(quick, "raasd ctl stop");
+                    if quick {
+                        self.stop(true, "raasd ctl stop");
+                    } else {
+                        self.stop_after_draining("raasd ctl stop");
+                    }
                     continue;
                 }
                 Request::ReopenLogs => {
@@ -170,6 +189,9 @@ pub(super) enum Phase {
     Upgrading,
     /// A new master took over; this one is on its way out.
     HandedOver,
+    /// A graceful stop is coming (--drain-delay): the workers still accept, but
+    /// /readyz fails so that load balancers stop sending.
+    Draining,
     /// A stop has begun.
     Stopping,
 }
@@ -178,13 +200,14 @@ impl Phase {
     /// Decides from the master's state: a pure rule, so that it is tested alone.
     pub(super) fn of(
         upgrade: UpgradeStep,
-        stopping: bool,
+        (draining, stopping): (bool, bool),
         census: workers::Census,
         target: usize,
     ) -> Phase {
         match upgrade {
             UpgradeStep::HandedOver => Phase::HandedOver,
             _ if stopping => Phase::Stopping,
+            _ if draining => Phase::Draining,
             _ if target == 0 => Phase::Paused,
             _ if census.accepting == 0 => Phase::Unavailable,
             UpgradeStep::Waiting => Phase::Upgrading,
@@ -199,8 +222,14 @@ impl Phase {
             Phase::Unavailable => "unavailable",
             Phase::Upgrading => "upgrading",
             Phase::HandedOver => "handed over",
+            Phase::Draining => "draining",
             Phase::Stopping => "stopping",
         }
+    }
+
+    /// Whether `/readyz` says yes: new clients are welcome.
+    pub(super) fn is_ready(self) -> bool {
+        matches!(self, Phase::Serving | Phase::Upgrading)
     }
 }
 
@@ -212,7 +241,12 @@ impl Master {
             Upgrade::Waiting { .. } => UpgradeStep::Waiting,
             Upgrade::HandedOver { .. } => UpgradeStep::HandedOver,
         };
-        Phase::of(step, self.stopping.is_some(), self.census(), self.target)
+        Phase::of(
+            step,
+            (self.draining.is_some(), self.stopping.is_some()),
+            self.census(),
+            self.target,
+        )
     }
 }
 
@@ -266,15 +300,28 @@ mod tests {
     fn the_phase_says_serving_only_while_a_worker_serves() {
         let up = |accepting| workers::Census { accepting, late: 0 };
         let idle = UpgradeStep::Idle;
-        assert_eq!(Phase::of(idle, false, up(2), 2), Phase::Serving);
-        assert_eq!(Phase::of(idle, false, up(0), 0), Phase::Paused);
-        assert_eq!(Phase::of(idle, false, up(0), 2), Phase::Unavailable);
-        assert_eq!(Phase::of(idle, true, up(2), 2), Phase::Stopping);
-        assert_eq!(Phase::of(idle, true, up(0), 0), Phase::Stopping);
+        assert_eq!(Phase::of(idle, (false, false), up(2), 2), Phase::Serving);
+        assert_eq!(Phase::of(idle, (false, false), up(0), 0), Phase::Paused);
+        assert_eq!(
+            Phase::of(idle, (false, false), up(0), 2),
+            Phase::Unavailable
+        );
+        assert_eq!(Phase::of(idle, (false, true), up(2), 2), Phase::Stopping);
+        assert_eq!(Phase::of(idle, (false, true), up(0), 0), Phase::Stopping);
         let waiting = UpgradeStep::Waiting;
-        assert_eq!(Phase::of(waiting, false, up(1), 2), Phase::Upgrading);
+        assert_eq!(
+            Phase::of(waiting, (false, false), up(1), 2),
+            Phase::Upgrading
+        );
         let handed = UpgradeStep::HandedOver;
-        assert_eq!(Phase::of(handed, true, up(2), 2), Phase::HandedOver);
+        assert_eq!(
+            Phase::of(handed, (false, true), up(2), 2),
+            Phase::HandedOver
+        );
+        assert_eq!(Phase::of(idle, (true, false), up(2), 2), Phase::Draining);
+        assert_eq!(Phase::of(idle, (true, true), up(2), 2), Phase::Stopping);
+        assert!(Phase::Serving.is_ready() && Phase::Upgrading.is_ready());
+        assert!(!Phase::Draining.is_ready() && !Phase::Paused.is_ready());
         assert_eq!(Phase::Paused.name(), "paused");
     }
 }
