@@ -235,6 +235,12 @@ pub struct Config {
           value_parser = PossibleValuesParser::new(["error", "warn", "info", "debug", "trace"])
               .map(|s| s.parse::<LevelFilter>().expect("a listed level")))]
     pub log_level: Option<LevelFilter>,
+
+    /// Log line format: text, or json (one object a line: ts, level, pid, msg,
+    /// worker, generation and the line's figures); the access log follows it.
+    #[arg(long, value_name = "FORMAT", default_value = "text",
+          value_parser = PossibleValuesParser::new(["text", "json"]))]
+    pub log_format: String,
 }
 
 impl Config {
@@ -551,6 +557,7 @@ impl Config {
             "log-level",
             self.log_level.map(|l| l.to_string().to_lowercase()),
         );
+        out += &format!("log-format = {}\n", quoted(&self.log_format));
         out
     }
 }
@@ -816,6 +823,8 @@ mod tests {
             "/tmp/x.log",
             "--log-level",
             "debug",
+            "--log-format",
+            "json",
         ])
         .unwrap();
         let printed = set.to_toml();

@@ -76,6 +76,7 @@ const FORK_RETRY: Duration = Duration::from_secs(1);
 /// Starts raasd with `config`; `args` are the original arguments. Returns the exit
 /// status: 0 after a stop, 1 when start-up failed.
 pub fn run(config: Config, args: Vec<OsString>) -> i32 {
+    logging::set_format(&config.log_format);
     if let Err(e) = logging::init(config.log_level, config.log_file.as_deref()) {
         eprintln!("raasd: {e}");
         return 1;
@@ -501,6 +502,9 @@ impl Master {
                     )
                 }
                 Life::Retiring => info!(
+                    slot = gone.slot, worker_pid = pid.as_raw(), requests = served.served,
+                    connections = served.accepted + served.taken_over,
+                    taken_over = served.taken_over;
                     "worker[{}] pid {pid} exited ({how}) after {} on {}{}",
                     gone.slot,
                     logging::plural(served.served, "request"),
@@ -574,7 +578,8 @@ impl Master {
         if self.stopping.is_some() || target == self.target {
             return;
         }
-        info!("{why}: workers: {} -> {target}", self.target);
+        info!(cause = why, workers_before = self.target, workers = target;
+            "{why}: workers: {} -> {target}", self.target);
         self.target = target;
         self.all_accepting_announced = false;
         self.show_title();
@@ -675,7 +680,7 @@ impl Master {
                 self.become_worker(who, cell, max_requests, worker_end, blocked)
             }
             Ok((Forked::Parent(pid), channel, _worker_end)) => {
-                info!("spawned worker[{slot}] pid {pid}");
+                info!(slot = slot, worker_pid = pid.as_raw(); "spawned worker[{slot}] pid {pid}");
                 self.fork_retry_at = None;
                 self.all_accepting_announced = false;
                 self.workers.push(WorkerProcess {
@@ -707,7 +712,7 @@ impl Master {
         blocked: Blocked,
     ) -> ! {
         let slot = who.slot;
-        logging::become_worker(slot);
+        logging::become_worker(slot, who.generation);
         // Siblings' channels must close here, or a worker would keep the master's
         // end of another worker's channel open and hide the master's death from it.
         self.workers.clear();
@@ -790,11 +795,12 @@ impl Master {
             return;
         }
         let (command, timeout) = if quick {
-            info!("{why}: quick stop");
+            info!(cause = why; "{why}: quick stop");
             (Command::QuickStop, QUICK_STOP_TIMEOUT)
         } else {
             let timeout = self.config.graceful_timeout();
             info!(
+                cause = why, timeout_s = timeout.as_secs();
                 "{}: graceful stop, waiting up to {}s for workers",
                 why,
                 timeout.as_secs()

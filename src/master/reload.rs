@@ -74,6 +74,7 @@ impl Master {
             self.title.name = super::leak_name(config.name.as_deref());
         }
         logging::set_level(config.log_level);
+        logging::set_format(&config.log_format);
         self.identity = identity;
         self.target = config.workers.resolve();
         self.config = config;

@@ -595,7 +595,7 @@ impl Server {
             .iter()
             .filter_map(|l| {
                 l.split_once("listening on ")
-                    .map(|(_, a)| a.trim().to_owned())
+                    .map(|(_, a)| listen_text(a).to_owned())
             })
             .collect()
     }
@@ -603,7 +603,7 @@ impl Server {
     /// The address of the first TCP `listening on` line.
     pub fn addr(&self) -> SocketAddr {
         let line = self.wait_for_log("listening on ", SOON);
-        let text = line.split_once("listening on ").unwrap().1.trim();
+        let text = listen_text(line.split_once("listening on ").unwrap().1);
         text.parse().unwrap_or_else(|e| {
             panic!("cannot parse the address {text:?} of log line {line:?}: {e}")
         })
@@ -967,6 +967,12 @@ pub fn now_unix() -> i64 {
 /// A set of pids, for readable assertions.
 pub fn pid_set(ws: &[Worker]) -> BTreeSet<i32> {
     ws.iter().map(|w| w.pid).collect()
+}
+
+/// The address after `listening on ` in a text or a JSON log line (where a quote
+/// ends the message).
+fn listen_text(after: &str) -> &str {
+    after.split('"').next().unwrap_or(after).trim()
 }
 
 /// A loopback address with a port that was free a moment ago (for `--metrics`, which
