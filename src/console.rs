@@ -340,7 +340,14 @@ impl Console {
                             false
                         }
                         Ok(Some(Err(why))) => {
-                            let reply = reply_bytes(client.protocol, 400, &error_reply(&why));
+                            let reply = match client.protocol {
+                                // A page that is not there: 404 in words, as a
+                                // browser or curl user expects.
+                                Protocol::Http if why.starts_with("no such page") => {
+                                    reply_bytes(client.protocol, 404, &format!("{why}\n"))
+                                }
+                                _ => reply_bytes(client.protocol, 400, &error_reply(&why)),
+                            };
                             client.phase = Phase::Writing {
                                 reply,
                                 written: 0,

@@ -307,9 +307,21 @@ fn metrics_are_a_valid_prometheus_exposition() {
     assert!(parsed.sum("raasd_listen_queue_length").is_some(), "{body}");
     assert!(parsed.sum("raasd_connections").is_some(), "{body}");
     assert_eq!(parsed.types["raasd_requests_total"], "counter");
-    // Anything else is a clear error.
-    let (code, _, response) = http_get(&metrics, "/other");
-    assert_eq!(code, 400, "{response}");
+    // Another page is a 404 that names the pages there are; another method a 400.
+    let (code, _, response) = http_get(&metrics, "/");
+    assert_eq!(code, 404, "{response}");
+    assert!(
+        response.contains("/metrics, /livez or /readyz"),
+        "{response}"
+    );
+    let mut post = TcpStream::connect(&metrics).unwrap();
+    post.write_all(b"POST /metrics HTTP/1.1\r\n\r\n").unwrap();
+    let mut response = String::new();
+    std::io::Read::read_to_string(&mut post, &mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+    // The start-up log says where the console is.
+    s.wait_for_log(&format!("metrics at http://{metrics}/metrics"), SOON);
+    s.wait_for_log("control socket at ", SOON);
 }
 
 /// The probes of load balancers and Kubernetes: `/livez` fails while a worker is

@@ -311,3 +311,28 @@ fn example_config_lists_every_key_with_its_default() {
         );
     }
 }
+
+/// raasd(8)'s CONFIGURATION FILE block is examples/raasd.toml without its comments:
+/// every key line, set or commented out, in the same order.
+#[test]
+fn the_pages_config_block_is_the_example_file_without_comments() {
+    let example = std::fs::read_to_string(page_path("examples/raasd.toml")).unwrap();
+    let is_key_line = |l: &&str| {
+        let l = l.strip_prefix("# ").unwrap_or(l);
+        l.split_once(" = ").is_some_and(|(k, _)| {
+            !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '-')
+        })
+    };
+    let want: Vec<&str> = example.lines().filter(is_key_line).collect();
+    let page = page_text(RAASD_PAGE);
+    let start = page
+        .find("Without its comments, it reads:")
+        .expect("the CONFIGURATION FILE block");
+    let block = &page[start..];
+    let block = &block[block.find(".EX\n").unwrap() + 4..block.find(".EE").unwrap()];
+    let got: Vec<String> = block.lines().map(|l| l.replace("\\e", "\\")).collect();
+    assert_eq!(
+        got, want,
+        "raasd(8)'s block differs from examples/raasd.toml"
+    );
+}

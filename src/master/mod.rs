@@ -373,6 +373,16 @@ impl Master {
         for address in &addresses {
             info!("listening on {address}");
         }
+        // Where to look: every endpoint and file an operator may want, said once.
+        if let Some(path) = &config.control {
+            info!("control socket at {} (raasd ctl)", path.display());
+        }
+        if let Some(addr) = &config.metrics {
+            info!("metrics at http://{addr}/metrics, probes at /livez and /readyz");
+        }
+        if let Some(path) = &config.access_log {
+            info!("access log at {}", path.display());
+        }
         let name = leak_name(config.name.as_deref());
         let mut master = Master {
             scoreboard,
