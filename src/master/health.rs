@@ -97,6 +97,49 @@ pub(super) struct Health {
     next_memory_sample: Instant,
     system: sysinfo::System,
     random: u64,
+    /// The cgroup's count of OOM kills when last read (None: not readable here).
+    oom_kills: Option<u64>,
+}
+
+/// Where the kernel counts the OOM kills of this process's memory cgroup: cgroup v2's
+/// `memory.events` or v1's `memory.oom_control`, both with an `oom_kill N` line.
+fn oom_kill_files() -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next(), parts.next(), parts.next());
+        let path = path.unwrap_or("/").trim_start_matches('/');
+        match controllers {
+            Some("") => files.push(format!("/sys/fs/cgroup/{path}/memory.events")),
+            Some(c) if c.split(',').any(|c| c == "memory") => {
+                files.push(format!("/sys/fs/cgroup/memory/{path}/memory.oom_control"))
+            }
+            _ => {}
+        }
+    }
+    // In a container the hierarchy's root is often the container's own cgroup.
+    files.push("/sys/fs/cgroup/memory.events".into());
+    files.push("/sys/fs/cgroup/memory/memory.oom_control".into());
+    files.into_iter().map(std::path::PathBuf::from).collect()
+}
+
+/// The `oom_kill N` count of a memory.events or memory.oom_control text.
+fn parse_oom_kills(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+}
+
+/// The OOM kills counted now in the first readable file.
+fn read_oom_kills() -> Option<u64> {
+    oom_kill_files()
+        .iter()
+        .find_map(|f| parse_oom_kills(&std::fs::read_to_string(f).ok()?))
+}
+
+/// Whether the OOM killer struck since `before` was read.
+fn oom_kills_rose(before: Option<u64>, now: Option<u64>) -> bool {
+    matches!((before, now), (Some(b), Some(n)) if n > b)
 }
 
 /// A worker to kill for its heartbeat, and how old that is.
@@ -121,7 +164,20 @@ impl Health {
             system: sysinfo::System::new()
                 .map_err(|e| format!("cannot read process information: {e}"))?,
             random: seed | 1,
+            oom_kills: read_oom_kills(),
         })
+    }
+
+    /// For a worker SIGKILLed from outside: whether the cgroup's OOM kill count rose
+    /// since the last look (gunicorn added "Perhaps out of memory?" after years of
+    /// puzzled reports; here the kernel's own count says it).
+    pub(super) fn killed_by_oom(&mut self) -> bool {
+        let now = read_oom_kills();
+        let rose = oom_kills_rose(self.oom_kills, now);
+        if now.is_some() {
+            self.oom_kills = now;
+        }
+        rose
     }
 
     fn backoff_of(&mut self, slot: usize) -> &mut Backoff {
@@ -299,11 +355,15 @@ impl Health {
 impl Master {
     /// A worker died without being asked to: log it, and when it failed young by its
     /// own doing, make its slot wait longer before the next one (crash-loop backoff).
-    pub(super) fn note_unexpected_exit(&mut self, gone: &WorkerProcess, exit: Exit) {
+    pub(super) fn note_unexpected_exit(&mut self, gone: &WorkerProcess, exit: Exit, oom: bool) {
         let (slot, pid) = (gone.slot, gone.pid);
         let lived = gone.spawned_at.elapsed();
         let delay = self.health.note_exit(slot, lived, exit);
         match exit {
+            _ if oom => error!(
+                "worker[{slot}] pid {pid} was killed by the kernel's OOM killer (the memory \
+                 cgroup's oom_kill count rose); respawning at once"
+            ),
             _ if delay > Duration::ZERO => error!(
                 "worker[{slot}] pid {pid} exited unexpectedly ({exit}) {} ms after its start; respawning in {} ms",
                 lived.as_millis(),
@@ -370,6 +430,22 @@ impl Master {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_oom_kill_is_told_by_the_cgroups_count() {
+        let v1 = "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n";
+        let v2 = "low 0\nhigh 0\nmax 5\noom 2\noom_kill 2\noom_group_kill 0\n";
+        assert_eq!(parse_oom_kills(v1), Some(3));
+        assert_eq!(parse_oom_kills(v2), Some(2));
+        assert_eq!(parse_oom_kills("oom 1\n"), None);
+        assert!(oom_kills_rose(Some(2), Some(3)));
+        assert!(!oom_kills_rose(Some(3), Some(3)));
+        assert!(!oom_kills_rose(None, Some(3)));
+        assert!(!oom_kills_rose(Some(3), None));
+        // Wherever this runs, the files are found or not, never an error.
+        let _ = read_oom_kills();
+    }
+
     use super::*;
 
     const YOUNG: Duration = Duration::from_millis(10);

@@ -528,12 +528,16 @@ impl Master {
                     info!("worker[{}] pid {pid} exited ({how})", gone.slot)
                 }
                 _ => {
-                    self.totals.count_restart(if how.is_own_failure() {
+                    let oom = how == Exit::Signal(nix::sys::signal::Signal::SIGKILL)
+                        && self.health.killed_by_oom();
+                    self.totals.count_restart(if oom {
+                        "killed by the kernel's OOM killer"
+                    } else if how.is_own_failure() {
                         "failed"
                     } else {
                         "ended from outside"
                     });
-                    self.note_unexpected_exit(&gone, how)
+                    self.note_unexpected_exit(&gone, how, oom)
                 }
             }
         }
