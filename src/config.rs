@@ -324,17 +324,26 @@ pub fn load(args: &[OsString]) -> Result<Config, LoadError> {
         None => format!("{}: key '{key}'", path.display()),
     };
 
-    let mut errors = Vec::new();
+    // (line, message): reported in the file's order, not the table's (sorted) one.
+    let mut errors: Vec<(usize, String)> = Vec::new();
     let mut merged: Vec<OsString> = vec![args.first().cloned().unwrap_or_else(|| "raasd".into())];
     for (key, value) in &table {
+        let line = key_line(&text, key).unwrap_or(usize::MAX);
         let Some(id) = file_key_id(key) else {
-            errors.push(format!("{}: unknown key '{key}'", path.display()));
+            let guess = closest_key(key)
+                .map(|k| format!("; did you mean '{k}'?"))
+                .unwrap_or_default();
+            let at = match key_line(&text, key) {
+                Some(line) => format!("{} (line {line})", path.display()),
+                None => path.display().to_string(),
+            };
+            errors.push((line, format!("{at}: unknown key '{key}'{guess}")));
             continue;
         };
         let values = match option_values(key, value) {
             Ok(values) => values,
             Err(why) => {
-                errors.push(format!("{}: {why}", where_is(key)));
+                errors.push((line, format!("{}: {why}", where_is(key))));
                 continue;
             }
         };
@@ -344,7 +353,7 @@ pub fn load(args: &[OsString]) -> Result<Config, LoadError> {
             .collect();
         let alone = std::iter::once(OsString::from("raasd")).chain(as_args.iter().cloned());
         if let Err(e) = Config::try_parse_from(alone) {
-            errors.push(format!("{}: {}", where_is(key), clap_reason(&e)));
+            errors.push((line, format!("{}: {}", where_is(key), clap_reason(&e))));
             continue;
         }
         if matches.value_source(&id) != Some(ValueSource::CommandLine) {
@@ -352,7 +361,10 @@ pub fn load(args: &[OsString]) -> Result<Config, LoadError> {
         }
     }
     if !errors.is_empty() {
-        return Err(LoadError::File(errors));
+        errors.sort_by_key(|(line, _)| *line);
+        return Err(LoadError::File(
+            errors.into_iter().map(|(_, e)| e).collect(),
+        ));
     }
     merged.extend(args.iter().skip(1).cloned());
     let config = Config::try_parse_from(merged).map_err(LoadError::CommandLine)?;
@@ -477,6 +489,34 @@ fn key_line(text: &str, key: &str) -> Option<usize> {
             rest.is_some_and(|r| r.trim_start().starts_with('='))
         })
         .map(|i| i + 1)
+}
+
+/// The file key nearest to an unknown `key` (a typo: at most 2 edits away).
+fn closest_key(key: &str) -> Option<String> {
+    Config::command()
+        .get_arguments()
+        .filter_map(|arg| arg.get_long())
+        .filter(|long| !COMMAND_LINE_ONLY.contains(long))
+        .map(|long| (edit_distance(key, long), long))
+        .filter(|(d, _)| *d <= 2)
+        .min()
+        .map(|(_, long)| long.to_string())
+}
+
+/// Levenshtein distance, over chars.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
 }
 
 /// The reason in a clap error, without its "error: " and usage lines.
@@ -916,6 +956,21 @@ mod tests {
             Err(LoadError::Help(text)) => vec![text],
             Ok(_) => Vec::new(),
         }
+    }
+
+    #[test]
+    fn file_errors_come_in_line_order_and_unknown_keys_get_a_line_and_a_guess() {
+        let errors = file_errors(
+            "order",
+            "workers = \"many\"\nbacklogg = 5\nunit = \"words\"\nzzz = 1\n",
+        );
+        assert_eq!(errors.len(), 4, "{errors:?}");
+        for (i, error) in errors.iter().enumerate() {
+            assert!(error.contains(&format!("(line {})", i + 1)), "{errors:?}");
+        }
+        assert!(errors[1].contains("unknown key 'backlogg'"), "{errors:?}");
+        assert!(errors[1].contains("did you mean 'backlog'"), "{errors:?}");
+        assert!(!errors[3].contains("did you mean"), "{errors:?}");
     }
 
     #[test]
