@@ -638,10 +638,15 @@ fn parse_name(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// `HOST:PORT`, or `:PORT` for every interface, as `--listen` takes it.
 fn parse_metrics_addr(s: &str) -> Result<String, String> {
+    let s = match s.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => s.to_string(),
+    };
     s.parse::<SocketAddr>()
-        .map(|_| s.to_string())
-        .map_err(|_| format!("'{s}' is not HOST:PORT, such as 127.0.0.1:9187"))
+        .map(|_| s.clone())
+        .map_err(|_| format!("'{s}' is not HOST:PORT or :PORT, such as 127.0.0.1:9187"))
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -956,6 +961,16 @@ mod tests {
             Err(LoadError::Help(text)) => vec![text],
             Ok(_) => Vec::new(),
         }
+    }
+
+    #[test]
+    fn metrics_take_port_only_addresses_as_listen_does() {
+        assert_eq!(parse_metrics_addr(":9187").as_deref(), Ok("0.0.0.0:9187"));
+        assert_eq!(
+            parse_metrics_addr("127.0.0.1:9187").as_deref(),
+            Ok("127.0.0.1:9187")
+        );
+        assert!(parse_metrics_addr("9187").is_err());
     }
 
     #[test]

@@ -766,7 +766,12 @@ pub fn metrics(status: &Status) -> String {
         "Workers replaced since the master started, by reason.",
         t.restarts
             .iter()
-            .map(|(reason, n)| (format!("{{reason=\"{}\"}}", escape(reason)), n.to_string()))
+            .map(|(reason, n)| {
+                (
+                    format!("{{reason=\"{}\"}}", label_value(reason)),
+                    n.to_string(),
+                )
+            })
             .collect(),
     );
     put(
@@ -860,6 +865,19 @@ pub fn metrics(status: &Status) -> String {
     text
 }
 
+/// A restart reason as a label value, in Prometheus's snake_case:
+/// `killed by the master` is `killed_by_the_master`.
+fn label_value(reason: &str) -> String {
+    reason
+        .chars()
+        .filter_map(|c| match c {
+            ' ' | '-' => Some('_'),
+            c if c.is_ascii_alphanumeric() => Some(c.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A label value with `\`, `"` and newlines escaped.
 fn escape(value: &str) -> String {
     value
@@ -888,5 +906,15 @@ mod tests {
             "{err}"
         );
         assert!(parse_command("workers 99999").is_err());
+    }
+
+    #[test]
+    fn restart_reasons_are_snake_case_label_values() {
+        assert_eq!(label_value("killed by the master"), "killed_by_the_master");
+        assert_eq!(
+            label_value("killed by the kernel's OOM killer"),
+            "killed_by_the_kernels_oom_killer"
+        );
+        assert_eq!(label_value("reload"), "reload");
     }
 }
