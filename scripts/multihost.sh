@@ -2,11 +2,14 @@
 # Three raasd "hosts" behind HAProxy, loaded through HAProxy with `raas bench`
 # while each host in turn gets a binary upgrade (a new binary installed, then
 # USR2). Prints requests and failures per phase; zero failures is the goal.
+# Then one host is stopped gracefully (TERM, --drain-delay 3) under
+# connect-per-request load: its /readyz fails at once, HAProxy takes it out,
+# and not one request fails.
 #
 # The hosts are network namespaces joined to this one by veth pairs when run as
 # root and `ip netns` works, else three loopback addresses (127.0.0.2-4).
 # HAProxy (installed with apt-get when missing and possible) listens on
-# 127.0.0.1 in TCP mode and health-checks every host with a RAAS request.
+# 127.0.0.1 in TCP mode and health-checks every host's GET /readyz (--metrics).
 #
 #   scripts/multihost.sh                    # builds the release binaries first
 #   NO_BUILD=1 BIN_DIR=/path/to/release scripts/multihost.sh
@@ -14,7 +17,7 @@
 #
 # Settings (environment): PHASE_SECS (5), CONNS (16), PIPELINE (1), WORKERS (2),
 # MULTIHOST_MODE (auto|netns|loopback), KEEP=1 keeps the work directory.
-# Takes about 4 x PHASE_SECS + 10 seconds; every process it starts is stopped,
+# Takes about 4 x PHASE_SECS + 20 seconds; every process it starts is stopped,
 # by pid, on exit, and the namespaces are removed.
 set -euo pipefail
 
@@ -34,6 +37,7 @@ PHASE_SECS=${PHASE_SECS:-5}
 CONNS=${CONNS:-16}
 PIPELINE=${PIPELINE:-1}
 WORKERS=${WORKERS:-2}
+DRAIN_SECS=${DRAIN_SECS:-3}
 MODE=${MULTIHOST_MODE:-auto}
 HOSTS=(1 2 3)
 
@@ -185,6 +189,11 @@ elif cmd == "stats":
             r["svname"], r["addr"], r["status"], r["stot"], r["chkfail"], r["chkdown"]))
         down += int(r["chkdown"] or 0)
     sys.exit(0 if down == 0 else 1)
+elif cmd == "retries":
+    # What HAProxy hid from the clients: failed connects to a host, retried or
+    # redispatched elsewhere.
+    r = next(r for r in stats(sys.argv[2]) if r["svname"] == sys.argv[3])
+    print(sum(int(r[k] or 0) for k in ("econ", "wretr", "wredis")))
 elif cmd == "relay":
     relay(*sys.argv[2:])
 elif cmd == "report":
@@ -208,11 +217,13 @@ setup_netns() {
             ip netns exec "$ns" ip link set "$vn" up &&
             ip netns exec "$ns" ip link set lo up || return 1
         ADDR[$i]="10.$net.$i.2:2200"
+        MADDR[$i]="10.$net.$i.2:9187"
         RUN[$i]="ip netns exec $ns"
     done
 }
 
-declare -A ADDR RUN
+declare -A ADDR MADDR RUN
+MPORT=9187
 if [ "$MODE" != loopback ] && setup_netns; then
     MODE=netns
     say "hosts: network namespaces ${NETNS[*]}, each joined by a veth pair"
@@ -225,7 +236,10 @@ else
     NETNS=() VETHS=()
     MODE=loopback
     port=$(helper free-port 127.0.0.2 127.0.0.3 127.0.0.4)
-    for i in "${HOSTS[@]}"; do ADDR[$i]="127.0.0.$((i + 1)):$port" RUN[$i]=""; done
+    MPORT=$(helper free-port 127.0.0.2 127.0.0.3 127.0.0.4)
+    for i in "${HOSTS[@]}"; do
+        ADDR[$i]="127.0.0.$((i + 1)):$port" MADDR[$i]="127.0.0.$((i + 1)):$MPORT" RUN[$i]=""
+    done
     say "hosts: loopback addresses 127.0.0.2-4 ($why)"
 fi
 
@@ -235,6 +249,7 @@ for i in "${HOSTS[@]}"; do
     install -m 755 "$BIN/raasd" "$dir/raasd"
     # shellcheck disable=SC2086 # RUN is a command prefix, split on purpose
     ${RUN[$i]} "$dir/raasd" -w "$WORKERS" -l "${ADDR[$i]}" --graceful-timeout 10 \
+        --metrics "${MADDR[$i]}" --drain-delay "$DRAIN_SECS" \
         --pid "$dir/raasd.pid" --log-file "$dir/raasd.log" \
         </dev/null >/dev/null 2>>"$dir/stderr" &
     MASTERS+=("$!")
@@ -266,14 +281,12 @@ frontend raas
     default_backend raasd
 backend raasd
     balance leastconn
-    option tcp-check
-    tcp-check connect
-    tcp-check send "ping\n"
-    tcp-check expect string gnip
+    option httpchk GET /readyz
+    http-check expect status 200
     default-server inter 500ms fall 2 rise 2 maxconn 5000
-    server host1 ${ADDR[1]} check
-    server host2 ${ADDR[2]} check
-    server host3 ${ADDR[3]} check
+    server host1 ${ADDR[1]} check port $MPORT
+    server host2 ${ADDR[2]} check port $MPORT
+    server host3 ${ADDR[3]} check port $MPORT
 EOF
 "$HAPROXY" -c -q -f "$WORK/haproxy.cfg" || die "bad HAProxy configuration"
 "$HAPROXY" -db -f "$WORK/haproxy.cfg" </dev/null >"$WORK/haproxy.log" 2>&1 &
@@ -283,7 +296,7 @@ until [ -S "$WORK/haproxy.sock" ] && helper all-up "$WORK/haproxy.sock" 2>/dev/n
     [ "$SECONDS" -lt "$deadline" ] || die "HAProxy did not see 3 hosts UP: $(cat "$WORK/haproxy.log")"
     sleep 0.2
 done
-say "haproxy $("$HAPROXY" -v | awk 'NR==1{print $3}'): tcp mode on 127.0.0.1:$FRONT, all 3 hosts UP (tcp-check: send \"ping\\n\", expect \"gnip\")"
+say "haproxy $("$HAPROXY" -v | awk 'NR==1{print $3}'): tcp mode on 127.0.0.1:$FRONT, all 3 hosts UP (httpchk GET /readyz on port $MPORT)"
 
 # --- load, and one upgrade per phase ---------------------------------------------------
 : >"$WORK/relay.log"
@@ -360,5 +373,48 @@ if [ "$report_ok" = 1 ] && [ "$stats_ok" = 1 ] && [ "$upgrades_ok" = 1 ] && [ "$
 else
     say "result: FAILED (bench exit $bench_status, upgrades ok $upgrades_ok, haproxy never-down $stats_ok)"
     [ -s "$WORK/bench.err" ] && cat "$WORK/bench.err"
+    exit 1
+fi
+
+# --- one host stopped gracefully under connect-per-request load ---------------------
+# TERM turns host1's /readyz to 503 at once; its workers keep accepting for
+# --drain-delay, long enough for HAProxy (fall 2 x inter 500ms) to stop sending
+# there; then it stops gracefully. A request that reached it is still served.
+say ""
+victim=$(cat "$WORK/host1/raasd.pid")
+DRAIN_RUN=$((DRAIN_SECS + 6))
+say "drain: raas bench --mode connect --conns $CONNS --duration $DRAIN_RUN; TERM to host1 (master $victim, --drain-delay $DRAIN_SECS) after 2 s"
+timeout $((DRAIN_RUN + 20)) "$BIN/raas" bench --addr "127.0.0.1:$FRONT" --mode connect \
+    --conns "$CONNS" --duration "$DRAIN_RUN" --json >"$WORK/drain.json" 2>"$WORK/drain.err" &
+DRAIN_BENCH=$!
+CHILDREN+=("$DRAIN_BENCH")
+sleep 2
+kill -TERM "$victim"
+drain_status=0
+wait "$DRAIN_BENCH" || drain_status=$?
+deadline=$((SECONDS + 15))
+while alive "$victim" && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.1; done
+alive "$victim" && die "host1's master $victim did not stop"
+python3 - "$WORK/drain.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f'drain: {r["requests"]} requests, {r["replies"]} replies, {r["error_total"]} failed '
+      f'({", ".join(f"{k} {v}" for k, v in r["errors"].items())})')
+PY
+helper stats "$WORK/haproxy.sock" >"$WORK/drain-stats.txt" || true
+cat "$WORK/drain-stats.txt"
+drain_errors=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["error_total"])' "$WORK/drain.json")
+host1_down=$(awk '$1 == "host1" { print $3 }' "$WORK/drain-stats.txt")
+host1_retried=$(helper retries "$WORK/haproxy.sock" host1)
+say "drain: connects to host1 that HAProxy had to retry elsewhere: $host1_retried"
+others_down=$(awk '$1 == "host2" || $1 == "host3" { n += $6 } END { print n + 0 }' "$WORK/drain-stats.txt")
+[ "$DRAIN_SECS" = 0 ] || grep -q "SIGTERM: draining for ${DRAIN_SECS}s" "$WORK/host1/raasd.log" ||
+    die "host1 did not drain: $(tail -5 "$WORK/host1/raasd.log")"
+if [ "$drain_status" = 0 ] && [ "$drain_errors" = 0 ] && [ "$host1_retried" = 0 ] &&
+    [ "$host1_down" = DOWN ] && [ "$others_down" = 0 ]; then
+    say "result: host1 stopped gracefully under load after /readyz took it out of HAProxy: 0 failed requests"
+else
+    say "result: FAILED (drain bench exit $drain_status, $drain_errors failed requests, $host1_retried connects to host1 retried, host1 $host1_down, other hosts DOWN $others_down times)"
+    [ -s "$WORK/drain.err" ] && cat "$WORK/drain.err"
     exit 1
 fi

@@ -23,6 +23,60 @@ use log::LevelFilter;
 
 use crate::codec::Unit;
 
+/// `raasd -h`: the everyday options on one screen of a phone's terminal (24 lines of
+/// 80 columns, as Unicorn's `-h`), ending with where the rest is, as curl and git do.
+/// tests/manpage.rs checks its size and that every option in it exists.
+pub const SHORT_HELP: &str = "\
+raasd: Reverse string As A Service, a preforking master/worker server
+
+Usage: raasd [OPTIONS]
+       raasd ctl [--control PATH | -c FILE] COMMAND   (steer a running raasd)
+
+Everyday options:
+  -c, --config FILE        config file (TOML; the command line wins)
+      --check-config       check the configuration, print it and exit
+  -w, --workers N|auto     worker processes (default: auto, one per CPU)
+  -l, --listen ADDR        HOST:PORT, :PORT or unix:PATH; repeatable
+                           (default: 127.0.0.1:2200)
+      --timeout SECS       kill a worker silent this long (default: 30)
+      --pid FILE           write the master's pid here
+      --log-file PATH      log here instead of stderr (reopened on USR1)
+      --control PATH       the control socket, for raasd ctl
+      --metrics ADDR       Prometheus /metrics, /livez and /readyz here
+      --user USER          run the workers as USER
+  -h, --help               this summary; --help: every option
+  -V, --version            the version
+
+Signals: TERM graceful stop, INT quick stop, HUP reload, USR2 upgrade,
+TTIN/TTOU one worker more/fewer, USR1 reopen the logs.
+Every option: raasd --help. The manual: man 8 raasd. Steering: raasd ctl --help.
+";
+
+const HELP_ID: &str = "help";
+
+/// The command line parser: [`Config`]'s, with one help flag that [`load`] answers:
+/// `-h` with [`SHORT_HELP`], `--help` with clap's full help.
+fn command() -> clap::Command {
+    use clap::{Arg, ArgAction};
+    Config::command()
+        .disable_help_flag(true)
+        .override_usage(
+            "raasd [OPTIONS]\n       raasd ctl [--control PATH | -c FILE] COMMAND  \
+             (raasd ctl --help)",
+        )
+        .after_long_help(
+            "Signals, files, the control socket and the metrics: man 8 raasd. \
+             Steering a running raasd: raasd ctl --help.",
+        )
+        .arg(
+            Arg::new(HELP_ID)
+                .short('h')
+                .long("help")
+                .action(ArgAction::SetTrue)
+                .help("Print help (-h: the everyday options; --help: every option)"),
+        )
+}
+
 /// raasd: Reverse string As A Service, a preforking master/worker server.
 ///
 /// Every line a client sends (up to "\n") comes back reversed. The master binds the
@@ -64,6 +118,11 @@ pub struct Config {
     /// Seconds a graceful stop waits for workers to drain before it kills them.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub graceful_timeout: u64,
+
+    /// Seconds a graceful stop (TERM, QUIT, ctl stop) first keeps serving, with
+    /// /readyz failing, so that load balancers stop sending before the sockets close.
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    pub drain_delay: u64,
 
     /// Longest line accepted, in bytes (without its "\n"); longer lines get an ERR reply.
     #[arg(long, value_name = "BYTES", default_value_t = 65536,
@@ -183,6 +242,12 @@ pub struct Config {
           value_parser = PossibleValuesParser::new(["error", "warn", "info", "debug", "trace"])
               .map(|s| s.parse::<LevelFilter>().expect("a listed level")))]
     pub log_level: Option<LevelFilter>,
+
+    /// Log line format: text, or json (one object a line: ts, level, pid, msg,
+    /// worker, generation and the line's figures); the access log follows it.
+    #[arg(long, value_name = "FORMAT", default_value = "text",
+          value_parser = PossibleValuesParser::new(["text", "json"]))]
+    pub log_format: String,
 }
 
 impl Config {
@@ -218,6 +283,8 @@ pub enum LoadError {
     CommandLine(clap::Error),
     /// The config file is unreadable or has bad keys: one message per problem.
     File(Vec<String>),
+    /// `-h` or `--help`: print this ([`SHORT_HELP`], or every option) and exit 0.
+    Help(String),
 }
 
 /// Options that make sense on the command line only.
@@ -225,9 +292,17 @@ const COMMAND_LINE_ONLY: [&str; 4] = ["config", "check-config", "help", "version
 
 /// Parses `args` (argv, program name first), then the config file it names.
 pub fn load(args: &[OsString]) -> Result<Config, LoadError> {
-    let matches = Config::command()
+    let matches = command()
         .try_get_matches_from(args)
         .map_err(LoadError::CommandLine)?;
+    if matches.get_flag(HELP_ID) {
+        let long = args.iter().any(|a| a == "--help");
+        return Err(LoadError::Help(if long {
+            command().render_long_help().to_string()
+        } else {
+            SHORT_HELP.to_string()
+        }));
+    }
     let on_command_line = Config::from_arg_matches(&matches).map_err(LoadError::CommandLine)?;
     let Some(path) = &on_command_line.config else {
         reject_duplicate_listeners(&on_command_line)?;
@@ -257,26 +332,26 @@ pub fn load(args: &[OsString]) -> Result<Config, LoadError> {
         None => format!("{}: key '{key}'", path.display()),
     };
 
-    // (line, message): reported in the file's order, not the table's (sorted by key).
+    // (line, message): reported in the file's order, not the table's (sorted) one.
     let mut errors: Vec<(usize, String)> = Vec::new();
-    let line_of = |key: &str| key_line(&text, key).unwrap_or(usize::MAX);
     let mut merged: Vec<OsString> = vec![args.first().cloned().unwrap_or_else(|| "raasd".into())];
     for (key, value) in &table {
+        let line = key_line(&text, key).unwrap_or(usize::MAX);
         let Some(id) = file_key_id(key) else {
+            let guess = closest_key(key)
+                .map(|k| format!("; did you mean '{k}'?"))
+                .unwrap_or_default();
             let at = match key_line(&text, key) {
                 Some(line) => format!("{} (line {line})", path.display()),
                 None => path.display().to_string(),
             };
-            let hint = closest_key(key)
-                .map(|k| format!("; did you mean '{k}'?"))
-                .unwrap_or_default();
-            errors.push((line_of(key), format!("{at}: unknown key '{key}'{hint}")));
+            errors.push((line, format!("{at}: unknown key '{key}'{guess}")));
             continue;
         };
         let values = match option_values(key, value) {
             Ok(values) => values,
             Err(why) => {
-                errors.push((line_of(key), format!("{}: {why}", where_is(key))));
+                errors.push((line, format!("{}: {why}", where_is(key))));
                 continue;
             }
         };
@@ -286,10 +361,7 @@ pub fn load(args: &[OsString]) -> Result<Config, LoadError> {
             .collect();
         let alone = std::iter::once(OsString::from("raasd")).chain(as_args.iter().cloned());
         if let Err(e) = Config::try_parse_from(alone) {
-            errors.push((
-                line_of(key),
-                format!("{}: {}", where_is(key), clap_reason(&e)),
-            ));
+            errors.push((line, format!("{}: {}", where_is(key), clap_reason(&e))));
             continue;
         }
         if matches.value_source(&id) != Some(ValueSource::CommandLine) {
@@ -382,37 +454,6 @@ fn file_key_id(key: &str) -> Option<String> {
         .map(|arg| arg.get_id().to_string())
 }
 
-/// The known key nearest to an unknown one, if it is near enough to be a typo (an
-/// edit distance of at most 2, and less than half the key).
-fn closest_key(unknown: &str) -> Option<String> {
-    Config::command()
-        .get_arguments()
-        .filter_map(|arg| arg.get_long())
-        .filter(|k| file_key_id(k).is_some())
-        .map(|k| (edit_distance(unknown, k), k.to_string()))
-        .filter(|(d, k)| *d <= 2 && *d * 2 < k.len().max(unknown.len()))
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, k)| k)
-}
-
-/// Levenshtein distance, by characters.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut diagonal = row[0];
-        row[0] = i + 1;
-        for j in 0..b.len() {
-            let above = row[j + 1];
-            row[j + 1] = (above + 1)
-                .min(row[j] + 1)
-                .min(diagonal + usize::from(ca != b[j]));
-            diagonal = above;
-        }
-    }
-    row[b.len()]
-}
-
 /// A TOML value as the option value(s) it stands for.
 fn option_values(key: &str, value: &toml::Value) -> Result<Vec<String>, String> {
     match value {
@@ -458,6 +499,34 @@ fn key_line(text: &str, key: &str) -> Option<usize> {
         .map(|i| i + 1)
 }
 
+/// The file key nearest to an unknown `key` (a typo: at most 2 edits away).
+fn closest_key(key: &str) -> Option<String> {
+    Config::command()
+        .get_arguments()
+        .filter_map(|arg| arg.get_long())
+        .filter(|long| !COMMAND_LINE_ONLY.contains(long))
+        .map(|long| (edit_distance(key, long), long))
+        .filter(|(d, _)| *d <= 2)
+        .min()
+        .map(|(_, long)| long.to_string())
+}
+
+/// Levenshtein distance, over chars.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = diagonal + usize::from(ca != *cb);
+            diagonal = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[b.len()]
+}
+
 /// The reason in a clap error, without its "error: " and usage lines.
 fn clap_reason(e: &clap::Error) -> String {
     let text = e.to_string();
@@ -491,6 +560,7 @@ impl Config {
         out += &format!("listen = [{}]\n", listen.join(", "));
         out += &format!("backlog = {}\n", self.backlog);
         out += &format!("graceful-timeout = {}\n", self.graceful_timeout);
+        out += &format!("drain-delay = {}\n", self.drain_delay);
         out += &format!("max-line = {}\n", self.max_line);
         out += &format!("idle-timeout = {}\n", self.idle_timeout);
         out += &format!("unit = {}\n", quoted(self.unit.name()));
@@ -539,6 +609,7 @@ impl Config {
             "log-level",
             self.log_level.map(|l| l.to_string().to_lowercase()),
         );
+        out += &format!("log-format = {}\n", quoted(&self.log_format));
         out
     }
 }
@@ -581,10 +652,15 @@ fn parse_name(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// `HOST:PORT`, or `:PORT` for every interface, as `--listen` takes it.
 fn parse_metrics_addr(s: &str) -> Result<String, String> {
+    let s = match s.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => s.to_string(),
+    };
     s.parse::<SocketAddr>()
-        .map(|_| s.to_string())
-        .map_err(|_| format!("'{s}' is not HOST:PORT, such as 127.0.0.1:9187"))
+        .map(|_| s.clone())
+        .map_err(|_| format!("'{s}' is not HOST:PORT or :PORT, such as 127.0.0.1:9187"))
 }
 
 fn parse_mode(s: &str) -> Result<u32, String> {
@@ -816,6 +892,8 @@ mod tests {
             "/tmp/x.log",
             "--log-level",
             "debug",
+            "--log-format",
+            "json",
         ])
         .unwrap();
         let printed = set.to_toml();
@@ -904,8 +982,34 @@ mod tests {
         match got {
             Err(LoadError::File(errors)) => errors,
             Err(LoadError::CommandLine(e)) => vec![e.to_string()],
+            Err(LoadError::Help(text)) => vec![text],
             Ok(_) => Vec::new(),
         }
+    }
+
+    #[test]
+    fn metrics_take_port_only_addresses_as_listen_does() {
+        assert_eq!(parse_metrics_addr(":9187").as_deref(), Ok("0.0.0.0:9187"));
+        assert_eq!(
+            parse_metrics_addr("127.0.0.1:9187").as_deref(),
+            Ok("127.0.0.1:9187")
+        );
+        assert!(parse_metrics_addr("9187").is_err());
+    }
+
+    #[test]
+    fn file_errors_come_in_line_order_and_unknown_keys_get_a_line_and_a_guess() {
+        let errors = file_errors(
+            "order",
+            "workers = \"many\"\nbacklogg = 5\nunit = \"words\"\nzzz = 1\n",
+        );
+        assert_eq!(errors.len(), 4, "{errors:?}");
+        for (i, error) in errors.iter().enumerate() {
+            assert!(error.contains(&format!("(line {})", i + 1)), "{errors:?}");
+        }
+        assert!(errors[1].contains("unknown key 'backlogg'"), "{errors:?}");
+        assert!(errors[1].contains("did you mean 'backlog'"), "{errors:?}");
+        assert!(!errors[3].contains("did you mean"), "{errors:?}");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The longest request (a command line, or an HTTP request head).
 pub const MAX_REQUEST: usize = 4096;
@@ -42,6 +42,10 @@ pub enum Request {
     ReopenLogs,
     /// `GET /metrics`.
     Metrics,
+    /// `GET /livez`: the master loop runs and no worker is late.
+    Livez,
+    /// `GET /readyz`: serving, and no stop has begun.
+    Readyz,
 }
 
 /// The commands, for errors and `raasd ctl --help`.
@@ -52,6 +56,10 @@ pub fn parse_command(line: &str) -> Result<Request, String> {
     let words: Vec<&str> = line.split_whitespace().collect();
     match words.as_slice() {
         ["status"] => Ok(Request::Status),
+        ["workers"] => Err(format!(
+            "workers needs a count: workers N (0 to {})",
+            crate::config::MAX_WORKERS
+        )),
         ["workers", n] => match n.parse::<usize>() {
             Ok(n) if n <= crate::config::MAX_WORKERS => Ok(Request::Workers(n)),
             _ => Err(format!(
@@ -146,6 +154,9 @@ pub struct Client {
 #[derive(Debug, Default)]
 pub struct Console {
     control: Option<(UnixListener, PathBuf)>,
+    /// The control socket's file was made by this process (not inherited from a
+    /// predecessor, which still serves on it): a failed start removes it.
+    made_control_file: bool,
     metrics: Option<TcpListener>,
     clients: Vec<Client>,
     next_id: u64,
@@ -164,20 +175,24 @@ impl Console {
         let mut console = Console::default();
         if let Some(path) = control {
             console.control = Some((bind_control(path)?, path.to_path_buf()));
+            console.made_control_file = true;
         }
         if let Some(addr) = metrics {
-            let listener = TcpListener::bind(addr).map_err(|e| {
-                format!(
-                    "cannot listen for metrics on {addr}: {}",
-                    crate::errors::plain(&e)
-                )
-            })?;
-            listener
-                .set_nonblocking(true)
-                .map_err(|e| format!("metrics socket: {e}"))?;
-            console.metrics = Some(listener);
+            match bind_metrics(addr) {
+                Ok(listener) => console.metrics = Some(listener),
+                Err(e) => {
+                    console.abandon();
+                    return Err(e);
+                }
+            }
         }
         Ok(console)
+    }
+
+    /// After a failed start: removes the control socket file if this process made it.
+    pub fn abandon(mut self) {
+        let made = self.made_control_file;
+        self.close_listeners(made);
     }
 
     /// Binds what `control` and `metrics` name, taking over the sockets a
@@ -219,7 +234,10 @@ impl Console {
                 let _ = listener.set_nonblocking(true);
                 console.control = Some((listener, path.to_path_buf()));
             }
-            (Some(path), None) => console.control = Some((bind_control(path)?, path.to_path_buf())),
+            (Some(path), None) => {
+                console.control = Some((bind_control(path)?, path.to_path_buf()));
+                console.made_control_file = true;
+            }
             (None, _) => {}
         }
         match (metrics, inherited_metrics) {
@@ -227,7 +245,13 @@ impl Console {
                 let _ = listener.set_nonblocking(true);
                 console.metrics = Some(listener);
             }
-            (Some(addr), None) => console.metrics = Console::bind(None, Some(addr))?.metrics.take(),
+            (Some(addr), None) => match bind_metrics(addr) {
+                Ok(listener) => console.metrics = Some(listener),
+                Err(e) => {
+                    console.abandon();
+                    return Err(e);
+                }
+            },
             (None, _) => {}
         }
         Ok(console)
@@ -316,7 +340,14 @@ impl Console {
                             false
                         }
                         Ok(Some(Err(why))) => {
-                            let reply = reply_bytes(client.protocol, 400, &error_reply(&why));
+                            let reply = match client.protocol {
+                                // A page that is not there: 404 in words, as a
+                                // browser or curl user expects.
+                                Protocol::Http if why.starts_with("no such page") => {
+                                    reply_bytes(client.protocol, 404, &format!("{why}\n"))
+                                }
+                                _ => reply_bytes(client.protocol, 400, &error_reply(&why)),
+                            };
                             client.phase = Phase::Writing {
                                 reply,
                                 written: 0,
@@ -469,6 +500,19 @@ impl Console {
     }
 }
 
+fn bind_metrics(addr: &str) -> Result<TcpListener, String> {
+    let listener = TcpListener::bind(addr).map_err(|e| {
+        format!(
+            "cannot listen for metrics on {addr}: {}",
+            crate::errors::plain(&e)
+        )
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| format!("metrics socket: {e}"))?;
+    Ok(listener)
+}
+
 fn bind_control(path: &Path) -> Result<UnixListener, String> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let fail = |e: io::Error| {
@@ -551,8 +595,12 @@ fn complete(client: &Client, ended: bool) -> Option<Result<Request, String>> {
             match request.parse(text) {
                 Ok(httparse::Status::Complete(_)) => Some(match (request.method, request.path) {
                     (Some("GET"), Some("/metrics")) => Ok(Request::Metrics),
-                    (Some("GET"), Some(path)) => Err(format!("no such page {path}; try /metrics")),
-                    _ => Err("only GET /metrics is served".to_string()),
+                    (Some("GET"), Some("/livez")) => Ok(Request::Livez),
+                    (Some("GET"), Some("/readyz")) => Ok(Request::Readyz),
+                    (Some("GET"), Some(path)) => Err(format!(
+                        "no such page {path}; try /metrics, /livez or /readyz"
+                    )),
+                    _ => Err("only GET /metrics, /livez and /readyz are served".to_string()),
                 }),
                 Ok(httparse::Status::Partial) if !ended => None,
                 Ok(httparse::Status::Partial) => Some(Err("incomplete request".to_string())),
@@ -566,11 +614,16 @@ fn reply_bytes(protocol: Protocol, status: u16, body: &str) -> Vec<u8> {
     match protocol {
         Protocol::Control => format!("{body}\n").into_bytes(),
         Protocol::Http => {
-            let (reason, kind) = match status {
-                200 => ("OK", "text/plain; version=0.0.4; charset=utf-8"),
-                400 => ("Bad Request", "application/json"),
-                404 => ("Not Found", "application/json"),
-                _ => ("Service Unavailable", "application/json"),
+            let reason = match status {
+                200 => "OK",
+                400 => "Bad Request",
+                404 => "Not Found",
+                _ => "Service Unavailable",
+            };
+            let kind = if body.starts_with('{') {
+                "application/json"
+            } else {
+                "text/plain; version=0.0.4; charset=utf-8"
             };
             format!(
                 "HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -600,7 +653,10 @@ pub struct MasterStatus {
     pub config_file: Option<String>,
     pub generation: u64,
     pub target_workers: usize,
+    /// Current workers that beat in time (a late one is not counted).
     pub accepting_workers: usize,
+    /// Current workers that have missed their heartbeat, not killed yet.
+    pub late_workers: usize,
     /// `idle`, `waiting for the new master`, `handed over`, `stopping`.
     pub state: String,
     pub handover: bool,
@@ -632,8 +688,8 @@ pub struct WorkerStatus {
     pub sandbox: &'static str,
 }
 
-/// Since the master started; they survive rotations.
-#[derive(Debug, Clone, Default, Serialize)]
+/// Since the master started; they survive rotations, and an upgrade hands them on.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Totals {
     pub requests: u64,
     pub connections: u64,
@@ -652,6 +708,17 @@ impl Totals {
         self.connections += counters.accepted;
         self.bytes_in += counters.bytes_in;
         self.bytes_out += counters.bytes_out;
+    }
+
+    /// Adds the totals a previous master handed on.
+    pub fn add(&mut self, other: &Totals) {
+        self.requests += other.requests;
+        self.connections += other.connections;
+        self.bytes_in += other.bytes_in;
+        self.bytes_out += other.bytes_out;
+        for (reason, n) in &other.restarts {
+            *self.restarts.entry(reason.clone()).or_default() += n;
+        }
     }
 
     pub fn count_restart(&mut self, reason: &str) {
@@ -701,7 +768,12 @@ pub fn metrics(status: &Status) -> String {
         "Workers replaced since the master started, by reason.",
         t.restarts
             .iter()
-            .map(|(reason, n)| (format!("{{reason=\"{}\"}}", escape(reason)), n.to_string()))
+            .map(|(reason, n)| {
+                (
+                    format!("{{reason=\"{}\"}}", label_value(reason)),
+                    n.to_string(),
+                )
+            })
             .collect(),
     );
     put(
@@ -713,8 +785,14 @@ pub fn metrics(status: &Status) -> String {
     put(
         "raasd_workers_accepting",
         "gauge",
-        "Workers of the current generation accepting.",
+        "Workers of the current generation accepting, beating in time.",
         vec![(String::new(), status.master.accepting_workers.to_string())],
+    );
+    put(
+        "raasd_workers_late",
+        "gauge",
+        "Workers of the current generation that missed their heartbeat.",
+        vec![(String::new(), status.master.late_workers.to_string())],
     );
     put(
         "raasd_generation",
@@ -789,6 +867,19 @@ pub fn metrics(status: &Status) -> String {
     text
 }
 
+/// A restart reason as a label value, in Prometheus's snake_case:
+/// `killed by the master` is `killed_by_the_master`.
+fn label_value(reason: &str) -> String {
+    reason
+        .chars()
+        .filter_map(|c| match c {
+            ' ' | '-' => Some('_'),
+            c if c.is_ascii_alphanumeric() => Some(c.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// A label value with `\`, `"` and newlines escaped.
 fn escape(value: &str) -> String {
     value
@@ -817,5 +908,15 @@ mod tests {
             "{err}"
         );
         assert!(parse_command("workers 99999").is_err());
+    }
+
+    #[test]
+    fn restart_reasons_are_snake_case_label_values() {
+        assert_eq!(label_value("killed by the master"), "killed_by_the_master");
+        assert_eq!(
+            label_value("killed by the kernel's OOM killer"),
+            "killed_by_the_kernels_oom_killer"
+        );
+        assert_eq!(label_value("reload"), "reload");
     }
 }

@@ -3,20 +3,22 @@
 //! Owns the command line of `raasd ctl` and how replies are shown: it finds the
 //! socket (`--control PATH`, or the `control` key of `-c CONFIG`), sends one command
 //! line, and prints the JSON reply, or for `status` a table (`--json` for scripts).
+//! Of a config file it reads only `control`, leniently: the operator asks for status
+//! exactly when the file may be broken (after a failed reload).
 //! The protocol itself is [`crate::console`]'s. Exit status: 0 when the server did
 //! what was asked, 1 when it refused or could not be reached, 2 for a usage error.
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
 
 /// Steer a running raasd through its control socket (--control).
 #[derive(Parser, Debug)]
-#[command(name = "raasd ctl", max_term_width = 80)]
+#[command(name = "raasd ctl", bin_name = "raasd ctl", max_term_width = 80)]
 struct Ctl {
     /// The control socket.
     #[arg(long, value_name = "PATH", conflicts_with = "config")]
@@ -32,12 +34,20 @@ struct Ctl {
 
     /// How long to wait for the reply, in seconds (an upgrade waits for the new
     /// master: up to its --upgrade-timeout).
-    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = parse_timeout)]
     timeout: u64,
 
     /// status | workers N | reload | upgrade | stop [--quick] | reopen-logs
     #[arg(required = true, num_args = 1.., allow_hyphen_values = true)]
     command: Vec<String>,
+}
+
+/// Whole seconds, at least 1 (a reply cannot come in no time).
+fn parse_timeout(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(secs) if secs >= 1 => Ok(secs),
+        _ => Err("a whole number of seconds, at least 1".to_string()),
+    }
 }
 
 /// Runs `raasd ctl ARGS` (`args[0]` is "ctl"); returns the exit status.
@@ -63,31 +73,25 @@ pub fn run(args: &[OsString]) -> i32 {
     }
     let path = match (&ctl.control, &ctl.config) {
         (Some(path), _) => path.clone(),
-        (None, Some(file)) => {
-            let args: Vec<OsString> = vec!["raasd".into(), "-c".into(), file.into()];
-            match crate::config::load(&args) {
-                Ok(config) => match config.control {
-                    Some(path) => path,
-                    None => {
-                        eprintln!("raasd ctl: {} sets no control socket", file.display());
-                        return 2;
-                    }
-                },
-                Err(crate::config::LoadError::File(errors)) => {
-                    eprintln!("raasd ctl: {}", errors.join("; "));
-                    return 2;
-                }
-                Err(crate::config::LoadError::CommandLine(e)) => {
-                    eprintln!("raasd ctl: {e}");
-                    return 2;
-                }
+        (None, Some(file)) => match control_of_file(file) {
+            Ok(path) => path,
+            Err(e) => {
+                eprintln!("raasd ctl: {e}");
+                return 2;
             }
-        }
+        },
         (None, None) => {
             eprintln!("raasd ctl: say where the control socket is: --control PATH or -c CONFIG");
             return 2;
         }
     };
+    if let Some(what) = not_a_socket(&path) {
+        eprintln!(
+            "raasd ctl: cannot reach {}: it is {what}, not a control socket",
+            path.display()
+        );
+        return 1;
+    }
     let reply = match ask(&path, &command, Duration::from_secs(ctl.timeout)) {
         Ok(reply) => reply,
         Err(why) => {
@@ -113,6 +117,91 @@ pub fn run(args: &[OsString]) -> i32 {
         println!("{reply}");
     }
     if ok { 0 } else { 1 }
+}
+
+/// Why `-c FILE` did not lead to a control socket.
+#[derive(Debug, PartialEq, Eq)]
+enum FindError {
+    Unreadable { file: PathBuf, why: String },
+    NotToml { file: PathBuf, why: String },
+    NoControl { file: PathBuf },
+    NotAPath { file: PathBuf },
+}
+
+impl std::fmt::Display for FindError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FindError::Unreadable { file, why } => {
+                write!(f, "cannot read {}: {why}", file.display())
+            }
+            FindError::NotToml { file, why } => write!(
+                f,
+                "{} is not TOML, so its control key cannot be read: {why}",
+                file.display()
+            ),
+            FindError::NoControl { file } => write!(
+                f,
+                "{} sets no control socket: add control = \"/run/raasd/ctl.sock\" \
+                 (and restart raasd), or give --control PATH",
+                file.display()
+            ),
+            FindError::NotAPath { file } => {
+                write!(f, "{}: control is not a string", file.display())
+            }
+        }
+    }
+}
+
+/// The `control` key of config file `file`, and nothing else of it: other keys may
+/// be wrong or unknown to this version. A relative path is the file's directory's
+/// (or its `working-directory`'s, when the file sets one).
+fn control_of_file(file: &Path) -> Result<PathBuf, FindError> {
+    let text = std::fs::read_to_string(file).map_err(|e| FindError::Unreadable {
+        file: file.to_path_buf(),
+        why: crate::errors::plain(&e),
+    })?;
+    control_in(&text, file)
+}
+
+fn control_in(text: &str, file: &Path) -> Result<PathBuf, FindError> {
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| FindError::NotToml {
+            file: file.to_path_buf(),
+            why: e.message().to_string(),
+        })?;
+    let control = match table.get("control") {
+        None => {
+            return Err(FindError::NoControl {
+                file: file.to_path_buf(),
+            });
+        }
+        Some(toml::Value::String(s)) => PathBuf::from(s),
+        Some(_) => {
+            return Err(FindError::NotAPath {
+                file: file.to_path_buf(),
+            });
+        }
+    };
+    let file_dir = file.parent().unwrap_or(Path::new("."));
+    let base = match table.get("working-directory") {
+        Some(toml::Value::String(dir)) => file_dir.join(dir),
+        _ => file_dir.to_path_buf(),
+    };
+    Ok(base.join(control))
+}
+
+/// What `path` is when it exists and is not a socket ("a directory", "a file").
+fn not_a_socket(path: &Path) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = std::fs::metadata(path).ok()?.file_type();
+    if kind.is_socket() {
+        None
+    } else if kind.is_dir() {
+        Some("a directory")
+    } else {
+        Some("a file")
+    }
 }
 
 /// Sends one command line and reads the one-line reply.
@@ -146,13 +235,17 @@ fn status_table(status: &serde_json::Value) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "master pid {} (raasd {}), generation {}, {}: {}/{} workers accepting",
+        "master pid {} (raasd {}), generation {}, {}: {}/{} workers accepting{}",
         s(&m["pid"]),
         s(&m["version"]),
         s(&m["generation"]),
         s(&m["state"]),
         s(&m["accepting_workers"]),
-        s(&m["target_workers"])
+        s(&m["target_workers"]),
+        match m["late_workers"].as_u64() {
+            Some(late) if late > 0 => format!(", {late} late"),
+            _ => String::new(),
+        }
     );
     let _ = writeln!(
         out,
@@ -218,4 +311,36 @@ fn status_table(status: &serde_json::Value) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_control_key_is_read_and_relative_paths_are_the_files() {
+        let file = Path::new("/etc/raasd/raasd.toml");
+        let read = |text: &str| control_in(text, file);
+        assert_eq!(
+            read("control = \"ctl.sock\"\nbogus = 1\nworkers = \"x\""),
+            Ok(PathBuf::from("/etc/raasd/ctl.sock"))
+        );
+        assert_eq!(
+            read("control = \"/run/raasd/ctl.sock\""),
+            Ok(PathBuf::from("/run/raasd/ctl.sock"))
+        );
+        assert_eq!(
+            read("control = \"ctl.sock\"\nworking-directory = \"/srv/raasd\""),
+            Ok(PathBuf::from("/srv/raasd/ctl.sock"))
+        );
+        assert!(matches!(
+            read("workers = 2"),
+            Err(FindError::NoControl { .. })
+        ));
+        assert!(matches!(
+            read("control = 3"),
+            Err(FindError::NotAPath { .. })
+        ));
+        assert!(matches!(read("control = "), Err(FindError::NotToml { .. })));
+    }
 }

@@ -7,7 +7,10 @@
 //! the new file to its workers, see [`adopt`]). Every line is one write, so
 //! the lines of the master and its workers, which share the destination, never
 //! interleave mid-line. A forked worker calls [`become_worker`] so its lines name
-//! its slot.
+//! its slot and generation. With `--log-format json` every line, of the log and of
+//! the access log, is one JSON object instead: `ts`, `level`, `pid`, `msg`, `worker`
+//! and `generation` on a worker's lines, and the figures a line carries as the
+//! `log` crate's key-values (`requests`, `connections`, `cause`, ...).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -21,6 +24,91 @@ const MASTER: usize = usize::MAX;
 
 /// The worker slot of this process, or MASTER.
 static SPEAKER: AtomicUsize = AtomicUsize::new(MASTER);
+
+/// A worker's generation (0 in the master).
+static GENERATION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Whether lines are JSON objects (`--log-format json`).
+static JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `--log-format`: "json" makes every line of the log and the access log a JSON
+/// object; anything else is the text format. Before [`init`]; a reload may change it.
+pub fn set_format(format: &str) {
+    JSON.store(format == "json", Ordering::Relaxed);
+}
+
+/// A JSON log line's fields, in the order written (the common ones first).
+struct JsonLine(Vec<(String, serde_json::Value)>);
+
+impl JsonLine {
+    /// `ts`, `level`, `pid`, `role`, for a worker `worker` and `generation`, `msg`.
+    fn new(level: &str, msg: &str) -> JsonLine {
+        let mut line = JsonLine(Vec::with_capacity(8));
+        line.insert("ts", rfc3339_millis(std::time::SystemTime::now()).into());
+        line.insert("level", level.into());
+        line.insert("pid", std::process::id().into());
+        match SPEAKER.load(Ordering::Relaxed) {
+            MASTER => line.insert("role", "master".into()),
+            slot => {
+                line.insert("role", "worker".into());
+                line.insert("worker", slot.into());
+                line.insert("generation", GENERATION.load(Ordering::Relaxed).into());
+            }
+        }
+        line.insert("msg", msg.into());
+        line
+    }
+
+    /// Adds a field; a name already there is replaced (the common fields win over a
+    /// record's key-value of the same name only by coming first in the line).
+    fn insert(&mut self, key: &str, value: serde_json::Value) {
+        match self.0.iter_mut().find(|(k, _)| k == key) {
+            Some((_, v)) => *v = value,
+            None => self.0.push((key.to_string(), value)),
+        }
+    }
+
+    /// The line, without its newline.
+    fn text(&self) -> String {
+        let fields: Vec<String> = self
+            .0
+            .iter()
+            .map(|(k, v)| format!("{}:{v}", serde_json::Value::from(k.as_str())))
+            .collect();
+        format!("{{{}}}", fields.join(","))
+    }
+}
+
+/// A JSON value for a figure: a number when it reads as one.
+fn json_value(text: &str) -> serde_json::Value {
+    text.parse::<u64>()
+        .map(serde_json::Value::from)
+        .or_else(|_| text.parse::<i64>().map(serde_json::Value::from))
+        .unwrap_or_else(|_| text.into())
+}
+
+/// The access log's `key=value key="quoted value"` fields, as pairs.
+fn access_fields(fields: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = fields.trim();
+    while let Some(eq) = rest.find('=') {
+        let key = rest[..eq].trim().to_string();
+        rest = &rest[eq + 1..];
+        let value;
+        if let Some(quoted) = rest.strip_prefix('"') {
+            let end = quoted.find('"').unwrap_or(quoted.len());
+            value = quoted[..end].to_string();
+            rest = quoted.get(end + 1..).unwrap_or("");
+        } else {
+            let end = rest.find(' ').unwrap_or(rest.len());
+            value = rest[..end].to_string();
+            rest = &rest[end..];
+        }
+        out.push((key, value));
+        rest = rest.trim_start();
+    }
+    out
+}
 
 /// The log file and its path, when logging to a file.
 static LOG_FILE: Mutex<Option<(PathBuf, File)>> = Mutex::new(None);
@@ -50,12 +138,20 @@ pub fn access_log_enabled() -> bool {
 pub fn access(fields: &str) {
     let mut guard = ACCESS_LOG.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((_, file)) = guard.as_mut() {
-        let line = format!(
-            "{} {} pid={} {fields}\n",
-            rfc3339_millis(std::time::SystemTime::now()),
-            speaker(),
-            std::process::id()
-        );
+        let line = if JSON.load(Ordering::Relaxed) {
+            let mut line = JsonLine::new("INFO", "connection closed");
+            for (key, value) in access_fields(fields) {
+                line.insert(&key, json_value(&value));
+            }
+            format!("{}\n", line.text())
+        } else {
+            format!(
+                "{} {} pid={} {fields}\n",
+                rfc3339_millis(std::time::SystemTime::now()),
+                speaker(),
+                std::process::id()
+            )
+        };
         let _ = file.write_all(line.as_bytes());
     }
 }
@@ -114,6 +210,11 @@ pub fn init(level: Option<LevelFilter>, file: Option<&Path>) -> Result<(), Strin
     }
     builder
         .format(|buf, record| {
+            if JSON.load(Ordering::Relaxed) {
+                let mut line = JsonLine::new(record.level().as_str(), &record.args().to_string());
+                let _ = record.key_values().visit(&mut Fields(&mut line));
+                return writeln!(buf, "{}", line.text());
+            }
             writeln!(
                 buf,
                 "[{} {:<5} {} pid={}] {}",
@@ -260,9 +361,28 @@ pub fn plural(n: u64, what: &str) -> String {
     }
 }
 
-/// From now on this process's lines say `worker[slot]`.
-pub fn become_worker(slot: usize) {
+/// A record's key-values, into a JSON line.
+struct Fields<'a>(&'a mut JsonLine);
+
+impl<'kvs> log::kv::VisitSource<'kvs> for Fields<'_> {
+    fn visit_pair(
+        &mut self,
+        key: log::kv::Key<'kvs>,
+        value: log::kv::Value<'kvs>,
+    ) -> Result<(), log::kv::Error> {
+        let value = match value.to_u64() {
+            Some(n) => serde_json::Value::from(n),
+            None => json_value(&value.to_string()),
+        };
+        self.0.insert(key.as_str(), value);
+        Ok(())
+    }
+}
+
+/// From now on this process's lines say `worker[slot]` (and in JSON its generation).
+pub fn become_worker(slot: usize, generation: u64) {
     SPEAKER.store(slot, Ordering::Relaxed);
+    GENERATION.store(generation, Ordering::Relaxed);
 }
 
 /// `master` or `worker[N]`.
@@ -285,5 +405,21 @@ mod tests {
             rfc3339_millis(std::time::UNIX_EPOCH),
             "1970-01-01T00:00:00.000Z"
         );
+    }
+
+    #[test]
+    fn access_fields_read_back_with_their_quotes_undone() {
+        let fields = access_fields("peer=127.0.0.1:5 duration_ms=12 lines=3 end=\"client closed\"");
+        assert_eq!(
+            fields,
+            [
+                ("peer".to_string(), "127.0.0.1:5".to_string()),
+                ("duration_ms".to_string(), "12".to_string()),
+                ("lines".to_string(), "3".to_string()),
+                ("end".to_string(), "client closed".to_string()),
+            ]
+        );
+        assert_eq!(json_value("12"), serde_json::json!(12));
+        assert_eq!(json_value("x"), serde_json::json!("x"));
     }
 }

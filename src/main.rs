@@ -12,6 +12,10 @@ fn main() {
     let config = match config::load(&args) {
         Ok(config) => config,
         Err(LoadError::CommandLine(e)) => e.exit(),
+        Err(LoadError::Help(text)) => {
+            print!("{text}");
+            std::process::exit(0);
+        }
         Err(LoadError::File(errors)) => {
             for error in &errors {
                 eprintln!("raasd: {error}");

@@ -1,8 +1,9 @@
 //! The scoreboard: what every worker is doing, readable without asking.
 //!
 //! Owns one anonymous shared memory map, made by the master before it forks any
-//! worker: a 64-byte header, then cells of 64 bytes (one cache line each, so workers
-//! never contend; asserted at compile time). The types say who writes what:
+//! worker: a 64-byte header, then cells of 128 bytes (two whole cache lines each, so
+//! workers never contend; asserted at compile time; what siblings read of each other
+//! is in the first line). The types say who writes what:
 //! - the master, through [`Scoreboard`], claims a cell for a worker before forking
 //!   it (stamping its heartbeat, so a worker slow to start is timed from its spawn),
 //!   releases it when the worker is reaped, keeps the header's count of cells in use,
@@ -45,6 +46,8 @@ struct Cell {
     served: AtomicU64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+    /// Connections taken over from retiring workers (live hand-over).
+    taken_over: AtomicU64,
 }
 
 /// What precedes the cells.
@@ -55,7 +58,7 @@ struct Header {
     cells_in_use: AtomicU64,
 }
 
-const _: () = assert!(size_of::<Cell>() == 64, "a cell is one cache line");
+const _: () = assert!(size_of::<Cell>() == 128, "a cell is two whole cache lines");
 const _: () = assert!(size_of::<Header>() == 64);
 
 /// A plain copy of a cell's counters.
@@ -66,6 +69,7 @@ pub struct Counters {
     pub served: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    pub taken_over: u64,
 }
 
 /// See [`CellWriter::siblings_load`].
@@ -126,6 +130,7 @@ impl Scoreboard {
             &cell.served,
             &cell.bytes_in,
             &cell.bytes_out,
+            &cell.taken_over,
         ] {
             counter.store(0, Relaxed);
         }
@@ -156,6 +161,7 @@ impl Scoreboard {
             served: cell.served.load(Relaxed),
             bytes_in: cell.bytes_in.load(Relaxed),
             bytes_out: cell.bytes_out.load(Relaxed),
+            taken_over: cell.taken_over.load(Relaxed),
         }
     }
 
@@ -187,6 +193,7 @@ impl CellWriter<'_> {
         cell.served.store(counters.served, Relaxed);
         cell.bytes_in.store(counters.bytes_in, Relaxed);
         cell.bytes_out.store(counters.bytes_out, Relaxed);
+        cell.taken_over.store(counters.taken_over, Relaxed);
     }
 
     /// The connection count alone, at once (siblings read it to balance).
@@ -250,6 +257,7 @@ mod tests {
             served: 3,
             bytes_in: 4,
             bytes_out: 5,
+            taken_over: 6,
         });
         assert_eq!(board.counters(3).served, 3);
         assert_eq!(board.counters(4), Counters::default());

@@ -5,7 +5,9 @@
 //! the listen sockets pass by descriptor (close-on-exec cleared on exactly those,
 //! named in `RAASD_LISTEN_FDS`), readiness comes back on a socketpair whose write
 //! end is named in `RAASD_READY_FD` (`R` when ready, or `E` and the start-up error), and the generation count carries on
-//! through `RAASD_GENERATION`. The policy (when to upgrade, the pid file renames, the
+//! through `RAASD_GENERATION`. After the hand-over the same socketpair carries one
+//! message the other way: when the old master exits, its totals (`T` and a JSON line),
+//! which the new master adds to its own. The policy (when to upgrade, the pid file renames, the
 //! rollback) belongs to the master.
 
 use std::ffi::OsString;
@@ -156,6 +158,16 @@ impl Successor {
         self.ready.as_fd()
     }
 
+    /// At this master's exit after a hand-over: hands the successor its totals (one
+    /// small message into an empty socket buffer: it does not block).
+    pub fn send_totals(&self, totals_json: &str) -> io::Result<()> {
+        let mut message = Vec::with_capacity(totals_json.len() + 2);
+        message.push(b'T');
+        message.extend_from_slice(totals_json.as_bytes());
+        message.push(b'\n');
+        (&self.ready).write_all(&message)
+    }
+
     pub fn readiness(&self) -> Readiness {
         let mut said = [0u8; 4096];
         match (&self.ready).read(&mut said) {
@@ -193,11 +205,17 @@ impl Predecessor {
     }
 
     /// Tells the old master that this one serves, and in which hand-over format it
-    /// takes connections (none: the old workers drain); consumes the channel.
-    pub fn announce_ready(self, takes_connections: Option<u8>) -> io::Result<()> {
+    /// takes connections (none: the old workers drain); the channel stays open for
+    /// the old master's farewell.
+    pub fn announce_ready(self, takes_connections: Option<u8>) -> io::Result<Farewell> {
         let mut message = vec![b'R'];
         message.extend(takes_connections);
-        (&self.ready).write_all(&message)
+        (&self.ready).write_all(&message)?;
+        self.ready.set_nonblocking(true)?;
+        Ok(Farewell {
+            stream: self.ready,
+            received: Vec::new(),
+        })
     }
 
     /// Tells the old master why this one could not start (so that its log says it,
@@ -207,6 +225,60 @@ impl Predecessor {
         message.extend(why.bytes().take(4000));
         let _ = (&self.ready).write_all(&message);
     }
+}
+
+/// In a master started by an upgrade, once ready: where the old master's totals come
+/// from when it exits.
+pub struct Farewell {
+    stream: UnixStream,
+    received: Vec<u8>,
+}
+
+/// What [`Farewell::hear`] heard.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Heard {
+    NotYet,
+    /// The old master's totals, as JSON.
+    Totals(String),
+    /// It closed without them (it died), or said something else.
+    Nothing,
+}
+
+impl Farewell {
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
+
+    /// Reads what has come, without blocking.
+    pub fn hear(&mut self) -> Heard {
+        let mut buf = [0u8; 4096];
+        loop {
+            match (&self.stream).read(&mut buf) {
+                Ok(0) => return farewell_message(&self.received).unwrap_or(Heard::Nothing),
+                Ok(n) => {
+                    self.received.extend_from_slice(&buf[..n]);
+                    if let Some(heard) = farewell_message(&self.received) {
+                        return heard;
+                    }
+                    if self.received.len() > 64 * 1024 {
+                        return Heard::Nothing;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Heard::NotYet,
+                Err(_) => return Heard::Nothing,
+            }
+        }
+    }
+}
+
+/// The farewell in `received`, once a whole line has come.
+fn farewell_message(received: &[u8]) -> Option<Heard> {
+    let end = received.iter().position(|&b| b == b'\n')?;
+    Some(match received[..end].strip_prefix(b"T") {
+        Some(json) => Heard::Totals(String::from_utf8_lossy(json).into_owned()),
+        None => Heard::Nothing,
+    })
 }
 
 /// The `RAASD_LISTEN_FDS` value naming `listeners`.
@@ -401,5 +473,32 @@ mod tests {
             let err = parse_listen_fds(bad).unwrap_err();
             assert!(err.contains(says), "{bad:?}: {err}");
         }
+    }
+
+    #[test]
+    fn the_farewell_is_one_line_of_totals() {
+        let (old, new) = UnixStream::pair().unwrap();
+        new.set_nonblocking(true).unwrap();
+        let mut farewell = Farewell {
+            stream: new,
+            received: Vec::new(),
+        };
+        assert_eq!(farewell.hear(), Heard::NotYet);
+        (&old).write_all(b"T{\"requests\":").unwrap();
+        assert_eq!(farewell.hear(), Heard::NotYet);
+        (&old).write_all(b"3}\n").unwrap();
+        assert_eq!(
+            farewell.hear(),
+            Heard::Totals("{\"requests\":3}".to_string())
+        );
+        assert_eq!(farewell_message(b"X\n"), Some(Heard::Nothing));
+        drop(old);
+        let (old, new) = UnixStream::pair().unwrap();
+        drop(old);
+        let mut farewell = Farewell {
+            stream: new,
+            received: Vec::new(),
+        };
+        assert_eq!(farewell.hear(), Heard::Nothing);
     }
 }

@@ -867,6 +867,7 @@ impl<'a> Worker<'a> {
             served: self.tally.traffic.served,
             bytes_in: self.tally.traffic.bytes_in,
             bytes_out: self.tally.traffic.bytes_out,
+            taken_over: self.tally.taken_over,
         });
     }
 

@@ -3,26 +3,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-
-/// A directory of its own (mode 0755, so another user can reach a socket in it).
-fn dir(tag: &str) -> (PathBuf, RemoveDirOnDrop) {
-    use std::os::unix::fs::PermissionsExt;
-    let dir = temp_path(tag);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    (dir.clone(), RemoveDirOnDrop(dir))
-}
 
 fn start(socket: &Path, extra: &[&str]) -> Server {
     let socket = socket.to_str().unwrap();
@@ -119,6 +110,132 @@ fn workers_n_sets_exactly_n_without_a_signal() {
     assert!(err.contains("cannot reach"), "{err}");
 }
 
+/// `ctl workers 0`: the master keeps its sockets but nobody serves, and status says
+/// so; a TTOU then, or at 1 worker, is logged as ignored rather than dropped.
+#[test]
+fn with_no_workers_status_says_paused_and_ttou_says_why_it_is_ignored() {
+    let (dir, _cleanup) = dir("ctl-paused");
+    let socket = dir.join("ctl.sock");
+    let s = start(&socket, &[]);
+    let (code, _, _) = ctl(&socket, &["workers", "0"]);
+    assert_eq!(code, 0);
+    s.wait_workers(0);
+    let st = status(&socket);
+    assert_eq!(st["master"]["state"], "paused", "{st}");
+    let (_, table, _) = ctl(&socket, &["status"]);
+    assert!(table.contains("paused: 0/0 workers accepting"), "{table}");
+    s.signal(Signal::SIGTTOU);
+    s.wait_for_log("SIGTTOU ignored: no workers", SOON);
+    let (code, _, _) = ctl(&socket, &["workers", "1"]);
+    assert_eq!(code, 0);
+    s.wait_for_log("1 worker accepting", SOON);
+    wait_until("status serving", SOON, || {
+        status(&socket)["master"]["state"] == "serving"
+    });
+    s.signal(Signal::SIGTTOU);
+    s.wait_for_log("SIGTTOU ignored: 1 worker", SOON);
+}
+
+/// The totals are the old master's to hand over, like the sockets: after `ctl upgrade`
+/// they go on from where they were, and a connection the new workers took over counts
+/// in their exit line.
+#[test]
+fn totals_go_on_across_an_upgrade_and_taken_over_connections_count() {
+    let (dir, _cleanup) = dir("ctl-totals");
+    let socket = dir.join("ctl.sock");
+    let exe = dir.join("raasd");
+    let copied = Command::new("cp").arg(BIN).arg(&exe).status().expect("cp");
+    assert!(copied.success());
+    let sock = socket.to_str().unwrap();
+    let s = Server::start_program(
+        &exe,
+        &["-w", "2", "-l", "127.0.0.1:0", "--control", sock],
+        &[],
+        |_| {},
+    );
+    s.wait_for_log("all 2 workers accepting", SOON);
+    let addr = s.addr();
+    for i in 0..10 {
+        let l = format!("before {i}");
+        assert_eq!(roundtrip(addr, &l), reverse_ascii(&l));
+    }
+    let mut stays = LineClient::connect(addr).expect("connect");
+    assert_eq!(stays.roundtrip("stays"), "syats");
+    wait_until("11 requests in the totals", SOON, || {
+        status(&socket)["totals"]["requests"] == 11
+    });
+    let (code, out, err) = ctl(&socket, &["upgrade"]);
+    assert_eq!(code, 0, "{out} {err}");
+    let reply: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let new_pid = reply["new_master"].as_i64().unwrap() as i32;
+    assert_eq!(s.wait_exit(SOON).code(), Some(0));
+    // The connection moved to a new worker, live.
+    for i in 0..3 {
+        let l = format!("after {i}");
+        assert_eq!(stays.roundtrip(&l), reverse_ascii(&l));
+    }
+    let mut last = serde_json::Value::Null;
+    let carried = poll_until(SOON, || {
+        last = status(&socket);
+        last["totals"]["requests"] == 14
+    });
+    assert!(carried, "the totals did not go on from 11 to 14: {last}");
+    assert_eq!(last["totals"]["connections"], 11, "{last}");
+    // A reload in the new master: the worker that took the connection over says so.
+    kill(Pid::from_raw(new_pid), Signal::SIGHUP).unwrap();
+    s.wait_for_log("after 3 requests on 1 connection", SOON);
+    kill(Pid::from_raw(new_pid), Signal::SIGTERM).unwrap();
+    wait_until("the new master to exit", SOON, || !alive(new_pid));
+}
+
+/// `raasd ctl -c FILE` needs only the `control` key: a file the server would refuse
+/// (after a failed reload) still leads to the socket, and a relative path is the
+/// file's directory's. Wrong input says what is wrong.
+#[test]
+fn ctl_finds_the_socket_in_any_config_file_and_says_what_is_wrong() {
+    let (dir, _cleanup) = dir("ctl-lenient");
+    let socket = dir.join("ctl.sock");
+    let _s = start(&socket, &[]);
+    let file = dir.join("raasd.toml");
+    std::fs::write(
+        &file,
+        "control = \"ctl.sock\"\nbogus = 1\nworkers = \"many\"\n",
+    )
+    .unwrap();
+    // Run from elsewhere: the path is the file's directory's, not the working one's.
+    let out = Command::new(BIN)
+        .args(["ctl", "-c"])
+        .arg(&file)
+        .args(["status", "--json"])
+        .current_dir("/")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout} {stderr}");
+    assert!(stdout.contains("\"accepting_workers\":2"), "{stdout}");
+    // `workers` without its count.
+    let (code, _, err) = ctl(&socket, &["workers"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("workers N"), "{err}");
+    // Something that is not a socket where the socket should be.
+    let (code, _, err) = ctl(&dir, &["status"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("is a directory, not a control socket"),
+        "{err}"
+    );
+    let (code, _, err) = ctl(&file, &["status"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is a file, not a control socket"), "{err}");
+    // A timeout of 0 is a usage error that says what is allowed.
+    let (code, _, err) = ctl(&socket, &["--timeout", "0", "status"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("at least 1"), "{err}");
+}
+
 #[test]
 fn upgrade_reports_the_hand_over_and_then_a_rollback_with_its_reason() {
     let (dir, _cleanup) = dir("ctl-upgrade");
@@ -159,76 +276,105 @@ fn upgrade_reports_the_hand_over_and_then_a_rollback_with_its_reason() {
 }
 
 #[test]
-fn metrics_parse_with_the_prometheus_client_parser() {
+fn metrics_are_a_valid_prometheus_exposition() {
     let (dir, _cleanup) = dir("metrics");
     let socket = dir.join("ctl.sock");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let metrics = format!("127.0.0.1:{port}");
+    let metrics = free_loopback_addr();
     let s = start(&socket, &["--metrics", &metrics]);
     let addr = s.addr();
     for i in 0..10 {
         let l = format!("metric {i}");
         assert_eq!(roundtrip(addr, &l), reverse_ascii(&l));
     }
-    let mut stream = TcpStream::connect(&metrics).expect("connect to --metrics");
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
-    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
-    let parser = r#"
-import sys
-from prometheus_client.parser import text_string_to_metric_families
-seen = {}
-for family in text_string_to_metric_families(sys.stdin.read()):
-    for sample in family.samples:
-        seen[sample.name] = seen.get(sample.name, 0) + sample.value
-for name in sorted(seen):
-    print(name, seen[name])
-"#;
-    let mut child = Command::new("python3")
-        .args(["-c", parser])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python3");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "the Prometheus parser refused the metrics (is prometheus_client installed? .ci/run installs it):\n{}\n{body}",
-        String::from_utf8_lossy(&out.stderr)
+    // Workers publish their counters once per pass of their loop: the last reply can be
+    // out a moment before its count is.
+    let mut body = String::new();
+    wait_until("the 10 requests in the metrics", SOON, || {
+        let (code, head, text) = http_get(&metrics, "/metrics");
+        assert_eq!(code, 200, "{head}");
+        assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+        body = text;
+        body.contains("\nraasd_requests_total 10\n")
+    });
+    let parsed = exposition::parse(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+    assert_eq!(parsed.sum("raasd_requests_total"), Some(10.0), "{body}");
+    assert_eq!(parsed.sum("raasd_workers"), Some(2.0), "{body}");
+    assert_eq!(
+        parsed.sum("raasd_bytes_received_total"),
+        Some(90.0),
+        "{body}"
     );
-    let parsed = String::from_utf8_lossy(&out.stdout);
-    let value = |name: &str| -> Option<f64> {
-        parsed
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} "))?.parse().ok())
-    };
-    assert_eq!(value("raasd_requests_total"), Some(10.0), "{parsed}");
-    assert_eq!(value("raasd_workers"), Some(2.0), "{parsed}");
-    assert_eq!(value("raasd_bytes_received_total"), Some(90.0), "{parsed}");
-    assert!(parsed.contains("raasd_listen_queue_length "), "{parsed}");
-    assert!(parsed.contains("raasd_connections "), "{parsed}");
-    // Anything else is a clear error.
-    let mut other = TcpStream::connect(&metrics).unwrap();
-    other.write_all(b"GET /other HTTP/1.1\r\n\r\n").unwrap();
+    assert!(parsed.sum("raasd_listen_queue_length").is_some(), "{body}");
+    assert!(parsed.sum("raasd_connections").is_some(), "{body}");
+    assert_eq!(parsed.types["raasd_requests_total"], "counter");
+    // Another page is a 404 that names the pages there are; another method a 400.
+    let (code, _, response) = http_get(&metrics, "/");
+    assert_eq!(code, 404, "{response}");
+    assert!(
+        response.contains("/metrics, /livez or /readyz"),
+        "{response}"
+    );
+    let mut post = TcpStream::connect(&metrics).unwrap();
+    post.write_all(b"POST /metrics HTTP/1.1\r\n\r\n").unwrap();
     let mut response = String::new();
-    other.read_to_string(&mut response).unwrap();
+    std::io::Read::read_to_string(&mut post, &mut response).unwrap();
     assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+    // The start-up log says where the console is.
+    s.wait_for_log(&format!("metrics at http://{metrics}/metrics"), SOON);
+    s.wait_for_log("control socket at ", SOON);
+}
+
+/// The probes of load balancers and Kubernetes: `/livez` fails while a worker is
+/// late, `/readyz` while no worker is wanted and from the first moment of a graceful
+/// stop, while `--drain-delay` keeps the workers accepting for a while.
+#[test]
+fn livez_and_readyz_answer_and_drain_delay_keeps_serving_after_readyz_fails() {
+    let (dir, _cleanup) = dir("probes");
+    let socket = dir.join("ctl.sock");
+    let metrics = free_loopback_addr();
+    let s = start(
+        &socket,
+        &[
+            "--metrics",
+            &metrics,
+            "--drain-delay",
+            "3",
+            "--timeout",
+            "30",
+        ],
+    );
+    let addr = s.addr();
+    assert_eq!(http_get(&metrics, "/livez").0, 200);
+    assert_eq!(http_get(&metrics, "/readyz").0, 200);
+    // No worker wanted: not ready, but alive.
+    assert_eq!(ctl(&socket, &["workers", "0"]).0, 0);
+    let (code, _, body) = http_get(&metrics, "/readyz");
+    assert_eq!((code, body.trim()), (503, "paused"));
+    assert_eq!(http_get(&metrics, "/livez").0, 200);
+    assert_eq!(ctl(&socket, &["workers", "2"]).0, 0);
+    wait_until("ready again", SOON, || {
+        http_get(&metrics, "/readyz").0 == 200
+    });
+    // A late worker: not alive.
+    let victim = s.wait_workers(2)[0].pid;
+    kill(Pid::from_raw(victim), Signal::SIGSTOP).unwrap();
+    let late = poll_until(SOON, || http_get(&metrics, "/livez").0 == 503);
+    kill(Pid::from_raw(victim), Signal::SIGCONT).unwrap();
+    assert!(late, "/livez stayed 200 with a stopped worker");
+    wait_until("alive again", SOON, || {
+        http_get(&metrics, "/livez").0 == 200
+    });
+    // TERM: /readyz fails at once, and new connections are still served meanwhile.
+    s.signal(Signal::SIGTERM);
+    wait_until("/readyz to fail", SOON, || {
+        http_get(&metrics, "/readyz").0 == 503
+    });
+    let (_, _, body) = http_get(&metrics, "/readyz");
+    assert_eq!(body.trim(), "draining");
+    assert_eq!(roundtrip(addr, "still served"), "devres llits");
+    s.wait_for_log("draining for 3s", SOON);
+    assert_eq!(s.wait_exit(SOON).code(), Some(0));
+    assert_eq!(s.count_log("SIGTERM: graceful stop"), 1, "{}", s.log());
 }
 
 #[test]
@@ -308,4 +454,33 @@ fn another_user_cannot_use_the_control_socket() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("permission denied"), "{err}");
+}
+
+#[test]
+fn the_exposition_checker_refuses_what_the_format_does_not_allow() {
+    let good = "# HELP a_total A \\\\ help.\n# TYPE a_total counter\na_total 3\n\
+                # a comment\nb{x=\"q\\\"\",y=\"1\"} 2.5 1700000000000\nb{x=\"r\"} +Inf\n";
+    let e = exposition::parse(good).unwrap();
+    assert_eq!(e.sum("a_total"), Some(3.0));
+    assert_eq!(e.value("b", &[("x", "q\"")]), Some(2.5));
+    for bad in [
+        "a 1",
+        "a\n",
+        "a one\n",
+        "1a 1\n",
+        "a{x=y} 1\n",
+        "a{x=\"y} 1\n",
+        "a{x=\"\\t\"} 1\n",
+        "a{__x=\"y\"} 1\n",
+        "a{x=\"1\",x=\"2\"} 1\n",
+        "a 1\na 2\n",
+        "a 1\nb 1\na 2\n",
+        "a 1\n# TYPE a gauge\n",
+        "# TYPE a gauge\n# TYPE a gauge\n",
+        "# TYPE a meter\n",
+        "a 1 soon\n",
+        "a 1 2 3\n",
+    ] {
+        assert!(exposition::parse(bad).is_err(), "accepted {bad:?}");
+    }
 }

@@ -230,6 +230,61 @@ fn frozen_workers_show_late_and_are_killed_only_after_the_whole_timeout() {
     );
 }
 
+/// One SIGSTOPped worker of two (`--timeout 30`): the title, `ctl status` and the
+/// metrics agree that 1 worker accepts and 1 is late.
+#[test]
+fn a_late_worker_is_late_in_the_title_the_status_and_the_metrics() {
+    let (dir, _cleanup) = dir("late");
+    let socket = dir.join("ctl.sock");
+    let metrics = free_loopback_addr();
+    let sock = socket.to_str().unwrap();
+    let s = Server::start(&[
+        "-w",
+        "2",
+        "-l",
+        "127.0.0.1:0",
+        "--timeout",
+        "30",
+        "--control",
+        sock,
+        "--metrics",
+        &metrics,
+    ]);
+    let addr = s.addr();
+    s.wait_for_log("all 2 workers accepting", SOON);
+    let victim = s.wait_workers(2)[1].clone();
+    let mut stopped = Stopped::new();
+    stopped.stop(victim.pid);
+    wait_title(
+        s.pid(),
+        &format!("raasd master gen 1: 1/2 workers, 1 late -w 2 {addr}"),
+    );
+    let st = status(&socket);
+    assert_eq!(st["master"]["accepting_workers"], 1, "{st}");
+    assert_eq!(st["master"]["late_workers"], 1, "{st}");
+    let states: Vec<(i64, &str)> = st["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| (w["pid"].as_i64().unwrap(), w["state"].as_str().unwrap()))
+        .collect();
+    assert!(states.contains(&(victim.pid as i64, "late")), "{st}");
+    let (code, _, body) = http_get(&metrics, "/metrics");
+    assert_eq!(code, 200);
+    let m = exposition::parse(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+    assert_eq!(m.sum("raasd_workers_accepting"), Some(1.0), "{body}");
+    assert_eq!(m.sum("raasd_workers_late"), Some(1.0), "{body}");
+    let (_, table, _) = ctl(&socket, &["status"]);
+    assert!(table.contains("1/2 workers accepting, 1 late"), "{table}");
+    // Continued, it beats again and is counted again.
+    stopped.cont(victim.pid);
+    wait_title(
+        s.pid(),
+        &format!("raasd master gen 1: 2/2 workers -w 2 {addr}"),
+    );
+    assert_eq!(status(&socket)["master"]["accepting_workers"], 2);
+}
+
 #[test]
 fn a_stuck_worker_is_killed_once() {
     let s = Server::start(&["-w", "1", "-l", "127.0.0.1:0", "--timeout", "1"]);

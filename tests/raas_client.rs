@@ -286,6 +286,35 @@ fn streams_a_multi_megabyte_input_in_order() {
     );
 }
 
+/// `raasd --max-line 10`, and `(seq 1 1000; echo 12345678901) | raas`: the 1000 replies
+/// are written, then the refusal of line 1001 is reported with its number, exit 1.
+#[test]
+fn an_err_reply_keeps_the_replies_before_it_and_names_its_line() {
+    let server = common::Server::start(&["-w", "1", "-l", "127.0.0.1:0", "--max-line", "10"]);
+    server.wait_for_log("1 worker accepting", SOON);
+    let mut input: Vec<u8> = (1..=1000)
+        .flat_map(|i| format!("{i}\n").into_bytes())
+        .collect();
+    input.extend_from_slice(b"12345678901\n");
+    let want: Vec<u8> = (1..=1000)
+        .flat_map(|i| format!("{}\n", common::reverse_ascii(&i.to_string())).into_bytes())
+        .collect();
+    let run = run_raas(&[&server.addr().to_string()], input, SOON);
+    assert_eq!(run.status.code(), Some(1), "stderr: {}", run.stderr);
+    assert!(
+        run.stdout == want,
+        "{}\nstderr: {}",
+        first_difference(&run.stdout, &want),
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("line 1001") && run.stderr.contains("ERR line too long (max 10 bytes)"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("RAAS server?"), "{}", run.stderr);
+}
+
 #[test]
 fn survives_a_server_restart_mid_stream() {
     let mut server = Raasd::start(0);

@@ -70,6 +70,53 @@ fn port_in_use_as_second_listener_leaves_nothing_behind() {
     );
 }
 
+/// What is in `dir`, by name.
+fn entries(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_failed_start_leaves_no_file_behind() {
+    let (dir, _cleanup) = dir("failed-start");
+    let pid = dir.join("r.pid");
+    let control = dir.join("ctl.sock");
+    let (pid, control) = (pid.to_str().unwrap(), control.to_str().unwrap());
+    // The metrics port is taken: the pid file and the control socket were made first.
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let metrics = taken.local_addr().unwrap().to_string();
+    let (status, s) = run_to_exit(&[
+        "-l",
+        "127.0.0.1:0",
+        "--pid",
+        pid,
+        "--control",
+        control,
+        "--metrics",
+        &metrics,
+    ]);
+    assert_eq!(status.code(), Some(1), "{}", s.log());
+    assert!(s.log().contains("cannot listen for metrics"), "{}", s.log());
+    assert_eq!(entries(&dir), Vec::<String>::new(), "{}", s.log());
+    // The control socket's directory does not exist: the pid file was made first.
+    let missing = dir.join("missing").join("ctl.sock");
+    let (status, s) = run_to_exit(&[
+        "-l",
+        "127.0.0.1:0",
+        "--pid",
+        pid,
+        "--control",
+        missing.to_str().unwrap(),
+    ]);
+    assert_eq!(status.code(), Some(1), "{}", s.log());
+    assert!(s.log().contains("cannot listen for control"), "{}", s.log());
+    assert_eq!(entries(&dir), Vec::<String>::new(), "{}", s.log());
+}
+
 #[test]
 fn unknown_flag_is_a_usage_error() {
     assert_usage_error(&["--frobnicate", "-l", "127.0.0.1:0"], "--frobnicate");

@@ -293,3 +293,80 @@ fn name_tells_instances_apart_and_counts_come_before_addresses() {
     bad.wait_output_closed(SOON);
     assert!(bad.log().contains("is not a name"), "{}", bad.log());
 }
+
+/// `--log-format json`: through a HUP, TTIN, TTOU, USR1 and a worker killed from
+/// outside, every line of the log and of the access log is one JSON object with the
+/// documented fields, and a line's figures are fields of their own.
+#[test]
+fn json_logs_are_one_object_a_line_through_every_signal() {
+    let (dir, _cleanup) = dir("json-logs");
+    let access = dir.join("access.log");
+    let s = Server::start(&[
+        "-w",
+        "2",
+        "-l",
+        "127.0.0.1:0",
+        "--log-format",
+        "json",
+        "--access-log",
+        access.to_str().unwrap(),
+    ]);
+    let addr = s.addr();
+    s.wait_for_log("all 2 workers accepting", SOON);
+    for i in 0..3 {
+        let l = format!("json {i}");
+        assert_eq!(roundtrip(addr, &l), reverse_ascii(&l));
+    }
+    s.signal(Signal::SIGHUP);
+    s.wait_for_log_nth("all 2 workers accepting", 2, SOON);
+    s.signal(Signal::SIGTTIN);
+    s.wait_for_log("all 3 workers accepting", SOON);
+    s.signal(Signal::SIGTTOU);
+    s.wait_for_log("SIGTTOU: workers: 3 -> 2", SOON);
+    s.signal(Signal::SIGUSR1);
+    let victim = s.wait_workers(2)[0].pid;
+    kill(Pid::from_raw(victim), Signal::SIGKILL).unwrap();
+    s.wait_for_log(&format!("pid {victim}"), SOON);
+    wait_until("the killed worker's replacement", SOON, || {
+        let now = s.workers();
+        now.len() == 2 && now.iter().all(|w| w.pid != victim)
+    });
+    s.signal(Signal::SIGTERM);
+    assert_eq!(s.wait_exit(SOON).code(), Some(0));
+    s.wait_output_closed(SOON);
+    let lines = s.log_lines();
+    assert!(lines.len() > 10, "{lines:?}");
+    let mut figures = 0;
+    for line in &lines {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not one JSON object ({e}): {line}"));
+        let ts = v["ts"].as_str().unwrap_or_else(|| panic!("no ts: {line}"));
+        assert!(parse_rfc3339_utc(ts).is_some() && ts.len() == 24, "{line}");
+        assert!(
+            v["level"].is_string() && v["pid"].is_u64() && v["msg"].is_string(),
+            "{line}"
+        );
+        if v["role"] == "worker" {
+            assert!(v["worker"].is_u64() && v["generation"].is_u64(), "{line}");
+        }
+        if v["requests"].is_u64() && v["connections"].is_u64() {
+            figures += 1;
+        }
+    }
+    assert!(
+        figures > 0,
+        "no line with requests and connections as fields"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains(r#""cause":"SIGTTIN""#)),
+        "no line with the signal as a field"
+    );
+    let access_log = std::fs::read_to_string(&access).unwrap();
+    assert_eq!(access_log.lines().count(), 3, "{access_log}");
+    for line in access_log.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("access log line not JSON ({e}): {line}"));
+        assert_eq!(v["lines"], 1, "{line}");
+        assert!(v["peer"].is_string() && v["end"].is_string(), "{line}");
+    }
+}

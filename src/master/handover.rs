@@ -7,7 +7,8 @@
 //! exits or is not ready within --upgrade-timeout, FILE.oldbin goes back to FILE
 //! and this master serves on as if nothing happened; the successor's whole process
 //! group is ended (TERM, then KILL after a grace), so that nothing it started keeps
-//! the listen sockets.
+//! the listen sockets. At its exit, the old master hands its totals on to the new one
+//! (they, too, are its to hand over, like the sockets).
 
 use std::time::{Duration, Instant};
 
@@ -17,8 +18,10 @@ use nix::unistd::Pid;
 use sd_notify::NotifyState;
 
 use super::{Master, notify_systemd};
+use crate::console::Totals;
 use crate::handoff;
 use crate::listeners::Inheritance;
+use crate::logging;
 use crate::pidfile::{self, PidFile};
 use crate::upgrade::{self, Readiness, Successor};
 
@@ -36,7 +39,11 @@ pub(super) enum Upgrade {
     /// (the pid file, the unix socket files) and without telling systemd it stops.
     /// Its workers hand their connections to the new master's when that one takes
     /// them (it speaks our hand-over format), else they serve them to their end.
-    HandedOver { connections_follow: bool },
+    HandedOver {
+        connections_follow: bool,
+        /// Told this master's totals when it exits.
+        successor: Successor,
+    },
 }
 
 impl Upgrade {
@@ -113,17 +120,19 @@ impl Master {
             && hand_over_version == Some(handoff::VERSION);
         let Upgrade::Waiting {
             successor, started, ..
-        } = std::mem::replace(
-            &mut self.upgrade,
-            Upgrade::HandedOver { connections_follow },
-        )
+        } = std::mem::replace(&mut self.upgrade, Upgrade::Idle)
         else {
             return;
+        };
+        let successor_pid = successor.pid;
+        self.upgrade = Upgrade::HandedOver {
+            connections_follow,
+            successor,
         };
         let reply = serde_json::json!({
             "ok": true,
             "upgrade": "handed over",
-            "new_master": successor.pid.as_raw(),
+            "new_master": successor_pid.as_raw(),
             "ready_after_ms": started.elapsed().as_millis() as u64,
             "connections": if connections_follow { "handed over" } else { "drained" },
         });
@@ -132,7 +141,7 @@ impl Master {
         self.console.close_listeners(false);
         info!(
             "upgrade: new master pid {} is ready; retiring, {}",
-            successor.pid,
+            successor_pid,
             if connections_follow {
                 "handing the connections over to its workers"
             } else if self.config.handover {
@@ -144,7 +153,7 @@ impl Master {
         // systemd (NotifyAccess=main) hears only the main pid: name the successor
         // and vouch for its readiness in one message, before leaving.
         notify_systemd(&[
-            NotifyState::MainPid(successor.pid.as_raw() as u32),
+            NotifyState::MainPid(successor_pid.as_raw() as u32),
             NotifyState::Ready,
         ]);
         if let Some(pid_file) = self.pid_file.take() {
@@ -239,6 +248,41 @@ impl Master {
         }
     }
 
+    /// After an upgrade: the old master's totals, when it exits, join ours.
+    pub(super) fn hear_farewell(&mut self) {
+        let Some(farewell) = &mut self.farewell else {
+            return;
+        };
+        match farewell.hear() {
+            upgrade::Heard::NotYet => return,
+            upgrade::Heard::Totals(json) => match serde_json::from_str::<Totals>(&json) {
+                Ok(theirs) => {
+                    info!(
+                        "the old master's totals carried on: {} on {}",
+                        logging::plural(theirs.requests, "request"),
+                        logging::plural(theirs.connections, "connection")
+                    );
+                    self.totals.add(&theirs);
+                }
+                Err(e) => warn!("the old master's totals are unreadable ({e}): {json}"),
+            },
+            upgrade::Heard::Nothing => {
+                warn!("the old master exited without handing on its totals; they restart here")
+            }
+        }
+        self.farewell = None;
+    }
+
+    /// At exit after a hand-over: the successor carries our totals on.
+    pub(super) fn hand_on_totals(&self) {
+        if let Upgrade::HandedOver { successor, .. } = &self.upgrade {
+            let json = serde_json::to_string(&self.totals).unwrap_or_default();
+            if let Err(e) = successor.send_totals(&json) {
+                warn!("cannot hand the totals on to pid {}: {e}", successor.pid);
+            }
+        }
+    }
+
     /// Everything serves: tell whoever waits for it.
     pub(super) fn announce_ready(&mut self) {
         if let Some(predecessor) = self.predecessor.take() {
@@ -257,8 +301,9 @@ impl Master {
                 }
             }
             let takes_connections = self.coordination.handoff.as_ref().map(|_| handoff::VERSION);
-            if let Err(e) = predecessor.announce_ready(takes_connections) {
-                warn!("cannot tell the old master that this one is ready: {e}");
+            match predecessor.announce_ready(takes_connections) {
+                Ok(farewell) => self.farewell = Some(farewell),
+                Err(e) => warn!("cannot tell the old master that this one is ready: {e}"),
             }
         }
         if !self.systemd.ready {

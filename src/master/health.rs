@@ -388,6 +388,7 @@ impl Master {
 
 #[cfg(test)]
 mod tests {
+
     use super::*;
 
     const YOUNG: Duration = Duration::from_millis(10);

@@ -77,6 +77,7 @@ const FORK_RETRY: Duration = Duration::from_secs(1);
 /// Starts raasd with `config`; `args` are the original arguments. Returns the exit
 /// status: 0 after a stop, 1 when start-up failed.
 pub fn run(config: Config, args: Vec<OsString>) -> i32 {
+    logging::set_format(&config.log_format);
     if let Err(e) = logging::init(config.log_level, config.log_file.as_deref()) {
         eprintln!("raasd: {e}");
         return 1;
@@ -200,6 +201,10 @@ pub struct Master {
     upgrade: Upgrade,
     /// This master was started by USR2: the old master waits to hear it is ready.
     predecessor: Option<Predecessor>,
+    /// Once ready after an upgrade: where the old master's totals will come from.
+    farewell: Option<upgrade::Farewell>,
+    /// A graceful stop asked for, waiting out --drain-delay: until when, and who asked.
+    draining: Option<(Instant, String)>,
     /// A successor given up on, whose process group is being ended.
     abandoned: Option<handover::Abandoned>,
     systemd: Systemd,
@@ -332,17 +337,11 @@ impl Master {
             owned_files(&listeners);
             format!("cannot install signal handlers: {e}")
         })?;
-        // A master started by an upgrade writes the pid file once it serves; until
-        // then the file is the old master's (renamed .oldbin) and a rollback needs
-        // the name free.
-        let pid_file = match (&config.pid, &predecessor) {
-            (Some(path), None) => Some(
-                PidFile::write(path, std::process::id())
-                    .inspect_err(|_| owned_files(&listeners))
-                    .map_err(StartError::PidFile)?,
-            ),
-            _ => None,
-        };
+        let health = Health::new(seed()).inspect_err(|_| owned_files(&listeners))?;
+        let nudge = Nudge::new().map_err(|e| {
+            owned_files(&listeners);
+            format!("cannot create an eventfd: {e}")
+        })?;
         let console = Console::open(
             config.control.as_deref(),
             config.metrics.as_deref(),
@@ -350,6 +349,21 @@ impl Master {
         )
         .inspect_err(|_| owned_files(&listeners))
         .map_err(StartError::Console)?;
+        // The last thing that can fail, so that a failed start leaves no file behind.
+        // A master started by an upgrade writes the pid file once it serves; until
+        // then the file is the old master's (renamed .oldbin) and a rollback needs
+        // the name free.
+        let pid_file = match (&config.pid, &predecessor) {
+            (Some(path), None) => match PidFile::write(path, std::process::id()) {
+                Ok(file) => Some(file),
+                Err(e) => {
+                    owned_files(&listeners);
+                    console.abandon();
+                    return Err(StartError::PidFile(e));
+                }
+            },
+            _ => None,
+        };
         if let Err(e) = title::init() {
             warn!("process titles unavailable: {e}");
         }
@@ -361,11 +375,21 @@ impl Master {
             info!("listening on {address}");
         }
         warn_if_unconfined(&config);
+        // Where to look: every endpoint and file an operator may want, said once.
+        if let Some(path) = &config.control {
+            info!("control socket at {} (raasd ctl)", path.display());
+        }
+        if let Some(addr) = &config.metrics {
+            info!("metrics at http://{addr}/metrics, probes at /livez and /readyz");
+        }
+        if let Some(path) = &config.access_log {
+            info!("access log at {}", path.display());
+        }
         let name = leak_name(config.name.as_deref());
         let mut master = Master {
             scoreboard,
             identity,
-            health: Health::new(seed())?,
+            health,
             woken: Vec::new(),
             title: Title {
                 name,
@@ -383,6 +407,8 @@ impl Master {
             upgrade: Upgrade::Idle,
             abandoned: None,
             predecessor: predecessor.take(),
+            farewell: None,
+            draining: None,
             systemd: Systemd {
                 ready: false,
                 watchdog: sd_notify::watchdog_enabled().map(|usec| (usec / 2, Instant::now())),
@@ -392,7 +418,7 @@ impl Master {
             pid_file,
             workers: Vec::new(),
             coordination: Coordination {
-                nudge: Some(Nudge::new().map_err(|e| format!("cannot create an eventfd: {e}"))?),
+                nudge: Some(nudge),
                 handoff,
             },
             console,
@@ -420,6 +446,8 @@ impl Master {
                 break;
             }
             self.follow_upgrade();
+            self.hear_farewell();
+            self.finish_draining();
             self.finish_abandoned_upgrade(false);
             self.maintain_worker_count();
             self.murder_lazy_workers();
@@ -430,6 +458,7 @@ impl Master {
             self.sleep_until_woken();
         }
         self.finish_abandoned_upgrade(true);
+        self.hand_on_totals();
         self.console.flush();
         let handed_over = matches!(self.upgrade, Upgrade::HandedOver { .. });
         self.console.close_listeners(!handed_over);
@@ -485,10 +514,17 @@ impl Master {
                     )
                 }
                 Life::Retiring => info!(
-                    "worker[{}] pid {pid} exited ({how}) after {} on {}",
+                    slot = gone.slot, worker_pid = pid.as_raw(), requests = served.served,
+                    connections = served.accepted + served.taken_over,
+                    taken_over = served.taken_over;
+                    "worker[{}] pid {pid} exited ({how}) after {} on {}{}",
                     gone.slot,
                     logging::plural(served.served, "request"),
-                    logging::plural(served.accepted, "connection")
+                    logging::plural(served.accepted + served.taken_over, "connection"),
+                    match served.taken_over {
+                        0 => String::new(),
+                        n => format!(" ({n} taken over)"),
+                    }
                 ),
                 _ if self.stopping.is_some() => {
                     info!("worker[{}] pid {pid} exited ({how})", gone.slot)
@@ -496,7 +532,7 @@ impl Master {
                 _ => {
                     let oom = self.health.killed_by_oom(how);
                     self.totals.count_restart(if oom {
-                        "killed by the OOM killer"
+                        "killed by the kernel's OOM killer"
                     } else if how.is_own_failure() {
                         "failed"
                     } else {
@@ -513,7 +549,7 @@ impl Master {
         for (signal, times) in signals.take() {
             debug!("received {} x{times}", signals::name(signal));
             match signal {
-                libc::SIGTERM | libc::SIGQUIT => self.stop(false, signals::name(signal)),
+                libc::SIGTERM | libc::SIGQUIT => self.stop_after_draining(signals::name(signal)),
                 libc::SIGINT => self.stop(true, signals::name(signal)),
                 libc::SIGHUP => {
                     let _ = self.reload();
@@ -527,9 +563,12 @@ impl Master {
                     self.target.saturating_add(times).min(MAX_WORKERS),
                     "SIGTTIN",
                 ),
-                libc::SIGTTOU if self.target > 0 => {
-                    self.resize(self.target.saturating_sub(times).max(1), "SIGTTOU")
-                }
+                libc::SIGTTOU => match self.target {
+                    // Said, not dropped: the operator is left wondering otherwise.
+                    0 => info!("SIGTTOU ignored: no workers (TTIN or HUP brings them back)"),
+                    1 => info!("SIGTTOU ignored: 1 worker, the least TTOU leaves"),
+                    n => self.resize(n.saturating_sub(times).max(1), "SIGTTOU"),
+                },
                 libc::SIGCHLD => {} // reaped at the top of the loop
                 _ => {}
             }
@@ -554,7 +593,8 @@ impl Master {
         if self.stopping.is_some() || target == self.target {
             return;
         }
-        info!("{why}: workers: {} -> {target}", self.target);
+        info!(cause = why, workers_before = self.target, workers = target;
+            "{why}: workers: {} -> {target}", self.target);
         self.target = target;
         self.all_accepting_announced = false;
         self.show_title();
@@ -655,7 +695,7 @@ impl Master {
                 self.become_worker(who, cell, max_requests, worker_end, blocked)
             }
             Ok((Forked::Parent(pid), channel, _worker_end)) => {
-                info!("spawned worker[{slot}] pid {pid}");
+                info!(slot = slot, worker_pid = pid.as_raw(); "spawned worker[{slot}] pid {pid}");
                 self.fork_retry_at = None;
                 self.all_accepting_announced = false;
                 self.workers.push(WorkerProcess {
@@ -688,7 +728,7 @@ impl Master {
         blocked: Blocked,
     ) -> ! {
         let slot = who.slot;
-        logging::become_worker(slot);
+        logging::become_worker(slot, who.generation);
         // Siblings' channels must close here, or a worker would keep the master's
         // end of another worker's channel open and hide the master's death from it.
         self.workers.clear();
@@ -707,6 +747,7 @@ impl Master {
         }
         self.upgrade = Upgrade::Idle;
         self.predecessor = None;
+        self.farewell = None;
         // The console is the master's: a worker must hold none of its sockets.
         self.console = Console::default();
         let listeners = std::mem::take(&mut self.listeners)
@@ -733,16 +774,49 @@ impl Master {
     }
 
     /// TERM/QUIT or a hand-over (graceful), INT (quick).
+    /// A graceful stop, after --drain-delay: meanwhile /readyz fails and the workers
+    /// keep accepting, so that load balancers stop sending before the sockets close.
+    /// Asked again while draining, it stops at once.
+    fn stop_after_draining(&mut self, why: &str) {
+        let delay = self.config.drain_delay;
+        if delay == 0 || self.draining.is_some() || self.stopping.is_some() {
+            self.draining = None;
+            self.stop(false, why);
+            return;
+        }
+        info!(
+            "{why}: draining for {delay}s (/readyz fails, the workers keep accepting), \
+             then a graceful stop"
+        );
+        self.draining = Some((Instant::now() + Duration::from_secs(delay), why.to_string()));
+        self.title.shown.clear();
+    }
+
+    /// The drain delay is over: the graceful stop proceeds.
+    fn finish_draining(&mut self) {
+        let Some((until, _)) = &self.draining else {
+            return;
+        };
+        if self.stopping.is_some() {
+            self.draining = None;
+        } else if Instant::now() >= *until
+            && let Some((_, why)) = self.draining.take()
+        {
+            self.stop(false, &why);
+        }
+    }
+
     fn stop(&mut self, quick: bool, why: &str) {
         if self.stopping.as_ref().is_some_and(|s| s.quick || !quick) {
             return;
         }
         let (command, timeout) = if quick {
-            info!("{why}: quick stop");
+            info!(cause = why; "{why}: quick stop");
             (Command::QuickStop, QUICK_STOP_TIMEOUT)
         } else {
             let timeout = self.config.graceful_timeout();
             info!(
+                cause = why, timeout_s = timeout.as_secs();
                 "{}: graceful stop, waiting up to {}s for workers",
                 why,
                 timeout.as_secs()
@@ -752,6 +826,7 @@ impl Master {
             match self.upgrade {
                 Upgrade::HandedOver {
                     connections_follow: true,
+                    ..
                 } => (Command::HandOver, timeout),
                 _ => (Command::GracefulStop, timeout),
             }
@@ -768,8 +843,9 @@ impl Master {
         if !handing_over {
             notify_systemd(&[NotifyState::Stopping]);
         }
-        if let Upgrade::Waiting { successor, .. } =
-            std::mem::replace(&mut self.upgrade, Upgrade::Idle)
+        if matches!(self.upgrade, Upgrade::Waiting { .. })
+            && let Upgrade::Waiting { successor, .. } =
+                std::mem::replace(&mut self.upgrade, Upgrade::Idle)
         {
             info!(
                 "stopping: the upgrade to pid {} is abandoned",
@@ -856,6 +932,7 @@ impl Master {
                     (self.config.timeout > 0).then(|| now + self.config.serving().heartbeat),
                     (self.config.max_worker_memory > 0).then(|| self.health.next_memory_sample()),
                     self.upgrade.deadline(),
+                    self.draining.as_ref().map(|(until, _)| *until),
                     self.abandoned.as_ref().map(|a| a.kill_at),
                     self.console.next_deadline(),
                     self.systemd.watchdog.map(|(_, next)| next),
@@ -882,6 +959,9 @@ impl Master {
         fds.push(PollFd::new(signals.fd(), PollFlags::POLLIN));
         if let Upgrade::Waiting { successor, .. } = &self.upgrade {
             fds.push(PollFd::new(successor.fd(), PollFlags::POLLIN));
+        }
+        if let Some(farewell) = &self.farewell {
+            fds.push(PollFd::new(farewell.fd(), PollFlags::POLLIN));
         }
         let interests = self.console.interests();
         for interest in &interests {
@@ -945,16 +1025,16 @@ impl Master {
         }
     }
 
+    /// The slots now: accepting, or late with their heartbeat.
+    fn census(&self) -> workers::Census {
+        workers::census(&self.workers, self.target, self.generation, |w| {
+            self.is_late(w)
+        })
+    }
+
     /// `raasd master gen 2 -w 3 127.0.0.1:2200: 3/3 workers`, rewritten only when it changes.
     fn show_title(&mut self) {
-        let (mut accepting, mut late) = (0, 0);
-        for slot in 0..self.target {
-            match workers::current(&self.workers, slot, self.generation) {
-                Some(w) if w.life == Life::Accepting && self.is_late(w) => late += 1,
-                Some(w) if w.life == Life::Accepting => accepting += 1,
-                _ => {}
-            }
-        }
+        let workers::Census { accepting, late } = self.census();
         let late = if late > 0 {
             format!(", {late} late")
         } else {
@@ -964,6 +1044,8 @@ impl Master {
             " (old)"
         } else if self.stopping.is_some() {
             " (stopping)"
+        } else if self.draining.is_some() {
+            " (draining)"
         } else {
             ""
         };

@@ -39,6 +39,7 @@ impl Master {
             Ok(config) => config,
             Err(LoadError::CommandLine(e)) => return self.reload_failed(&e.to_string()),
             Err(LoadError::File(errors)) => return self.reload_failed(&errors.join("; ")),
+            Err(LoadError::Help(_)) => return self.reload_failed("--help on the command line"),
         };
         let identity = match privileges::resolve(config.user.as_deref(), config.group.as_deref()) {
             Ok(identity) => identity,
@@ -76,6 +77,7 @@ impl Master {
             super::warn_if_unconfined(&config);
         }
         logging::set_level(config.log_level);
+        logging::set_format(&config.log_format);
         self.identity = identity;
         self.target = config.workers.resolve();
         self.config = config;

@@ -32,6 +32,21 @@ impl Master {
                     self.console.reply(id, 200, &console::metrics(&status), now);
                     continue;
                 }
+                Request::Livez => {
+                    let (code, body) = match self.census().late {
+                        0 => (200, "ok\n".to_string()),
+                        late => (503, format!("{late} late\n")),
+                    };
+                    self.console.reply(id, code, &body, now);
+                    continue;
+                }
+                Request::Readyz => {
+                    let phase = self.phase();
+                    let code = if phase.is_ready() { 200 } else { 503 };
+                    self.console
+                        .reply(id, code, &format!("{}\n", phase.name()), now);
+                    continue;
+                }
                 Request::Workers(n) if self.stopping.is_some() => {
                     let _ = n;
                     error_reply("the server is stopping")
@@ -58,7 +73,11 @@ impl Master {
                 Request::Stop { quick } => {
                     let reply = serde_json::json!({ "ok": true, "stopping": if quick { "quick" } else { "graceful" } });
                     self.console.reply(id, 200, &reply.to_string(), now);
-                    self.stop(quick, "raasd ctl stop");
+                    if quick {
+                        self.stop(true, "raasd ctl stop");
+                    } else {
+                        self.stop_after_draining("raasd ctl stop");
+                    }
                     continue;
                 }
                 Request::ReopenLogs => {
@@ -75,18 +94,8 @@ impl Master {
         let now_epoch = super::epoch_seconds();
         let now = Instant::now();
         let now_ms = crate::scoreboard::monotonic_ms();
-        let state = match (&self.upgrade, &self.stopping) {
-            (Upgrade::Waiting { .. }, _) => "upgrading",
-            (Upgrade::HandedOver { .. }, _) => "handed over",
-            (_, Some(_)) => "stopping",
-            _ => "serving",
-        };
-        let accepting = (0..self.target)
-            .filter(|&slot| {
-                workers::current(&self.workers, slot, self.generation)
-                    .is_some_and(|w| w.life == Life::Accepting)
-            })
-            .count();
+        let census = self.census();
+        let state = self.phase().name();
         let mut totals: Totals = self.totals.clone();
         let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
             .ok()
@@ -109,6 +118,7 @@ impl Master {
                 generation: w.generation,
                 state: match w.life {
                     Life::Starting => "starting",
+                    Life::Accepting if self.is_late(w) => "late",
                     Life::Accepting => "accepting",
                     Life::Replacing => "replacing",
                     Life::Retiring => "retiring",
@@ -151,7 +161,8 @@ impl Master {
                 config_file: self.config.config.as_ref().map(|p| p.display().to_string()),
                 generation: self.generation,
                 target_workers: self.target,
-                accepting_workers: accepting,
+                accepting_workers: census.accepting,
+                late_workers: census.late,
                 state: state.to_string(),
                 handover: self.config.handover && self.coordination.handoff.is_some(),
             },
@@ -159,6 +170,89 @@ impl Master {
             workers: worker_status,
             totals,
         }
+    }
+}
+
+/// Where an upgrade is, for [`Phase::of`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum UpgradeStep {
+    Idle,
+    Waiting,
+    HandedOver,
+}
+
+/// What the master is doing, as `ctl status` says and `/readyz` decides by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// At least one worker of the current generation accepts and beats in time.
+    Serving,
+    /// No worker is wanted (WINCH, `ctl workers 0`): the sockets stay open and
+    /// connections wait in the accept queue.
+    Paused,
+    /// Workers are wanted but none accepts (starting, late or failing).
+    Unavailable,
+    /// A new master was started and is not ready yet; this one still serves.
+    Upgrading,
+    /// A new master took over; this one is on its way out.
+    HandedOver,
+    /// A graceful stop is coming (--drain-delay): the workers still accept, but
+    /// /readyz fails so that load balancers stop sending.
+    Draining,
+    /// A stop has begun.
+    Stopping,
+}
+
+impl Phase {
+    /// Decides from the master's state: a pure rule, so that it is tested alone.
+    pub(super) fn of(
+        upgrade: UpgradeStep,
+        (draining, stopping): (bool, bool),
+        census: workers::Census,
+        target: usize,
+    ) -> Phase {
+        match upgrade {
+            UpgradeStep::HandedOver => Phase::HandedOver,
+            _ if stopping => Phase::Stopping,
+            _ if draining => Phase::Draining,
+            _ if target == 0 => Phase::Paused,
+            _ if census.accepting == 0 => Phase::Unavailable,
+            UpgradeStep::Waiting => Phase::Upgrading,
+            UpgradeStep::Idle => Phase::Serving,
+        }
+    }
+
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Phase::Serving => "serving",
+            Phase::Paused => "paused",
+            Phase::Unavailable => "unavailable",
+            Phase::Upgrading => "upgrading",
+            Phase::HandedOver => "handed over",
+            Phase::Draining => "draining",
+            Phase::Stopping => "stopping",
+        }
+    }
+
+    /// Whether `/readyz` says yes: new clients are welcome.
+    pub(super) fn is_ready(self) -> bool {
+        matches!(self, Phase::Serving | Phase::Upgrading)
+    }
+}
+
+impl Master {
+    /// The master's phase now.
+    pub(super) fn phase(&self) -> Phase {
+        let step = match self.upgrade {
+            Upgrade::Idle => UpgradeStep::Idle,
+            Upgrade::Waiting { .. } => UpgradeStep::Waiting,
+            Upgrade::HandedOver { .. } => UpgradeStep::HandedOver,
+        };
+        Phase::of(
+            step,
+            (self.draining.is_some(), self.stopping.is_some()),
+            self.census(),
+            self.target,
+        )
     }
 }
 
@@ -202,4 +296,38 @@ fn accept_queue(listener: &Listener) -> Option<u32> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_phase_says_serving_only_while_a_worker_serves() {
+        let up = |accepting| workers::Census { accepting, late: 0 };
+        let idle = UpgradeStep::Idle;
+        assert_eq!(Phase::of(idle, (false, false), up(2), 2), Phase::Serving);
+        assert_eq!(Phase::of(idle, (false, false), up(0), 0), Phase::Paused);
+        assert_eq!(
+            Phase::of(idle, (false, false), up(0), 2),
+            Phase::Unavailable
+        );
+        assert_eq!(Phase::of(idle, (false, true), up(2), 2), Phase::Stopping);
+        assert_eq!(Phase::of(idle, (false, true), up(0), 0), Phase::Stopping);
+        let waiting = UpgradeStep::Waiting;
+        assert_eq!(
+            Phase::of(waiting, (false, false), up(1), 2),
+            Phase::Upgrading
+        );
+        let handed = UpgradeStep::HandedOver;
+        assert_eq!(
+            Phase::of(handed, (false, true), up(2), 2),
+            Phase::HandedOver
+        );
+        assert_eq!(Phase::of(idle, (true, false), up(2), 2), Phase::Draining);
+        assert_eq!(Phase::of(idle, (true, true), up(2), 2), Phase::Stopping);
+        assert!(Phase::Serving.is_ready() && Phase::Upgrading.is_ready());
+        assert!(!Phase::Draining.is_ready() && !Phase::Paused.is_ready());
+        assert_eq!(Phase::Paused.name(), "paused");
+    }
 }

@@ -102,6 +102,35 @@ pub(super) fn to_retire(workers: &[WorkerProcess], target: usize, generation: u6
         .collect()
 }
 
+/// How the slots of `0..target` stand: the one count behind the title, the status
+/// and the metrics, so that they never disagree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) struct Census {
+    /// Slots whose current worker accepts and beats in time.
+    pub accepting: usize,
+    /// Slots whose current worker accepts but has missed its beats: not counted as
+    /// accepting (it may be stopped, or stuck in a loop), not killed yet.
+    pub late: usize,
+}
+
+/// Counts the slots of `0..target` in `generation`; `is_late` is the heartbeat rule.
+pub(super) fn census(
+    workers: &[WorkerProcess],
+    target: usize,
+    generation: u64,
+    is_late: impl Fn(&WorkerProcess) -> bool,
+) -> Census {
+    let mut census = Census::default();
+    for slot in 0..target {
+        match current(workers, slot, generation) {
+            Some(w) if w.life == Life::Accepting && is_late(w) => census.late += 1,
+            Some(w) if w.life == Life::Accepting => census.accepting += 1,
+            _ => {}
+        }
+    }
+    census
+}
+
 /// Whether every slot of `0..target` has an accepting worker of `generation`.
 pub(super) fn all_accepting(workers: &[WorkerProcess], target: usize, generation: u64) -> bool {
     target > 0
@@ -180,5 +209,25 @@ mod tests {
         assert_eq!(slots_to_fill(&set, 2, 1), vec![0, 1]);
         assert!(to_retire(&set, 0, 1).is_empty());
         assert!(set.iter().all(WorkerProcess::is_ending));
+    }
+
+    #[test]
+    fn a_late_worker_is_counted_as_late_not_as_accepting() {
+        let ws = vec![
+            worker(10, 0, 2, Life::Accepting),
+            worker(11, 1, 2, Life::Accepting),
+            worker(12, 2, 2, Life::Starting),
+            worker(13, 1, 1, Life::Retiring),
+        ];
+        let late = |w: &WorkerProcess| w.pid.as_raw() == 11;
+        assert_eq!(
+            census(&ws, 3, 2, late),
+            Census {
+                accepting: 1,
+                late: 1
+            }
+        );
+        assert_eq!(census(&ws, 3, 2, |_| false).accepting, 2);
+        assert_eq!(census(&ws, 0, 2, |_| false), Census::default());
     }
 }

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod crowd;
+pub mod exposition;
 pub mod load;
 pub mod sticky;
 
@@ -595,7 +596,7 @@ impl Server {
             .iter()
             .filter_map(|l| {
                 l.split_once("listening on ")
-                    .map(|(_, a)| a.trim().to_owned())
+                    .map(|(_, a)| listen_text(a).to_owned())
             })
             .collect()
     }
@@ -603,7 +604,7 @@ impl Server {
     /// The address of the first TCP `listening on` line.
     pub fn addr(&self) -> SocketAddr {
         let line = self.wait_for_log("listening on ", SOON);
-        let text = line.split_once("listening on ").unwrap().1.trim();
+        let text = listen_text(line.split_once("listening on ").unwrap().1);
         text.parse().unwrap_or_else(|e| {
             panic!("cannot parse the address {text:?} of log line {line:?}: {e}")
         })
@@ -876,27 +877,9 @@ pub fn reverse_graphemes(s: &str) -> String {
 // Misc
 // ---------------------------------------------------------------------------------------
 
-/// Runs `raasd ctl --control SOCKET ARGS...`: (exit code, stdout, stderr).
-pub fn ctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN)
-        .arg("ctl")
-        .arg("--control")
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("raasd ctl");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-/// `raasd ctl status --json`, parsed.
+/// `raasd ctl status --json`, parsed (the same as [`status`]).
 pub fn ctl_status(socket: &Path) -> serde_json::Value {
-    let (code, out, err) = ctl(socket, &["status", "--json"]);
-    assert_eq!(code, 0, "raasd ctl status: {out} {err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status is not JSON ({e}): {out}"))
+    status(socket)
 }
 
 /// A fresh path in the temp dir, unique per test process and call; nothing is created.
@@ -1054,4 +1037,68 @@ impl Drop for MemoryCgroup {
         // are reaped.
         poll_until(SOON, || fs::remove_dir(&self.dir).is_ok());
     }
+}
+
+/// The address after `listening on ` in a text or a JSON log line (where a quote
+/// ends the message).
+fn listen_text(after: &str) -> &str {
+    after.split('"').next().unwrap_or(after).trim()
+}
+
+/// A loopback address with a port that was free a moment ago (for `--metrics`, which
+/// takes no port 0).
+pub fn free_loopback_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().unwrap().to_string()
+}
+
+/// One HTTP/1.1 `GET path` to `addr`: (status code, head, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+    stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status code in {head:?}"));
+    (code, head.to_string(), body.to_string())
+}
+
+/// A directory of its own (mode 0755, so another user can reach a socket in it),
+/// removed when the guard is dropped.
+pub fn dir(tag: &str) -> (PathBuf, RemoveDirOnDrop) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = temp_path(tag);
+    fs::create_dir_all(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+    (dir.clone(), RemoveDirOnDrop(dir))
+}
+
+/// Runs `raasd ctl --control SOCKET ARGS...`: (exit code, stdout, stderr).
+pub fn ctl(socket: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .arg("ctl")
+        .arg("--control")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("raasd ctl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `raasd ctl status --json`, which must succeed.
+pub fn status(socket: &Path) -> serde_json::Value {
+    let (code, out, err) = ctl(socket, &["status", "--json"]);
+    assert_eq!(code, 0, "raasd ctl status: {out} {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status is not JSON ({e}): {out}"))
 }

@@ -37,7 +37,12 @@ impl FromStr for Addr {
             }
             Target::Unix(PathBuf::from(path))
         } else {
-            let resolved = s
+            // `:PORT`, as raasd's --listen takes it: this machine.
+            let host_port = match s.strip_prefix(':') {
+                Some(port) => format!("127.0.0.1:{port}"),
+                None => s.to_string(),
+            };
+            let resolved = host_port
                 .to_socket_addrs()
                 .map_err(|e| format!("'{s}' is not HOST:PORT or unix:PATH ({e})"))?
                 .next()
@@ -124,6 +129,10 @@ mod tests {
         let u: Addr = "unix:/tmp/x.sock".parse().unwrap();
         assert!(!u.is_tcp());
         assert!("[::1]:80".parse::<Addr>().is_ok());
+        // `:PORT`, as raasd --listen takes it: this machine.
+        let local: Addr = ":2200".parse().unwrap();
+        assert!(local.is_tcp());
+        assert_eq!(local.to_string(), ":2200");
     }
 
     #[test]

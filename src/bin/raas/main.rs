@@ -40,7 +40,7 @@ use crate::addr::Addr;
 #[command(
     name = "raas",
     version,
-    max_term_width = 100,
+    max_term_width = 80,
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
@@ -59,7 +59,7 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct PipeArgs {
-    /// Server address: HOST:PORT, [V6]:PORT or unix:PATH.
+    /// Server address: HOST:PORT, [V6]:PORT, :PORT (this machine) or unix:PATH.
     #[arg(value_name = "ADDR", default_value = "127.0.0.1:2200")]
     addr: Addr,
 

@@ -216,11 +216,8 @@ impl Client<'_> {
                     if let Some(end) = buf[..filled].iter().position(|&b| b == b'\n') {
                         // Shorter than the line it answers: an error message, sent
                         // just before the server closed.
-                        return Ended::Fatal(format!(
-                            "the server answered line {} with '{}' and closed the connection",
-                            self.answered + 1,
-                            String::from_utf8_lossy(&buf[..end]).trim_end()
-                        ));
+                        let err = String::from_utf8_lossy(&buf[..end]);
+                        return Ended::Fatal(refused(self.answered, err.trim_end()));
                     }
                     return Ended::Lost {
                         why: format!("connection to {} closed by the server", self.addr),
@@ -237,29 +234,37 @@ impl Client<'_> {
                 }
             };
             filled += n;
-            let used = match self.window.take_replies(&buf[..filled], self.answered) {
-                Ok((used, replies)) => {
-                    self.answered += replies;
-                    used
+            let taken = self.window.take_replies(&buf[..filled], self.answered);
+            let used = taken.used;
+            // The replies before a mismatch are good: out they go before the error.
+            if used > 0 {
+                if let Err(e) = self.stdout.write_all(&buf[..used]) {
+                    return Ended::Fatal(format!("writing stdout: {e}"));
                 }
-                Err(Mismatch::WrongLength { number }) => {
+                self.answered += taken.replies;
+            }
+            if taken.mismatch.is_some()
+                && let Some(err) = server_error(&buf[used..filled])
+            {
+                return Ended::Fatal(refused(self.answered, &err));
+            }
+            match taken.mismatch {
+                None => {}
+                Some(Mismatch::WrongLength { number }) => {
                     return Ended::Fatal(format!(
                         "the reply to line {number} is not as long as the line: \
                          is {} a RAAS server?",
                         self.addr
                     ));
                 }
-                Err(Mismatch::Unsolicited) => {
+                Some(Mismatch::Unsolicited) => {
                     return Ended::Fatal(format!(
                         "{} sent more replies than lines were sent: is it a RAAS server?",
                         self.addr
                     ));
                 }
-            };
+            }
             if used > 0 {
-                if let Err(e) = self.stdout.write_all(&buf[..used]) {
-                    return Ended::Fatal(format!("writing stdout: {e}"));
-                }
                 buf.copy_within(used..filled, 0);
                 filled -= used;
                 if !made_progress {
@@ -272,6 +277,23 @@ impl Client<'_> {
             }
         }
     }
+}
+
+/// The server's `ERR ...` reply at the start of `rest`, when there is one whole.
+fn server_error(rest: &[u8]) -> Option<String> {
+    let end = rest.iter().position(|&b| b == b'\n')?;
+    let line = String::from_utf8_lossy(&rest[..end]);
+    line.starts_with("ERR ")
+        .then(|| line.trim_end().to_string())
+}
+
+/// What the user is told when the server answers line `answered + 1` with `err` and
+/// closes: which line, what it said, and that the replies before it were written.
+fn refused(answered: u64, err: &str) -> String {
+    format!(
+        "the server refused line {}: '{err}' (the {answered} replies before it are written)",
+        answered + 1
+    )
 }
 
 /// The sender of one session: writes whatever the window has unsent, then half-closes
@@ -294,5 +316,24 @@ fn send_lines(mut socket: &Socket, window: &Window, session: u64) {
             }
             Send::Stop => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_err_reply_is_told_apart_from_a_wrong_length() {
+        assert_eq!(
+            server_error(b"ERR line too long (max 10 bytes)\r\nmore"),
+            Some("ERR line too long (max 10 bytes)".to_string())
+        );
+        assert_eq!(server_error(b"ERR no newline yet"), None);
+        assert_eq!(server_error(b"olleh\n"), None);
+        assert_eq!(
+            refused(1000, "ERR x"),
+            "the server refused line 1001: 'ERR x' (the 1000 replies before it are written)"
+        );
     }
 }

@@ -44,6 +44,18 @@ pub enum Send {
     Stop,
 }
 
+/// What [`Window::take_replies`] found at the start of the received bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Taken {
+    /// Bytes that are whole replies, to be written out.
+    pub used: usize,
+    /// How many replies that is.
+    pub replies: u64,
+    /// Why the bytes after `used` do not fit the next line, if they do not: the
+    /// replies before it are good all the same.
+    pub mismatch: Option<Mismatch>,
+}
+
 /// The reply stream does not fit the lines sent.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Mismatch {
@@ -167,31 +179,26 @@ impl Window {
         }
     }
 
-    /// Takes the replies at the start of `data`; returns how many bytes of it are
-    /// whole replies (to be written out) and how many replies that is, or why the
-    /// replies do not fit the lines. `answered_before` is the number of lines answered
-    /// before, for messages.
-    pub fn take_replies(
-        &self,
-        data: &[u8],
-        answered_before: u64,
-    ) -> Result<(usize, u64), Mismatch> {
+    /// Takes the replies at the start of `data`, up to the first that does not fit
+    /// its line. `answered_before` is the number of lines answered before, for
+    /// messages.
+    pub fn take_replies(&self, data: &[u8], answered_before: u64) -> Taken {
         let mut st = self.lock();
         let mut used = 0;
         let mut taken = 0u64;
-        let mut result = Ok(());
+        let mut mismatch = None;
         while let Some(&len) = st.lines.front() {
             if data.len() - used < len {
                 break;
             }
             if data[used + len - 1] != b'\n' {
-                result = Err(Mismatch::WrongLength {
+                mismatch = Some(Mismatch::WrongLength {
                     number: answered_before + taken + 1,
                 });
                 break;
             }
             if st.head + len > st.sent {
-                result = Err(Mismatch::Unsolicited);
+                mismatch = Some(Mismatch::Unsolicited);
                 break;
             }
             st.lines.pop_front();
@@ -199,15 +206,19 @@ impl Window {
             used += len;
             taken += 1;
         }
-        if result.is_ok() && st.lines.is_empty() && used < data.len() {
-            result = Err(Mismatch::Unsolicited);
+        if mismatch.is_none() && st.lines.is_empty() && used < data.len() {
+            mismatch = Some(Mismatch::Unsolicited);
         }
         st.reclaim();
         drop(st);
         if taken > 0 {
             self.changed.notify_all();
         }
-        result.map(|()| (used, taken))
+        Taken {
+            used,
+            replies: taken,
+            mismatch,
+        }
     }
 }
 
@@ -236,6 +247,14 @@ impl State {
 mod tests {
     use super::*;
 
+    fn taken(used: usize, replies: u64, mismatch: Option<Mismatch>) -> Taken {
+        Taken {
+            used,
+            replies,
+            mismatch,
+        }
+    }
+
     fn send_all(w: &Window, session: u64) -> Vec<u8> {
         let mut all = Vec::new();
         let mut buf = Vec::new();
@@ -254,12 +273,12 @@ mod tests {
         let s = w.begin_session();
         assert_eq!(send_all(&w, s), b"ab\ncde\n\n");
         // The first reply and half of the second arrive, then the connection drops.
-        assert_eq!(w.take_replies(b"ba\ned", 0), Ok((3, 1)));
+        assert_eq!(w.take_replies(b"ba\ned", 0), taken(3, 1, None));
         assert_eq!(w.unanswered(), 2);
         w.end_session();
         let s = w.begin_session();
         assert_eq!(send_all(&w, s), b"cde\n\n");
-        assert_eq!(w.take_replies(b"edc\n\n", 1), Ok((5, 2)));
+        assert_eq!(w.take_replies(b"edc\n\n", 1), taken(5, 2, None));
         assert!(w.finished());
         assert!(!w.wait_for_work());
     }
@@ -273,10 +292,27 @@ mod tests {
         assert!(matches!(w.next_to_send(s, &mut buf, 100), Send::Data));
         assert_eq!(
             w.take_replies(b"ERR x\n", 7),
-            Err(Mismatch::WrongLength { number: 8 })
+            taken(0, 0, Some(Mismatch::WrongLength { number: 8 }))
         );
-        assert_eq!(w.take_replies(b"cba\nd\n", 0), Ok((6, 2)));
-        assert_eq!(w.take_replies(b"x\n", 2), Err(Mismatch::Unsolicited));
+        assert_eq!(w.take_replies(b"cba\nd\n", 0), taken(6, 2, None));
+        assert_eq!(
+            w.take_replies(b"x\n", 2),
+            taken(0, 0, Some(Mismatch::Unsolicited))
+        );
+    }
+
+    #[test]
+    fn the_replies_before_a_mismatch_are_taken() {
+        let w = Window::new(1 << 20, 1000);
+        w.push(b"ab\n12345678901\n");
+        let s = w.begin_session();
+        let mut buf = Vec::new();
+        assert!(matches!(w.next_to_send(s, &mut buf, 100), Send::Data));
+        assert_eq!(
+            w.take_replies(b"ba\nERR line too long (max 10 bytes)\n", 0),
+            taken(3, 1, Some(Mismatch::WrongLength { number: 2 }))
+        );
+        assert_eq!(w.unanswered(), 1);
     }
 
     #[test]
@@ -286,7 +322,10 @@ mod tests {
         let s = w.begin_session();
         let mut buf = Vec::new();
         assert!(matches!(w.next_to_send(s, &mut buf, 2), Send::Data));
-        assert_eq!(w.take_replies(b"a\nb\n", 0), Err(Mismatch::Unsolicited));
+        assert_eq!(
+            w.take_replies(b"a\nb\n", 0),
+            taken(2, 1, Some(Mismatch::Unsolicited))
+        );
     }
 
     #[test]
@@ -299,7 +338,7 @@ mod tests {
         let mut buf = Vec::new();
         assert!(matches!(w.next_to_send(s, &mut buf, 100), Send::Data));
         assert_eq!(buf, b"abc\n");
-        assert_eq!(w.take_replies(b"cba\n", 0), Ok((4, 1)));
+        assert_eq!(w.take_replies(b"cba\n", 0), taken(4, 1, None));
         pusher.join().unwrap();
         assert_eq!(w.unanswered(), 1);
     }
