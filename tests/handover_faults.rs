@@ -151,36 +151,56 @@ fn a_receiver_killed_right_after_taking_a_batch_ends_only_its_connections() {
 fn a_receiver_stopped_during_a_hup_delays_only_its_own_clients() {
     let s = Server::start(&["-w", "2", "-l", "127.0.0.1:0", "--timeout", "0"]);
     s.wait_for_log("all 2 workers accepting", SOON);
-    let old = pid_set(&s.wait_workers(2));
     let mut crowd = Crowd::open(s.addr(), 600);
     assert!(crowd.exchange_all(SOON).is_empty());
-    s.signal(Signal::SIGHUP);
-    let mut stopped = 0;
-    catch("a new worker", || {
-        if let Some(w) = s.workers().iter().find(|w| !old.contains(&w.pid)) {
-            stopped = w.pid;
-        }
-        stopped != 0
-    });
-    signal_pid(stopped, Signal::SIGSTOP);
-    // While it is stopped, every client it does not hold is served.
-    let start = Instant::now();
+    // A new worker is stopped as soon as it appears. If it was quick enough to claim
+    // every batch first, all clients are its own and there is nobody else to check:
+    // let it go and try another HUP.
     let mut checked = 0;
-    while start.elapsed() < STALL {
-        let held = crowd.held_by(stopped);
-        for i in 0..crowd.len() {
-            if !held.contains(&i) {
-                assert_eq!(crowd.exchange(i, PROMPT), Exchange::Ok, "client {i}");
-                checked += 1;
+    for _ in 0..5 {
+        let old: std::collections::BTreeSet<i32> = children_of(s.pid()).into_iter().collect();
+        s.signal(Signal::SIGHUP);
+        let mut stopped = 0;
+        catch("a new worker", || {
+            stopped = children_of(s.pid())
+                .into_iter()
+                .find(|p| !old.contains(p))
+                .unwrap_or(0);
+            stopped != 0
+        });
+        signal_pid(stopped, Signal::SIGSTOP);
+        // While it is stopped, every client it does not hold is served.
+        let start = Instant::now();
+        while start.elapsed() < STALL {
+            let held = crowd.held_by(stopped);
+            if held.len() == crowd.len() {
+                break;
+            }
+            for i in 0..crowd.len() {
+                if !held.contains(&i) {
+                    assert_eq!(crowd.exchange(i, PROMPT), Exchange::Ok, "client {i}");
+                    checked += 1;
+                }
             }
         }
+        signal_pid(stopped, Signal::SIGCONT);
+        // Settled: every connection with exactly one process. (A batch whose wake-up
+        // went to the stopped worker may have gone back to its sender, which serves
+        // it on: its old worker may stay.)
+        wait_until("every connection to have one holder", SOON, || {
+            let mut pids = vec![s.pid()];
+            pids.extend(children_of(s.pid()));
+            crowd.holders(&pids).iter().all(|(_, h)| h.len() == 1)
+        });
+        assert_each_served_by_one(&s, &mut crowd);
+        if checked > 0 {
+            break;
+        }
     }
-    assert!(checked > 0);
-    signal_pid(stopped, Signal::SIGCONT);
-    wait_until("the old generation to hand everything over", SOON, || {
-        old.iter().all(|&p| !alive(p)) || crowd.exchange_all(PROMPT).is_empty()
-    });
-    assert_each_served_by_one(&s, &mut crowd);
+    assert!(
+        checked > 0,
+        "the stopped receiver held every client in 5 HUPs"
+    );
 }
 
 #[test]
