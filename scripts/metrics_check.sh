@@ -105,7 +105,7 @@ from prometheus_client.parser import text_string_to_metric_families
 text = open(sys.argv[1]).read()
 samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
 assert samples.get("raasd_requests_total") == 100, samples
-assert samples.get("raasd_workers") == 2, samples
+assert samples.get("raasd_workers_target") == 2, samples
 print(f"metrics_check: {len(samples)} sample names read")
 EOF
 echo "metrics_check: ok"

@@ -652,11 +652,11 @@ pub struct MasterStatus {
     pub started_at: u64,
     pub config_file: Option<String>,
     pub generation: u64,
-    pub target_workers: usize,
+    pub workers_target: usize,
     /// Current workers that beat in time (a late one is not counted).
-    pub accepting_workers: usize,
+    pub workers_accepting: usize,
     /// Current workers that have missed their heartbeat, not killed yet.
-    pub late_workers: usize,
+    pub workers_late: usize,
     /// `idle`, `waiting for the new master`, `handed over`, `stopping`.
     pub state: String,
     pub handover: bool,
@@ -678,10 +678,11 @@ pub struct WorkerStatus {
     pub state: &'static str,
     /// Seconds since the epoch.
     pub started_at: u64,
+    /// Open now.
     pub connections: u64,
     pub requests: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
     pub heartbeat_age_ms: u64,
     pub resident_bytes: Option<u64>,
     /// `seccomp`, `off`, `unavailable` or `pending` (see [`crate::sandbox::Confinement`]).
@@ -692,9 +693,14 @@ pub struct WorkerStatus {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Totals {
     pub requests: u64,
-    pub connections: u64,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
+    /// Accepted (a connection handed over is not counted again). The aliases read
+    /// the totals a previous master of an older version hands on.
+    #[serde(alias = "connections")]
+    pub connections_accepted: u64,
+    #[serde(alias = "bytes_in")]
+    pub bytes_received: u64,
+    #[serde(alias = "bytes_out")]
+    pub bytes_sent: u64,
     /// Workers replaced, by reason: `reload`, `resize`, `recycled` (--max-requests,
     /// --max-worker-memory), `failed` (an error exit or a crash), `ended from
     /// outside` (a kill), `killed by the master` (heartbeat, stop deadline).
@@ -705,17 +711,17 @@ impl Totals {
     /// Adds what a worker that is gone had done.
     pub fn add_gone(&mut self, counters: &crate::scoreboard::Counters) {
         self.requests += counters.served;
-        self.connections += counters.accepted;
-        self.bytes_in += counters.bytes_in;
-        self.bytes_out += counters.bytes_out;
+        self.connections_accepted += counters.accepted;
+        self.bytes_received += counters.bytes_in;
+        self.bytes_sent += counters.bytes_out;
     }
 
     /// Adds the totals a previous master handed on.
     pub fn add(&mut self, other: &Totals) {
         self.requests += other.requests;
-        self.connections += other.connections;
-        self.bytes_in += other.bytes_in;
-        self.bytes_out += other.bytes_out;
+        self.connections_accepted += other.connections_accepted;
+        self.bytes_received += other.bytes_received;
+        self.bytes_sent += other.bytes_sent;
         for (reason, n) in &other.restarts {
             *self.restarts.entry(reason.clone()).or_default() += n;
         }
@@ -748,19 +754,19 @@ pub fn metrics(status: &Status) -> String {
         "raasd_connections_accepted_total",
         "counter",
         "Connections accepted since the master started.",
-        vec![(String::new(), t.connections.to_string())],
+        vec![(String::new(), t.connections_accepted.to_string())],
     );
     put(
         "raasd_bytes_received_total",
         "counter",
         "Bytes read from clients since the master started.",
-        vec![(String::new(), t.bytes_in.to_string())],
+        vec![(String::new(), t.bytes_received.to_string())],
     );
     put(
         "raasd_bytes_sent_total",
         "counter",
         "Bytes written to clients since the master started.",
-        vec![(String::new(), t.bytes_out.to_string())],
+        vec![(String::new(), t.bytes_sent.to_string())],
     );
     put(
         "raasd_worker_restarts_total",
@@ -777,22 +783,22 @@ pub fn metrics(status: &Status) -> String {
             .collect(),
     );
     put(
-        "raasd_workers",
+        "raasd_workers_target",
         "gauge",
         "Worker processes wanted.",
-        vec![(String::new(), status.master.target_workers.to_string())],
+        vec![(String::new(), status.master.workers_target.to_string())],
     );
     put(
         "raasd_workers_accepting",
         "gauge",
         "Workers of the current generation accepting, beating in time.",
-        vec![(String::new(), status.master.accepting_workers.to_string())],
+        vec![(String::new(), status.master.workers_accepting.to_string())],
     );
     put(
         "raasd_workers_late",
         "gauge",
         "Workers of the current generation that missed their heartbeat.",
-        vec![(String::new(), status.master.late_workers.to_string())],
+        vec![(String::new(), status.master.workers_late.to_string())],
     );
     put(
         "raasd_generation",

@@ -240,20 +240,20 @@ fn status_table(status: &serde_json::Value) -> String {
         s(&m["version"]),
         s(&m["generation"]),
         s(&m["state"]),
-        s(&m["accepting_workers"]),
-        s(&m["target_workers"]),
-        match m["late_workers"].as_u64() {
+        s(&m["workers_accepting"]),
+        s(&m["workers_target"]),
+        match m["workers_late"].as_u64() {
             Some(late) if late > 0 => format!(", {late} late"),
             _ => String::new(),
         }
     );
     let _ = writeln!(
         out,
-        "since start: {} requests on {} connections, {} bytes in, {} bytes out; restarts: {}",
+        "since start: {} requests on {} connections, {} bytes received, {} bytes sent; restarts: {}",
         s(&t["requests"]),
-        s(&t["connections"]),
-        s(&t["bytes_in"]),
-        s(&t["bytes_out"]),
+        s(&t["connections_accepted"]),
+        s(&t["bytes_received"]),
+        s(&t["bytes_sent"]),
         t["restarts"]
             .as_object()
             .map(|r| {
@@ -285,8 +285,8 @@ fn status_table(status: &serde_json::Value) -> String {
         "state",
         "conns",
         "requests",
-        "bytes in",
-        "bytes out",
+        "received",
+        "sent",
         "beat ms",
         "rss MiB"
     );
@@ -303,8 +303,8 @@ fn status_table(status: &serde_json::Value) -> String {
             s(&w["state"]),
             s(&w["connections"]),
             s(&w["requests"]),
-            s(&w["bytes_in"]),
-            s(&w["bytes_out"]),
+            s(&w["bytes_received"]),
+            s(&w["bytes_sent"]),
             s(&w["heartbeat_age_ms"]),
             rss,
             s(&w["sandbox"])

@@ -409,13 +409,14 @@ mod tests {
 
     #[test]
     fn access_fields_read_back_with_their_quotes_undone() {
-        let fields = access_fields("peer=127.0.0.1:5 duration_ms=12 lines=3 end=\"client closed\"");
+        let fields =
+            access_fields("peer=127.0.0.1:5 duration_ms=12 requests=3 end=\"client closed\"");
         assert_eq!(
             fields,
             [
                 ("peer".to_string(), "127.0.0.1:5".to_string()),
                 ("duration_ms".to_string(), "12".to_string()),
-                ("lines".to_string(), "3".to_string()),
+                ("requests".to_string(), "3".to_string()),
                 ("end".to_string(), "client closed".to_string()),
             ]
         );

@@ -885,7 +885,7 @@ impl<'a> Worker<'a> {
         self.title_shown = Some(now);
         let (slot, generation) = (self.who.slot, self.who.generation);
         let mut text = format!(
-            "raasd worker[{slot}]{} gen {generation}: {} conns, {} served",
+            "raasd worker[{slot}]{} gen {generation}: {} conns, {} requests",
             title::name_part(self.who.name),
             self.table.open(),
             self.tally.traffic.served
@@ -980,7 +980,7 @@ fn log_access(connection: &Connection, ending: Ending) {
     };
     let traffic = connection.traffic();
     crate::logging::access(&format!(
-        "peer={peer} duration_ms={} lines={} bytes_in={} bytes_out={} end=\"{}\"",
+        "peer={peer} duration_ms={} requests={} bytes_received={} bytes_sent={} end=\"{}\"",
         connection.opened.elapsed().as_millis(),
         traffic.served,
         traffic.bytes_in,

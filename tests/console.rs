@@ -45,13 +45,13 @@ fn status_adds_up_to_the_replies_clients_received() {
     }
     let st = ctl_status(&socket);
     assert_eq!(st["master"]["pid"], s.pid(), "{st}");
-    assert_eq!(st["master"]["target_workers"], 2);
-    assert_eq!(st["master"]["accepting_workers"], 2);
+    assert_eq!(st["master"]["workers_target"], 2);
+    assert_eq!(st["master"]["workers_accepting"], 2);
     assert_eq!(st["master"]["state"], "serving");
     assert_eq!(st["totals"]["requests"], replies, "{st}");
-    assert_eq!(st["totals"]["bytes_in"], bytes, "{st}");
-    assert_eq!(st["totals"]["bytes_out"], bytes, "{st}");
-    assert_eq!(st["totals"]["connections"], 4);
+    assert_eq!(st["totals"]["bytes_received"], bytes, "{st}");
+    assert_eq!(st["totals"]["bytes_sent"], bytes, "{st}");
+    assert_eq!(st["totals"]["connections_accepted"], 4);
     let workers = st["workers"].as_array().unwrap();
     assert_eq!(workers.len(), 2);
     let open: u64 = workers
@@ -180,7 +180,7 @@ fn totals_go_on_across_an_upgrade_and_taken_over_connections_count() {
         last["totals"]["requests"] == 14
     });
     assert!(carried, "the totals did not go on from 11 to 14: {last}");
-    assert_eq!(last["totals"]["connections"], 11, "{last}");
+    assert_eq!(last["totals"]["connections_accepted"], 11, "{last}");
     // A reload in the new master: the worker that took the connection over says so.
     kill(Pid::from_raw(new_pid), Signal::SIGHUP).unwrap();
     s.wait_for_log("after 3 requests on 1 connection", SOON);
@@ -215,7 +215,7 @@ fn ctl_finds_the_socket_in_any_config_file_and_says_what_is_wrong() {
         String::from_utf8_lossy(&out.stderr),
     );
     assert_eq!(out.status.code(), Some(0), "{stdout} {stderr}");
-    assert!(stdout.contains("\"accepting_workers\":2"), "{stdout}");
+    assert!(stdout.contains("\"workers_accepting\":2"), "{stdout}");
     // `workers` without its count.
     let (code, _, err) = ctl(&socket, &["workers"]);
     assert_eq!(code, 2);
@@ -298,7 +298,7 @@ fn metrics_are_a_valid_prometheus_exposition() {
     });
     let parsed = exposition::parse(&body).unwrap_or_else(|e| panic!("{e}\n{body}"));
     assert_eq!(parsed.sum("raasd_requests_total"), Some(10.0), "{body}");
-    assert_eq!(parsed.sum("raasd_workers"), Some(2.0), "{body}");
+    assert_eq!(parsed.sum("raasd_workers_target"), Some(2.0), "{body}");
     assert_eq!(
         parsed.sum("raasd_bytes_received_total"),
         Some(90.0),

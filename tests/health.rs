@@ -65,15 +65,15 @@ impl Drop for Stopped {
     }
 }
 
-/// `N conns` and `M served` of a worker title `raasd worker[0] gen 1: 3 conns, 30 served`.
+/// `N conns` and `M requests` of a worker title `raasd worker[0] gen 1: 3 conns, 30 requests`.
 fn title_counters(title: &str) -> Option<(u64, u64)> {
-    // `N conns, M served`, then maybe `, took over K` and `, handed over ...`.
+    // `N conns, M requests`, then maybe `, took over K` and `, handed over ...`.
     let status = title.split_once(": ")?.1;
     let mut parts = status.split(", ");
     let (conns, served) = (parts.next()?, parts.next()?);
     Some((
         conns.strip_suffix(" conns")?.parse().ok()?,
-        served.strip_suffix(" served")?.parse().ok()?,
+        served.strip_suffix(" requests")?.parse().ok()?,
     ))
 }
 
@@ -260,8 +260,8 @@ fn a_late_worker_is_late_in_the_title_the_status_and_the_metrics() {
         &format!("raasd master gen 1: 1/2 workers, 1 late -w 2 {addr}"),
     );
     let st = status(&socket);
-    assert_eq!(st["master"]["accepting_workers"], 1, "{st}");
-    assert_eq!(st["master"]["late_workers"], 1, "{st}");
+    assert_eq!(st["master"]["workers_accepting"], 1, "{st}");
+    assert_eq!(st["master"]["workers_late"], 1, "{st}");
     let states: Vec<(i64, &str)> = st["workers"]
         .as_array()
         .unwrap()
@@ -282,7 +282,7 @@ fn a_late_worker_is_late_in_the_title_the_status_and_the_metrics() {
         s.pid(),
         &format!("raasd master gen 1: 2/2 workers -w 2 {addr}"),
     );
-    assert_eq!(status(&socket)["master"]["accepting_workers"], 2);
+    assert_eq!(status(&socket)["master"]["workers_accepting"], 2);
 }
 
 #[test]
@@ -1099,17 +1099,17 @@ fn the_title_counts_connections_and_requests() {
     let mut seen = String::new();
     let ok = poll_until(Duration::from_secs(3), || {
         seen = title();
-        seen.ends_with(": 3 conns, 30 served")
+        seen.ends_with(": 3 conns, 30 requests")
     });
-    assert!(ok, "title {seen:?}, want `3 conns, 30 served`");
+    assert!(ok, "title {seen:?}, want `3 conns, 30 requests`");
     drop(clients);
     let ok = poll_until(Duration::from_secs(3), || {
         seen = title();
-        seen.ends_with(": 0 conns, 30 served")
+        seen.ends_with(": 0 conns, 30 requests")
     });
     assert!(
         ok,
-        "title {seen:?} after the clients closed, want `0 conns, 30 served`"
+        "title {seen:?} after the clients closed, want `0 conns, 30 requests`"
     );
     assert_eq!(s.workers(), vec![worker]);
 }

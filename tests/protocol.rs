@@ -345,7 +345,7 @@ fn the_access_log_has_a_line_per_closed_connection_with_why_it_ended() {
     });
     let lines: Vec<&str> = text.lines().collect();
     assert!(
-        lines[0].contains(" lines=2 bytes_in=7 bytes_out=7 end=\"client closed\""),
+        lines[0].contains(" requests=2 bytes_received=7 bytes_sent=7 end=\"client closed\""),
         "{text}"
     );
     assert!(
@@ -353,7 +353,7 @@ fn the_access_log_has_a_line_per_closed_connection_with_why_it_ended() {
         "{text}"
     );
     assert!(
-        lines[1].contains(" lines=0 ") && lines[1].contains("end=\"line too long\""),
+        lines[1].contains(" requests=0 ") && lines[1].contains("end=\"line too long\""),
         "{text}"
     );
 }

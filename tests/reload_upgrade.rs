@@ -1581,7 +1581,7 @@ fn usr1_moves_the_access_log_of_every_worker_to_the_new_file() {
     let addr = first_listen_addr(&text_of(&log).lines().map(str::to_owned).collect::<Vec<_>>())
         .expect("a `listening on` line in the log file");
     assert_eq!(roundtrip(addr, "old"), "dlo");
-    wait_file_line(&access, "lines=1 bytes_in=4", 1);
+    wait_file_line(&access, "requests=1 bytes_received=4", 1);
     let workers = s.wait_workers(2);
     fs::rename(&access, &rotated).expect("rename the access log");
     s.signal(Signal::SIGUSR1);
@@ -1602,7 +1602,7 @@ fn usr1_moves_the_access_log_of_every_worker_to_the_new_file() {
             line.chars().rev().collect::<String>()
         );
     }
-    wait_file_line(&access, "lines=1 bytes_in=6", 20);
+    wait_file_line(&access, "requests=1 bytes_received=6", 20);
     let new_text = text_of(&access);
     for w in &workers {
         assert!(

@@ -1230,7 +1230,7 @@ fn a_large_incomplete_line_moves_through_a_memfd_between_sandboxed_workers() {
         .collect();
     client.send(line.as_bytes()).unwrap();
     wait_until("the worker to have read the incomplete line", SOON, || {
-        ctl_status(&socket)["workers"][0]["bytes_in"].as_u64() >= Some(60_000 + 7)
+        ctl_status(&socket)["workers"][0]["bytes_received"].as_u64() >= Some(60_000 + 7)
     });
     let old = s.wait_workers(1);
     s.signal(Signal::SIGHUP);

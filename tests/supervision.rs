@@ -366,7 +366,7 @@ fn json_logs_are_one_object_a_line_through_every_signal() {
     for line in access_log.lines() {
         let v: serde_json::Value = serde_json::from_str(line)
             .unwrap_or_else(|e| panic!("access log line not JSON ({e}): {line}"));
-        assert_eq!(v["lines"], 1, "{line}");
+        assert_eq!(v["requests"], 1, "{line}");
         assert!(v["peer"].is_string() && v["end"].is_string(), "{line}");
     }
 }

@@ -260,7 +260,7 @@ impl Master {
                     info!(
                         "the old master's totals carried on: {} on {}",
                         logging::plural(theirs.requests, "request"),
-                        logging::plural(theirs.connections, "connection")
+                        logging::plural(theirs.connections_accepted, "connection")
                     );
                     self.totals.add(&theirs);
                 }

@@ -105,9 +105,9 @@ impl Master {
         for w in &self.workers {
             let c = self.scoreboard.counters(w.cell);
             totals.requests += c.served;
-            totals.connections += c.accepted;
-            totals.bytes_in += c.bytes_in;
-            totals.bytes_out += c.bytes_out;
+            totals.connections_accepted += c.accepted;
+            totals.bytes_received += c.bytes_in;
+            totals.bytes_sent += c.bytes_out;
             let resident = std::fs::read_to_string(format!("/proc/{}/statm", w.pid))
                 .ok()
                 .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
@@ -127,8 +127,8 @@ impl Master {
                 started_at: now_epoch.saturating_sub(now.duration_since(w.spawned_at).as_secs()),
                 connections: c.connections,
                 requests: c.served,
-                bytes_in: c.bytes_in,
-                bytes_out: c.bytes_out,
+                bytes_received: c.bytes_in,
+                bytes_sent: c.bytes_out,
                 heartbeat_age_ms: self.scoreboard.heartbeat_age_ms(w.cell, now_ms),
                 resident_bytes: resident,
                 sandbox: crate::sandbox::confinement(
@@ -160,9 +160,9 @@ impl Master {
                 started_at: self.started_at,
                 config_file: self.config.config.as_ref().map(|p| p.display().to_string()),
                 generation: self.generation,
-                target_workers: self.target,
-                accepting_workers: census.accepting,
-                late_workers: census.late,
+                workers_target: self.target,
+                workers_accepting: census.accepting,
+                workers_late: census.late,
                 state: state.to_string(),
                 handover: self.config.handover && self.coordination.handoff.is_some(),
             },

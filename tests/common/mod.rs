@@ -348,7 +348,7 @@ impl PartialEq for Worker {
 impl Eq for Worker {}
 
 /// The fixed part of a live process title: without the counters and the ` gen N`
-/// generation, so `raasd worker[0] gen 2: 3 conns, 15 served` gives
+/// generation, so `raasd worker[0] gen 2: 3 conns, 15 requests` gives
 /// `raasd worker[0]` and `raasd master gen 1: 3/3 workers -w 3 127.0.0.1:80` gives
 /// `raasd master -w 3 127.0.0.1:80`.
 pub fn title_core(title: &str) -> String {
