@@ -222,10 +222,7 @@ impl<T: Travels> Outgoing<T> {
             deadline: now + TAKE_WITHIN,
             inbox: Vec::new(),
         };
-        match self.batches.iter().position(Option::is_none) {
-            Some(key) => self.batches[key] = Some(batch),
-            None => self.batches.push(Some(batch)),
-        }
+        put(&mut self.batches, batch);
         self.unsent += 1;
         Ok(())
     }
@@ -515,17 +512,7 @@ impl Incoming {
         // is still there to read; if not, it died undecided.)
         let _ = (&settle).write_all(&settle::claim(generation));
         let claim = Claim { settle, parcels };
-        let key = match self.claims.iter().position(Option::is_none) {
-            Some(key) => {
-                self.claims[key] = Some(claim);
-                key
-            }
-            None => {
-                self.claims.push(Some(claim));
-                self.claims.len() - 1
-            }
-        };
-        Ok(Taken::Claimed(key))
+        Ok(Taken::Claimed(put(&mut self.claims, claim)))
     }
 
     /// The settle socket of claim `key`, to watch for the sender's answer.
@@ -569,6 +556,22 @@ impl Incoming {
     /// Connections claimed and not yet answered.
     pub fn connections(&self) -> usize {
         self.claims.iter().flatten().map(|c| c.parcels.len()).sum()
+    }
+}
+
+/// Puts `value` in the first free slot; returns its key (the epoll token's offset).
+/// A key is reused at once: an event still queued for the old one only reads a
+/// socket that has nothing, which changes nothing.
+fn put<T>(slots: &mut Vec<Option<T>>, value: T) -> usize {
+    match slots.iter().position(Option::is_none) {
+        Some(key) => {
+            slots[key] = Some(value);
+            key
+        }
+        None => {
+            slots.push(Some(value));
+            slots.len() - 1
+        }
     }
 }
 

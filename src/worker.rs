@@ -290,11 +290,9 @@ impl<'a> Worker<'a> {
                 self.serve_connection(index, now);
             }
             self.table.return_again(again);
-            self.offer_a_slice(now)?;
-            for settled in self.transfers.outgoing.expire(now) {
-                self.settled(settled, now)?;
+            if !self.life.in_service() {
+                self.go_on_retiring(now)?;
             }
-            self.finish_retiring_if_settled(now);
             // Once per pass (relaxed stores, no system call): the console's status and
             // metrics read them.
             self.publish_counters();
@@ -311,27 +309,45 @@ impl<'a> Worker<'a> {
                 self.close_listeners(now);
             }
             self.table.end_of_batch();
-            let holds_anything =
-                self.table.open() > 0 || !self.listeners.is_empty() || self.transfers.settling();
-            match self.life.may_exit(now, holds_anything) {
-                Exit::No => {}
-                Exit::Done => {
-                    info!("stopped");
-                    return Ok(());
-                }
-                Exit::Deadline => {
-                    warn!(
-                        "stopping with {} still open",
-                        crate::logging::plural(
-                            (self.table.open()
-                                + self.transfers.outgoing.connections()
-                                + self.transfers.incoming.connections())
-                                as u64,
-                            "connection"
-                        )
-                    );
-                    return Ok(());
-                }
+            // In service a worker never exits by itself: nothing to weigh.
+            if !self.life.in_service() && self.done(now) {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Out of service: the next slice of the hand-over, the batches whose time is up,
+    /// and the end of the hand-over once all is settled.
+    fn go_on_retiring(&mut self, now: Instant) -> io::Result<()> {
+        self.offer_a_slice(now)?;
+        for settled in self.transfers.outgoing.expire(now) {
+            self.settled(settled, now)?;
+        }
+        self.finish_retiring_if_settled(now);
+        Ok(())
+    }
+
+    /// Whether the worker may exit now (nothing left, or its deadline), saying why.
+    fn done(&self, now: Instant) -> bool {
+        let holds_anything =
+            self.table.open() > 0 || !self.listeners.is_empty() || self.transfers.settling();
+        match self.life.may_exit(now, holds_anything) {
+            Exit::No => false,
+            Exit::Done => {
+                info!("stopped");
+                true
+            }
+            Exit::Deadline => {
+                warn!(
+                    "stopping with {} still open",
+                    crate::logging::plural(
+                        (self.table.open()
+                            + self.transfers.outgoing.connections()
+                            + self.transfers.incoming.connections()) as u64,
+                        "connection"
+                    )
+                );
+                true
             }
         }
     }
