@@ -7,13 +7,38 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+
+/// `-w 2` with a control socket in `dir`, running a copy of the binary there (which an
+/// upgrade test may replace); returns the socket, the copy and the server once all
+/// its workers accept.
+fn start_a_copy(dir: &Path) -> (PathBuf, PathBuf, Server) {
+    let socket = dir.join("ctl.sock");
+    let exe = dir.join("raasd");
+    let copied = Command::new("cp").arg(BIN).arg(&exe).status().expect("cp");
+    assert!(copied.success());
+    let s = Server::start_program(
+        &exe,
+        &[
+            "-w",
+            "2",
+            "-l",
+            "127.0.0.1:0",
+            "--control",
+            socket.to_str().unwrap(),
+        ],
+        &[],
+        |_| {},
+    );
+    s.wait_for_log("all 2 workers accepting", SOON);
+    (socket, exe, s)
+}
 
 fn start(socket: &Path, extra: &[&str]) -> Server {
     let socket = socket.to_str().unwrap();
@@ -43,7 +68,7 @@ fn status_adds_up_to_the_replies_clients_received() {
             bytes += line.len() as u64 + 1;
         }
     }
-    let st = ctl_status(&socket);
+    let st = status(&socket);
     assert_eq!(st["master"]["pid"], s.pid(), "{st}");
     assert_eq!(st["master"]["workers_target"], 2);
     assert_eq!(st["master"]["workers_accepting"], 2);
@@ -70,7 +95,7 @@ fn status_adds_up_to_the_replies_clients_received() {
     wait_until("the old generation to be gone", SOON, || {
         s.workers().len() == 2
     });
-    let after = ctl_status(&socket);
+    let after = status(&socket);
     assert!(
         after["totals"]["requests"].as_u64().unwrap() >= replies,
         "{after}"
@@ -142,18 +167,7 @@ fn with_no_workers_status_says_paused_and_ttou_says_why_it_is_ignored() {
 #[test]
 fn totals_go_on_across_an_upgrade_and_taken_over_connections_count() {
     let (dir, _cleanup) = dir("ctl-totals");
-    let socket = dir.join("ctl.sock");
-    let exe = dir.join("raasd");
-    let copied = Command::new("cp").arg(BIN).arg(&exe).status().expect("cp");
-    assert!(copied.success());
-    let sock = socket.to_str().unwrap();
-    let s = Server::start_program(
-        &exe,
-        &["-w", "2", "-l", "127.0.0.1:0", "--control", sock],
-        &[],
-        |_| {},
-    );
-    s.wait_for_log("all 2 workers accepting", SOON);
+    let (socket, _exe, s) = start_a_copy(&dir);
     let addr = s.addr();
     for i in 0..10 {
         let l = format!("before {i}");
@@ -239,18 +253,7 @@ fn ctl_finds_the_socket_in_any_config_file_and_says_what_is_wrong() {
 #[test]
 fn upgrade_reports_the_hand_over_and_then_a_rollback_with_its_reason() {
     let (dir, _cleanup) = dir("ctl-upgrade");
-    let socket = dir.join("ctl.sock");
-    let exe = dir.join("raasd");
-    let copied = Command::new("cp").arg(BIN).arg(&exe).status().expect("cp");
-    assert!(copied.success());
-    let sock = socket.to_str().unwrap();
-    let s = Server::start_program(
-        &exe,
-        &["-w", "2", "-l", "127.0.0.1:0", "--control", sock],
-        &[],
-        |_| {},
-    );
-    s.wait_for_log("all 2 workers accepting", SOON);
+    let (socket, exe, s) = start_a_copy(&dir);
     let (code, out, err) = ctl(&socket, &["upgrade"]);
     assert_eq!(code, 0, "{out} {err}");
     let reply: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -258,7 +261,7 @@ fn upgrade_reports_the_hand_over_and_then_a_rollback_with_its_reason() {
     let new_pid = reply["new_master"].as_i64().unwrap() as i32;
     assert_eq!(s.wait_exit(SOON).code(), Some(0));
     // The new master answers on the same control socket.
-    let st = ctl_status(&socket);
+    let st = status(&socket);
     assert_eq!(st["master"]["pid"], new_pid);
     assert_eq!(st["master"]["generation"], 2);
 
@@ -270,7 +273,7 @@ fn upgrade_reports_the_hand_over_and_then_a_rollback_with_its_reason() {
         err.contains("rolled back") && err.contains("the new master exited"),
         "{err}"
     );
-    assert_eq!(ctl_status(&socket)["master"]["pid"], new_pid);
+    assert_eq!(status(&socket)["master"]["pid"], new_pid);
     kill(Pid::from_raw(new_pid), Signal::SIGTERM).unwrap();
     wait_until("the second master to exit", SOON, || !alive(new_pid));
 }

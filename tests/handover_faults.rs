@@ -10,12 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::crowd::{Crowd, Exchange};
 use common::*;
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-
-fn signal_pid(pid: i32, sig: Signal) {
-    kill(Pid::from_raw(pid), sig).unwrap_or_else(|e| panic!("kill({pid}, {sig:?}): {e}"));
-}
+use nix::sys::signal::Signal;
 
 /// Longer than any timeout of the hand-over (a batch is taken back after 1 s).
 const STALL: Duration = Duration::from_secs(3);
@@ -56,11 +51,11 @@ fn assert_each_served_by_one(s: &Server, crowd: &mut Crowd) {
 /// stays, is stopped, so the batches wait in the queue; once they are out, the
 /// sender is stopped in turn, and worker[0] continued: it takes and claims them, and
 /// nobody answers its claims. Returns the server, the clients, which clients each
-/// worker had, and (receiver, sender) pids.
+/// worker had, (receiver, sender) pids, and the guard of the stopped sender.
 #[allow(clippy::type_complexity)]
 fn claims_pending_with_the_sender_stopped(
     count: usize,
-) -> (Server, Crowd, (Vec<usize>, Vec<usize>), (i32, i32)) {
+) -> (Server, Crowd, (Vec<usize>, Vec<usize>), (i32, i32), Stopped) {
     let s = Server::start(&["-w", "2", "-l", "127.0.0.1:0", "--timeout", "0"]);
     s.wait_for_log("all 2 workers accepting", SOON);
     let workers = s.wait_workers(2);
@@ -72,10 +67,8 @@ fn claims_pending_with_the_sender_stopped(
         had.1.len() > count / 4,
         "connections did not spread: {had:?}"
     );
-    signal_pid(receiver, Signal::SIGSTOP);
-    wait_until("worker[0] to be stopped", SOON, || {
-        matches!(proc_state(receiver), Some('T' | 't'))
-    });
+    let mut stopped = Stopped::new();
+    stopped.stop(receiver);
     let sender_sockets = socket_fd_count(sender);
     s.signal(Signal::SIGTTOU);
     // Each batch sent leaves the sender one more socket (its end of the batch's
@@ -83,21 +76,18 @@ fn claims_pending_with_the_sender_stopped(
     catch("the sender offer a batch", || {
         socket_fd_count(sender) > sender_sockets
     });
-    signal_pid(sender, Signal::SIGSTOP);
-    wait_until("worker[1] to be stopped", SOON, || {
-        matches!(proc_state(sender), Some('T' | 't'))
-    });
+    stopped.stop(sender);
     let receiver_sockets = socket_fd_count(receiver);
-    signal_pid(receiver, Signal::SIGCONT);
+    stopped.cont(receiver);
     wait_until("worker[0] to claim the batches", SOON, || {
         socket_fd_count(receiver) > receiver_sockets
     });
-    (s, crowd, had, (receiver, sender))
+    (s, crowd, had, (receiver, sender), stopped)
 }
 
 #[test]
 fn a_sender_stopped_mid_hand_over_loses_nothing_and_stalls_nobody_else() {
-    let (s, mut crowd, (on_receiver, _), (receiver, sender)) =
+    let (s, mut crowd, (on_receiver, _), (receiver, sender), mut stopped) =
         claims_pending_with_the_sender_stopped(1000);
     let claimed = crowd
         .holders(&[receiver, sender])
@@ -116,7 +106,7 @@ fn a_sender_stopped_mid_hand_over_loses_nothing_and_stalls_nobody_else() {
             );
         }
     }
-    signal_pid(sender, Signal::SIGCONT);
+    stopped.cont(sender);
     wait_until("the retiring worker to finish", SOON, || !alive(sender));
     assert_each_served_by_one(&s, &mut crowd);
     eprintln!("{claimed} connections were claimed and waiting when the sender stopped");
@@ -124,11 +114,11 @@ fn a_sender_stopped_mid_hand_over_loses_nothing_and_stalls_nobody_else() {
 
 #[test]
 fn a_receiver_killed_right_after_taking_a_batch_ends_only_its_connections() {
-    let (s, mut crowd, (on_receiver, on_sender), (receiver, sender)) =
+    let (s, mut crowd, (on_receiver, on_sender), (receiver, sender), mut stopped) =
         claims_pending_with_the_sender_stopped(400);
     signal_pid(receiver, Signal::SIGKILL);
     wait_until("worker[0] to be gone", SOON, || !alive(receiver));
-    signal_pid(sender, Signal::SIGCONT);
+    stopped.cont(sender);
     // Its own clients end; the sender's, which it had claimed, stay with the sender.
     for &i in &on_receiver {
         assert!(
@@ -168,7 +158,8 @@ fn a_receiver_stopped_during_a_hup_delays_only_its_own_clients() {
                 .unwrap_or(0);
             stopped != 0
         });
-        signal_pid(stopped, Signal::SIGSTOP);
+        let mut guard = Stopped::new();
+        guard.stop(stopped);
         // While it is stopped, every client it does not hold is served.
         let start = Instant::now();
         while start.elapsed() < STALL {
@@ -183,7 +174,7 @@ fn a_receiver_stopped_during_a_hup_delays_only_its_own_clients() {
                 }
             }
         }
-        signal_pid(stopped, Signal::SIGCONT);
+        guard.cont(stopped);
         // Settled: every connection with exactly one process. (A batch whose wake-up
         // went to the stopped worker may have gone back to its sender, which serves
         // it on: its old worker may stay.)
@@ -231,10 +222,8 @@ fn a_batch_nobody_takes_is_served_until_its_clients_leave() {
     let kept = crowd.held_by(retiring);
     assert!(!kept.is_empty());
     // worker[0], the only one to stay, is stopped: nobody can take the batch.
-    signal_pid(stopped, Signal::SIGSTOP);
-    wait_until("worker[0] to be stopped", SOON, || {
-        matches!(proc_state(stopped), Some('T' | 't'))
-    });
+    let mut guard = Stopped::new();
+    guard.stop(stopped);
     s.signal(Signal::SIGTTOU);
     s.wait_for_log("not taken in time, served here to their end", SOON);
     // Served on, for as long as they stay (not answered and closed).
@@ -251,6 +240,6 @@ fn a_batch_nobody_takes_is_served_until_its_clients_leave() {
         SOON,
         || !alive(retiring),
     );
-    signal_pid(stopped, Signal::SIGCONT);
+    guard.cont(stopped);
     assert_each_served_by_one(&s, &mut crowd);
 }

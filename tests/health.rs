@@ -17,53 +17,11 @@ use std::time::{Duration, Instant};
 
 use common::load::{Load, LoadShape};
 use common::*;
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
-
-fn signal_pid(pid: i32, sig: Signal) {
-    kill(Pid::from_raw(pid), sig).unwrap_or_else(|e| panic!("kill({pid}, {sig:?}): {e}"));
-}
-
-/// Continues and kills, when dropped, the processes a test stopped with SIGSTOP (if
-/// they are still the same processes), so that a failing test leaves none behind.
-struct Stopped(Vec<(i32, u64)>);
-
-impl Stopped {
-    fn new() -> Stopped {
-        Stopped(Vec::new())
-    }
-
-    /// SIGSTOPs `pid` and remembers it; waits until the kernel shows it stopped.
-    fn stop(&mut self, pid: i32) {
-        let start = proc_starttime(pid).unwrap_or_else(|| panic!("no process {pid}"));
-        self.0.push((pid, start));
-        signal_pid(pid, Signal::SIGSTOP);
-        wait_until(&format!("pid {pid} to be stopped"), SOON, || {
-            matches!(proc_state(pid), Some('T' | 't'))
-        });
-    }
-
-    /// SIGCONTs `pid` (the test's own continuation; the guard no longer kills it).
-    fn cont(&mut self, pid: i32) {
-        signal_pid(pid, Signal::SIGCONT);
-        self.0.retain(|&(p, _)| p != pid);
-    }
-}
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        for &(pid, start) in &self.0 {
-            if proc_starttime(pid) == Some(start) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
-            }
-        }
-    }
-}
 
 /// `N conns` and `M requests` of a worker title `raasd worker[0] gen 1: 3 conns, 30 requests`.
 fn title_counters(title: &str) -> Option<(u64, u64)> {

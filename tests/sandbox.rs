@@ -48,7 +48,7 @@ fn start(socket: &Path, extra: &[&str]) -> Server {
 
 /// Every worker of the status shows `word` in the JSON and the table.
 fn assert_status_says(socket: &Path, word: &str, workers: usize) {
-    let st = ctl_status(socket);
+    let st = status(socket);
     let listed = st["workers"].as_array().expect("workers");
     assert_eq!(listed.len(), workers, "{st}");
     for w in listed {
@@ -1230,7 +1230,7 @@ fn a_large_incomplete_line_moves_through_a_memfd_between_sandboxed_workers() {
         .collect();
     client.send(line.as_bytes()).unwrap();
     wait_until("the worker to have read the incomplete line", SOON, || {
-        ctl_status(&socket)["workers"][0]["bytes_received"].as_u64() >= Some(60_000 + 7)
+        status(&socket)["workers"][0]["bytes_received"].as_u64() >= Some(60_000 + 7)
     });
     let old = s.wait_workers(1);
     s.signal(Signal::SIGHUP);

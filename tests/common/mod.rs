@@ -877,11 +877,6 @@ pub fn reverse_graphemes(s: &str) -> String {
 // Misc
 // ---------------------------------------------------------------------------------------
 
-/// `raasd ctl status --json`, parsed (the same as [`status`]).
-pub fn ctl_status(socket: &Path) -> serde_json::Value {
-    status(socket)
-}
-
 /// A fresh path in the temp dir, unique per test process and call; nothing is created.
 pub fn temp_path(tag: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);
@@ -1101,4 +1096,52 @@ pub fn status(socket: &Path) -> serde_json::Value {
     let (code, out, err) = ctl(socket, &["status", "--json"]);
     assert_eq!(code, 0, "raasd ctl status: {out} {err}");
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("status is not JSON ({e}): {out}"))
+}
+
+/// Sends `sig` to `pid`, which must exist.
+pub fn signal_pid(pid: i32, sig: Signal) {
+    kill(Pid::from_raw(pid), sig).unwrap_or_else(|e| panic!("kill({pid}, {sig:?}): {e}"));
+}
+
+/// Continues and kills, when dropped, the processes a test stopped with SIGSTOP (if
+/// they are still the same processes), so that a failing test leaves none behind.
+pub struct Stopped(Vec<(i32, u64)>);
+
+impl Default for Stopped {
+    fn default() -> Self {
+        Stopped::new()
+    }
+}
+
+impl Stopped {
+    pub fn new() -> Stopped {
+        Stopped(Vec::new())
+    }
+
+    /// SIGSTOPs `pid` and remembers it; waits until the kernel shows it stopped.
+    pub fn stop(&mut self, pid: i32) {
+        let start = proc_starttime(pid).unwrap_or_else(|| panic!("no process {pid}"));
+        self.0.push((pid, start));
+        signal_pid(pid, Signal::SIGSTOP);
+        wait_until(&format!("pid {pid} to be stopped"), SOON, || {
+            matches!(proc_state(pid), Some('T' | 't'))
+        });
+    }
+
+    /// SIGCONTs `pid` (the test's own continuation; the guard no longer kills it).
+    pub fn cont(&mut self, pid: i32) {
+        signal_pid(pid, Signal::SIGCONT);
+        self.0.retain(|&(p, _)| p != pid);
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        for &(pid, start) in &self.0 {
+            if proc_starttime(pid) == Some(start) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+            }
+        }
+    }
 }
