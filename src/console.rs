@@ -17,7 +17,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 /// The longest request (a command line, or an HTTP request head).
 pub const MAX_REQUEST: usize = 4096;
@@ -689,48 +689,7 @@ pub struct WorkerStatus {
     pub sandbox: &'static str,
 }
 
-/// Since the master started; they survive rotations, and an upgrade hands them on.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct Totals {
-    pub requests: u64,
-    /// Accepted (a connection handed over is not counted again). The aliases read
-    /// the totals a previous master of an older version hands on.
-    #[serde(alias = "connections")]
-    pub connections_accepted: u64,
-    #[serde(alias = "bytes_in")]
-    pub bytes_received: u64,
-    #[serde(alias = "bytes_out")]
-    pub bytes_sent: u64,
-    /// Workers replaced, by reason: `reload`, `resize`, `recycled` (--max-requests,
-    /// --max-worker-memory), `failed` (an error exit or a crash), `ended from
-    /// outside` (a kill), `killed by the master` (heartbeat, stop deadline).
-    pub restarts: std::collections::BTreeMap<String, u64>,
-}
-
-impl Totals {
-    /// Adds what a worker that is gone had done.
-    pub fn add_gone(&mut self, counters: &crate::scoreboard::Counters) {
-        self.requests += counters.served;
-        self.connections_accepted += counters.accepted;
-        self.bytes_received += counters.bytes_in;
-        self.bytes_sent += counters.bytes_out;
-    }
-
-    /// Adds the totals a previous master handed on.
-    pub fn add(&mut self, other: &Totals) {
-        self.requests += other.requests;
-        self.connections_accepted += other.connections_accepted;
-        self.bytes_received += other.bytes_received;
-        self.bytes_sent += other.bytes_sent;
-        for (reason, n) in &other.restarts {
-            *self.restarts.entry(reason.clone()).or_default() += n;
-        }
-    }
-
-    pub fn count_restart(&mut self, reason: &str) {
-        *self.restarts.entry(reason.to_string()).or_default() += 1;
-    }
-}
+pub use crate::supervisor::Totals;
 
 /// The Prometheus text exposition of `status`.
 pub fn metrics(status: &Status) -> String {

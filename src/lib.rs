@@ -45,6 +45,7 @@ pub mod process;
 pub mod sandbox;
 pub mod scoreboard;
 pub mod signals;
+pub mod supervisor;
 pub mod title;
 pub mod upgrade;
 pub mod worker;

@@ -72,6 +72,19 @@ pub struct Counters {
     pub taken_over: u64,
 }
 
+impl Counters {
+    /// What the supervisor adds to its totals when the worker is gone.
+    pub fn served(&self) -> crate::supervisor::Served {
+        crate::supervisor::Served {
+            requests: self.served,
+            accepted: self.accepted,
+            taken_over: self.taken_over,
+            bytes_received: self.bytes_in,
+            bytes_sent: self.bytes_out,
+        }
+    }
+}
+
 /// See [`CellWriter::siblings_load`].
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Load {

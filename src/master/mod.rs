@@ -504,7 +504,7 @@ impl Master {
             let gone = self.workers.swap_remove(at);
             let served = self.scoreboard.counters(gone.cell);
             self.scoreboard.release(gone.cell);
-            self.totals.add_gone(&served);
+            self.totals.add_gone(&served.served());
             match gone.life {
                 Life::Killed(why) => {
                     self.totals.count_restart("killed by the master");

@@ -1,0 +1,1539 @@
+//! The supervisor's decisions, as a pure state machine.
+//!
+//! [`Supervisor::handle`] takes one [`Event`] (a signal with its count, a child's
+//! exit, a worker's report, a console command, a successor's readiness, the result
+//! of an action it asked for, or a pass of the loop) and the current time, and
+//! returns the [`Action`]s to carry out: fork a worker for a slot, tell a worker to
+//! stop, kill one, start or abandon an upgrade, move the pid file, tell systemd,
+//! log a line, answer a console client. It owns the supervisor's state — the
+//! workers and their lives, the generation, the target, the stop, drain and upgrade
+//! phases, crash-loop backoff, heartbeat bookkeeping, the totals — and performs no
+//! system call and reads no clock: the shell (`crate::master`) turns the world into
+//! events and the actions into system calls, and the simulator (`simulation`, a
+//! test) feeds it millions of event orders and checks its invariants after each.
+//!
+//! An action whose outcome the supervisor needs is answered by an event before any
+//! other: `Spawn` by `Spawned` or `SpawnFailed`, `Reload` by `Reloaded`,
+//! `StartUpgrade` by `SuccessorStarted`, `SuccessorNotStarted` or `UpgradeAborted`.
+//!
+//! Read [`Supervisor::handle`] and [`Supervisor::pass`] as the policy, in the
+//! order Unicorn's master loop tells it.
+
+use std::time::{Duration, Instant};
+
+use log::Level;
+use serde_json::json;
+
+mod health;
+mod phase;
+mod totals;
+mod workers;
+
+#[cfg(test)]
+mod simulation;
+
+pub use health::{BACKOFF_MAX, Exit};
+pub use phase::{Phase, UpgradeStep};
+pub use totals::{Served, Totals};
+pub use workers::{Census, Life, Worker};
+
+use health::{Backoffs, Jitter, MEMORY_SAMPLE};
+
+/// How long a quick stop waits for workers to exit before it kills them.
+pub const QUICK_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+/// After a failed fork, how long before trying again.
+pub const FORK_RETRY: Duration = Duration::from_secs(1);
+/// How long an abandoned successor's process group has, after TERM, before KILL.
+pub const ABANDON_GRACE: Duration = Duration::from_secs(3);
+/// How often the loop looks again while something is settling (workers starting,
+/// a slot backing off).
+const SETTLING: Duration = Duration::from_secs(1);
+
+/// A process id, as the supervisor knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Pid(pub i32);
+
+impl std::fmt::Display for Pid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A signal the master handles (see the table in README.md and raasd(8)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Term,
+    Quit,
+    Int,
+    Hup,
+    Usr1,
+    Usr2,
+    /// The master has a controlling terminal when the window-size signal comes (a
+    /// resize sends it there, and must not drain the service).
+    Winch {
+        on_terminal: bool,
+    },
+    Ttin,
+    Ttou,
+    Chld,
+}
+
+impl Signal {
+    pub fn name(self) -> &'static str {
+        match self {
+            Signal::Term => "SIGTERM",
+            Signal::Quit => "SIGQUIT",
+            Signal::Int => "SIGINT",
+            Signal::Hup => "SIGHUP",
+            Signal::Usr1 => "SIGUSR1",
+            Signal::Usr2 => "SIGUSR2",
+            Signal::Winch { .. } => "SIGWINCH",
+            Signal::Ttin => "SIGTTIN",
+            Signal::Ttou => "SIGTTOU",
+            Signal::Chld => "SIGCHLD",
+        }
+    }
+}
+
+/// What a worker tells the master over its control channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Said {
+    /// Its listeners are in its poll set: it accepts.
+    Ready,
+    /// It reached --max-requests.
+    ReplaceMe,
+}
+
+/// What the master tells a worker over its control channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    GracefulStop,
+    HandOver,
+    QuickStop,
+}
+
+/// A console client, by the console's id.
+pub type Client = u64;
+
+/// A console command that changes something (the questions — status, metrics,
+/// probes — the shell answers from [`Supervisor`]'s read-only view).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Workers(usize),
+    Reload,
+    Upgrade,
+    Stop { quick: bool },
+    ReopenLogs,
+}
+
+/// A child process reaped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exited {
+    pub pid: Pid,
+    pub exit: Exit,
+    /// The memory cgroup's OOM kill count rose since the previous exit.
+    pub oom_rose: bool,
+    /// What it had done, when it was a worker.
+    pub served: Served,
+    /// When it was the successor of an upgrade: what it said before exiting.
+    pub said: Option<String>,
+}
+
+/// What the configuration says about supervising (the rest is the workers' or
+/// the shell's). Replaced by a reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub workers: usize,
+    /// --timeout in seconds (0: no heartbeat checks).
+    pub timeout_secs: u64,
+    /// How often a worker beats.
+    pub heartbeat: Duration,
+    pub max_requests: u64,
+    pub max_requests_jitter: u64,
+    /// --max-worker-memory in MiB (0: none).
+    pub max_worker_memory: u64,
+    /// Retiring workers hand their connections over (--handover on, with a queue).
+    pub handover: bool,
+    pub drain_delay: Duration,
+    pub graceful_timeout: Duration,
+    pub upgrade_timeout: Duration,
+    pub sandbox: bool,
+}
+
+/// What is fixed for the life of the master.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Facts {
+    /// The generation of the first workers (an upgrade's new master counts on).
+    pub generation: u64,
+    /// This master was started by an upgrade: the old one waits to hear it is ready.
+    pub predecessor: bool,
+    /// A pid file is configured.
+    pub pid_file: bool,
+    /// The listeners came from systemd (socket activation): never closed early.
+    pub sockets_from_systemd: bool,
+    /// systemd's watchdog: how often to ping it.
+    pub watchdog: Option<Duration>,
+    /// Scoreboard cells: at most this many workers at once.
+    pub cells: usize,
+    /// The most workers TTIN reaches.
+    pub max_workers: usize,
+    /// Seeds the --max-requests jitter.
+    pub seed: u64,
+}
+
+/// A value attached to a log line (the JSON log format shows it as a field).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Field {
+    Int(i64),
+    Text(String),
+}
+
+/// A log line to write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    pub level: Level,
+    pub text: String,
+    pub fields: Vec<(&'static str, Field)>,
+}
+
+/// A console answer: `{"ok":true,…}` or `{"ok":false,"error":…}`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    Done(serde_json::Value),
+    Failed(String),
+}
+
+/// The pid file's steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PidFileStep {
+    /// Write it (a master started by an upgrade, once it serves; `after_upgrade`:
+    /// remove a stale FILE.oldbin of a predecessor that died).
+    Write {
+        after_upgrade: bool,
+    },
+    /// FILE.oldbin back to FILE: an upgrade rolled back.
+    Back,
+    Remove,
+}
+
+/// What systemd is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    Ready,
+    Reloading,
+    Stopping,
+    Watchdog,
+    /// The new master of an upgrade is the main pid now, and ready.
+    HandedTo(Pid),
+}
+
+/// Something for the shell to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    Log(Line),
+    /// Fork a worker for `slot` of `generation` on scoreboard cell `cell`; answer
+    /// with `Spawned` or `SpawnFailed`.
+    Spawn {
+        slot: usize,
+        generation: u64,
+        cell: usize,
+        max_requests: Option<u64>,
+    },
+    /// Send a worker an order over its control channel (when it still has one).
+    Tell(Pid, Order),
+    /// SIGKILL a worker.
+    Kill(Pid),
+    /// Reopen the log files and pass them to every worker.
+    ReopenLogs,
+    /// Re-read the configuration and apply what the shell owns; answer with
+    /// `Reloaded`.
+    Reload {
+        asked_by: Option<Client>,
+    },
+    /// Rename the pid file to FILE.oldbin and start the successor; answer with
+    /// `SuccessorStarted`, `SuccessorNotStarted` or (pid file) `UpgradeAborted`.
+    StartUpgrade {
+        generation: u64,
+    },
+    /// TERM the successor's process group; forget it.
+    AbandonSuccessor(Pid),
+    /// KILL what is left of an abandoned successor's group, and say who else holds
+    /// the listen sockets.
+    EndAbandoned(Pid),
+    /// Close this master's listen sockets; `refuse_first`: remove the socket files
+    /// and stop taking connections first (not when they are a successor's or
+    /// systemd's).
+    CloseListeners {
+        refuse_first: bool,
+    },
+    PidFile(PidFileStep),
+    Notify(Notice),
+    /// Tell the old master of an upgrade that this one serves.
+    TellPredecessorReady,
+    /// Hand the totals on to the master this one handed over to.
+    HandOnTotals(Totals),
+    /// Read these workers' resident memory; answer with `MemorySampled`.
+    SampleMemory(Vec<Pid>),
+    Reply(Client, Reply),
+    /// This client is answered when the upgrade ends.
+    AwaitUpgrade(Client),
+    AnswerUpgradeWaiters(Reply),
+    /// Finish the console's replies and close its sockets (`remove_files`: the
+    /// control socket's file too; not when it is a successor's).
+    CloseConsole {
+        remove_files: bool,
+    },
+    /// Exit the process with this status.
+    Exit(i32),
+}
+
+/// Something that happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Signal(Signal, usize),
+    ChildExited(Exited),
+    Said(Pid, Said),
+    Spawned(Pid),
+    SpawnFailed(String),
+    /// The workers' heartbeat ages, in milliseconds, read at the start of a pass.
+    Beats(Vec<(Pid, u64)>),
+    /// Resident bytes of the workers sampled.
+    MemorySampled(Vec<(Pid, u64)>),
+    Console(Client, Command),
+    Reloaded {
+        asked_by: Option<Client>,
+        outcome: Result<Settings, String>,
+    },
+    /// The pid file could not be renamed: no upgrade was started.
+    UpgradeAborted(String),
+    SuccessorStarted(Pid),
+    SuccessorNotStarted(String),
+    /// The successor says it serves; `takes_connections`: it speaks our hand-over
+    /// format.
+    SuccessorReady {
+        takes_connections: bool,
+    },
+    /// The successor's readiness pipe ended without "ready": what it said, if any.
+    SuccessorFailed(Option<String>),
+    /// The old master of an upgrade exited: its totals (JSON), or nothing.
+    Farewell(Option<String>),
+    /// One pass of the loop: timers, convergence, health.
+    Tick,
+}
+
+/// A stop under way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopping {
+    pub quick: bool,
+    pub deadline: Instant,
+    pub killed: bool,
+}
+
+/// Where this master is in a binary upgrade, as the old master.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upgrade {
+    Idle,
+    /// The shell is starting the successor (`StartUpgrade` not answered yet).
+    Starting,
+    /// The successor was started and has until `deadline` to say it is ready.
+    Waiting {
+        successor: Pid,
+        deadline: Instant,
+        started: Instant,
+    },
+    /// The new master took over: this one stops without removing what it now owns.
+    HandedOver {
+        connections_follow: bool,
+        successor: Pid,
+    },
+}
+
+/// Where the pid file is, as far as this master is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PidFileState {
+    /// None of ours: none configured, not written yet (a successor before it
+    /// serves), or removed.
+    None,
+    /// FILE names this master.
+    Held,
+    /// FILE.oldbin names this master: an upgrade is under way.
+    Oldbin,
+}
+
+/// A fork asked for and not answered yet.
+#[derive(Debug, Clone, Copy)]
+struct Forking {
+    slot: usize,
+    generation: u64,
+    cell: usize,
+}
+
+/// The supervisor's state. See the module header.
+pub struct Supervisor {
+    settings: Settings,
+    facts: Facts,
+    /// The time of the event being handled.
+    now: Instant,
+    workers: Vec<Worker>,
+    target: usize,
+    generation: u64,
+    forking: Option<Forking>,
+    fork_retry_at: Option<Instant>,
+    backoff: Backoffs,
+    jitter: Jitter,
+    /// Heartbeats: when the previous pass ran (a long gap means the master itself
+    /// was held up), and since when heartbeats are due.
+    last_pass: Instant,
+    heartbeats_due_from: Option<Instant>,
+    next_memory_sample: Instant,
+    all_accepting_announced: bool,
+    /// A graceful stop asked for, waiting out --drain-delay: until when, and why.
+    draining: Option<(Instant, String)>,
+    stopping: Option<Stopping>,
+    upgrade: Upgrade,
+    /// A successor given up on: its group, and when it gets KILL.
+    abandoned: Option<(Pid, Instant)>,
+    /// Started by an upgrade and not yet ready.
+    predecessor: bool,
+    pid_file: PidFileState,
+    /// READY=1 sent for the current configuration.
+    systemd_ready: bool,
+    watchdog_next: Instant,
+    totals: Totals,
+    exited: bool,
+    out: Vec<Action>,
+}
+
+impl Supervisor {
+    pub fn new(settings: Settings, facts: Facts, now: Instant) -> Supervisor {
+        Supervisor {
+            target: settings.workers,
+            generation: facts.generation,
+            jitter: Jitter::new(facts.seed),
+            predecessor: facts.predecessor,
+            pid_file: if facts.pid_file && !facts.predecessor {
+                PidFileState::Held
+            } else {
+                PidFileState::None
+            },
+            settings,
+            facts,
+            now,
+            workers: Vec::new(),
+            forking: None,
+            fork_retry_at: None,
+            backoff: Backoffs::default(),
+            last_pass: now,
+            heartbeats_due_from: None,
+            next_memory_sample: now + MEMORY_SAMPLE,
+            all_accepting_announced: false,
+            draining: None,
+            stopping: None,
+            upgrade: Upgrade::Idle,
+            abandoned: None,
+            systemd_ready: false,
+            watchdog_next: now,
+            totals: Totals::default(),
+            exited: false,
+            out: Vec::new(),
+        }
+    }
+
+    /// Takes one event at `now`; returns what to do, in order.
+    pub fn handle(&mut self, event: Event, now: Instant) -> Vec<Action> {
+        self.now = now.max(self.now);
+        if self.exited {
+            return Vec::new();
+        }
+        match event {
+            Event::Signal(signal, times) => self.on_signal(signal, times),
+            Event::ChildExited(exited) => self.reap(exited),
+            Event::Said(pid, said) => self.hear(pid, said),
+            Event::Spawned(pid) => {
+                self.spawned(pid);
+                self.converge();
+            }
+            Event::SpawnFailed(why) => {
+                self.spawn_failed(&why);
+                self.converge();
+            }
+            Event::Beats(ages) => {
+                for (pid, age) in ages {
+                    if let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) {
+                        w.beat_age_ms = age;
+                    }
+                }
+            }
+            Event::MemorySampled(usage) => self.replace_bloated(&usage),
+            Event::Console(client, command) => self.on_command(client, command),
+            Event::Reloaded { asked_by, outcome } => self.reloaded(asked_by, outcome),
+            Event::UpgradeAborted(why) => {
+                self.upgrade = Upgrade::Idle;
+                if self.pid_file == PidFileState::Oldbin {
+                    self.pid_file = PidFileState::Held;
+                }
+                self.log(Level::Error, format!("upgrade aborted: {why}"));
+                self.out
+                    .push(Action::AnswerUpgradeWaiters(Reply::Failed(format!(
+                        "upgrade aborted: {why}"
+                    ))));
+            }
+            Event::SuccessorStarted(pid) => {
+                self.upgrade = Upgrade::Waiting {
+                    successor: pid,
+                    deadline: self.now + self.settings.upgrade_timeout,
+                    started: self.now,
+                };
+            }
+            Event::SuccessorNotStarted(why) => self.roll_back(&why),
+            Event::SuccessorReady { takes_connections } => self.hand_over(takes_connections),
+            Event::SuccessorFailed(None) => {
+                self.roll_back("the new master exited before it was ready")
+            }
+            Event::SuccessorFailed(Some(why)) => {
+                self.roll_back(&format!("the new master could not start: {why}"))
+            }
+            Event::Farewell(heard) => self.hear_farewell(heard),
+            Event::Tick => self.pass(),
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    /// One pass of the loop, after the signals, the exits, the reports and the
+    /// console were taken: end when stopped, follow the timers, bring the workers to
+    /// what is wanted, kill those stuck or past their deadline.
+    fn pass(&mut self) {
+        if self.stopping.is_some() && self.workers.is_empty() {
+            return self.exit();
+        }
+        if let Upgrade::Waiting { deadline, .. } = self.upgrade
+            && self.now >= deadline
+        {
+            self.roll_back(&format!(
+                "the new master was not ready within {}s (--upgrade-timeout)",
+                self.settings.upgrade_timeout.as_secs()
+            ));
+        }
+        self.finish_draining();
+        self.end_abandoned(false);
+        self.converge();
+        self.kill_lazy_workers();
+        self.sample_memory();
+        self.kill_workers_past_deadline();
+        self.tend_watchdog();
+    }
+
+    fn on_signal(&mut self, signal: Signal, times: usize) {
+        self.log(Level::Debug, format!("received {} x{times}", signal.name()));
+        match signal {
+            Signal::Term | Signal::Quit => self.stop_after_draining(signal.name()),
+            Signal::Int => self.stop(true, signal.name()),
+            Signal::Hup => self.reload(None),
+            Signal::Usr2 => self.start_upgrade(None),
+            Signal::Winch { on_terminal: true } => self.log(
+                Level::Info,
+                "SIGWINCH ignored: the master has a controlling terminal, where a window \
+                 resize sends it (run raasd detached to drain workers with WINCH)",
+            ),
+            Signal::Winch { on_terminal: false } => self.resize(0, "SIGWINCH"),
+            Signal::Usr1 => self.out.push(Action::ReopenLogs),
+            Signal::Ttin => self.resize(
+                self.target
+                    .saturating_add(times)
+                    .min(self.facts.max_workers),
+                "SIGTTIN",
+            ),
+            Signal::Ttou => match self.target {
+                // Said, not dropped: the operator is left wondering otherwise.
+                0 => self.log(
+                    Level::Info,
+                    "SIGTTOU ignored: no workers (TTIN or HUP brings them back)",
+                ),
+                1 => self.log(
+                    Level::Info,
+                    "SIGTTOU ignored: 1 worker, the least TTOU leaves",
+                ),
+                n => self.resize(n.saturating_sub(times).max(1), "SIGTTOU"),
+            },
+            Signal::Chld => {} // the shell reaps at the top of each pass
+        }
+    }
+
+    fn on_command(&mut self, client: Client, command: Command) {
+        match command {
+            Command::Workers(_) if self.stopping.is_some() => {
+                self.reply(client, Reply::Failed("the server is stopping".to_string()))
+            }
+            Command::Workers(n) => {
+                self.resize(n, "raasd ctl workers");
+                self.reply(client, Reply::Done(json!({ "ok": true, "workers": n })));
+            }
+            Command::Reload => self.reload(Some(client)),
+            Command::Upgrade => self.start_upgrade(Some(client)),
+            Command::Stop { quick } => {
+                let how = if quick { "quick" } else { "graceful" };
+                self.reply(client, Reply::Done(json!({ "ok": true, "stopping": how })));
+                if quick {
+                    self.stop(true, "raasd ctl stop");
+                } else {
+                    self.stop_after_draining("raasd ctl stop");
+                }
+            }
+            Command::ReopenLogs => {
+                self.out.push(Action::ReopenLogs);
+                self.reply(client, Reply::Done(json!({ "ok": true })));
+            }
+        }
+    }
+
+    // ---- the workers' lives -------------------------------------------------
+
+    /// Spawns what is missing (one fork at a time: the next once this one is
+    /// answered), then retires what is surplus or replaced, and says when every
+    /// slot accepts.
+    fn converge(&mut self) {
+        if self.stopping.is_some() || self.forking.is_some() {
+            return;
+        }
+        let now = self.now;
+        for slot in workers::slots_to_fill(&self.workers, self.target, self.generation) {
+            if !self.backoff.may_spawn(slot, now) {
+                continue;
+            }
+            if self.fork_retry_at.is_some_and(|at| now < at) {
+                break;
+            }
+            let Some(cell) = workers::free_cell(&self.workers, self.facts.cells) else {
+                self.log(
+                    Level::Error,
+                    format!("no free scoreboard cell for worker[{slot}]"),
+                );
+                break;
+            };
+            let max_requests = self.jitter.max_requests(
+                self.settings.max_requests,
+                self.settings.max_requests_jitter,
+            );
+            self.forking = Some(Forking {
+                slot,
+                generation: self.generation,
+                cell,
+            });
+            self.out.push(Action::Spawn {
+                slot,
+                generation: self.generation,
+                cell,
+                max_requests,
+            });
+            return;
+        }
+        self.forget_backoff_of_healthy_slots();
+        self.retire_surplus();
+        if !self.all_accepting_announced
+            && workers::all_accepting(&self.workers, self.target, self.generation)
+        {
+            self.all_accepting_announced = true;
+            match self.target {
+                1 => self.log(Level::Info, "1 worker accepting"),
+                n => self.log(Level::Info, format!("all {n} workers accepting")),
+            }
+            self.announce_ready();
+        }
+    }
+
+    fn spawned(&mut self, pid: Pid) {
+        let Some(Forking {
+            slot,
+            generation,
+            cell,
+        }) = self.forking.take()
+        else {
+            return;
+        };
+        self.log_with(
+            Level::Info,
+            format!("spawned worker[{slot}] pid {pid}"),
+            vec![
+                ("slot", Field::Int(slot as i64)),
+                ("worker_pid", Field::Int(i64::from(pid.0))),
+            ],
+        );
+        self.fork_retry_at = None;
+        self.all_accepting_announced = false;
+        self.workers.push(Worker {
+            pid,
+            slot,
+            generation,
+            cell,
+            spawned_at: self.now,
+            life: Life::Starting,
+            sandbox: self.settings.sandbox,
+            beat_age_ms: 0,
+        });
+    }
+
+    fn spawn_failed(&mut self, why: &str) {
+        let Some(forking) = self.forking.take() else {
+            return;
+        };
+        self.log(
+            Level::Error,
+            format!(
+                "cannot fork worker[{}]: {why}; retrying in {FORK_RETRY:?}",
+                forking.slot
+            ),
+        );
+        self.fork_retry_at = Some(self.now + FORK_RETRY);
+    }
+
+    /// Forgets the respawn delay of slots whose current worker has lived long
+    /// enough.
+    fn forget_backoff_of_healthy_slots(&mut self) {
+        for slot in self.backoff.delayed() {
+            let healthy = workers::current(&self.workers, slot, self.generation)
+                .is_some_and(|w| self.now.duration_since(w.spawned_at) >= health::BACKOFF_RESET);
+            if healthy {
+                self.log(
+                    Level::Info,
+                    format!(
+                        "worker[{slot}] has lived {}s: its respawn delay is reset",
+                        health::BACKOFF_RESET.as_secs()
+                    ),
+                );
+                self.backoff.forget(slot);
+            }
+        }
+    }
+
+    /// Retires the workers beyond the target, of an older generation, or replaced,
+    /// once their slot's new worker accepts.
+    fn retire_surplus(&mut self) {
+        let retiring = workers::to_retire(&self.workers, self.target, self.generation);
+        if retiring.is_empty() {
+            return;
+        }
+        let replaced: Vec<Pid> = self
+            .workers
+            .iter()
+            .filter(|w| retiring.contains(&w.pid) && w.life == Life::Replacing)
+            .map(|w| w.pid)
+            .collect();
+        for w in self
+            .workers
+            .iter_mut()
+            .filter(|w| retiring.contains(&w.pid))
+        {
+            w.life = Life::Retiring;
+        }
+        // Connections move to the workers that stay, when there are any.
+        let receivers = self.workers.iter().any(|w| w.life == Life::Accepting);
+        let order = if receivers && self.settings.handover {
+            Order::HandOver
+        } else {
+            Order::GracefulStop
+        };
+        for pid in retiring {
+            let Some(slot) = self.workers.iter().find(|w| w.pid == pid).map(|w| w.slot) else {
+                continue;
+            };
+            let reason = if replaced.contains(&pid) {
+                "recycled"
+            } else if slot >= self.target {
+                "resize"
+            } else {
+                "reload"
+            };
+            self.totals.count_restart(reason);
+            let how = match order {
+                Order::HandOver => "handing its connections over",
+                _ => "draining its connections",
+            };
+            self.log(
+                Level::Info,
+                format!("retiring worker[{slot}] pid {pid}, {how}"),
+            );
+            self.out.push(Action::Tell(pid, order));
+        }
+    }
+
+    fn hear(&mut self, pid: Pid, said: Said) {
+        let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) else {
+            return;
+        };
+        match (said, w.life) {
+            (Said::Ready, Life::Starting) => {
+                w.life = Life::Accepting;
+                let line = format!("worker[{}] pid {pid} accepting", w.slot);
+                self.log(Level::Debug, line);
+            }
+            (Said::ReplaceMe, Life::Starting | Life::Accepting) => {
+                w.life = Life::Replacing;
+                let line = format!(
+                    "worker[{}] pid {pid} reached --max-requests; replacing it",
+                    w.slot
+                );
+                self.log(Level::Info, line);
+            }
+            _ => {}
+        }
+    }
+
+    /// A child exited: the successor of an upgrade (roll back), a worker (count
+    /// what it did; when its exit was not asked for, say why and hold its slot back
+    /// if it is crash-looping), or a process given up on.
+    fn reap(&mut self, exited: Exited) {
+        let Exited {
+            pid,
+            exit,
+            oom_rose,
+            served,
+            said,
+        } = exited;
+        if let Upgrade::Waiting { successor, .. } = self.upgrade
+            && successor == pid
+        {
+            // What it said before exiting is the better reason.
+            let why = match said {
+                Some(why) => format!("the new master could not start: {why}"),
+                None => format!("the new master exited ({exit})"),
+            };
+            return self.roll_back(&why);
+        }
+        let Some(at) = self.workers.iter().position(|w| w.pid == pid) else {
+            // A successor given up on (its readiness pipe closed first).
+            return self.log(Level::Info, format!("child pid {pid} exited ({exit})"));
+        };
+        let gone = self.workers.swap_remove(at);
+        self.totals.add_gone(&served);
+        let slot = gone.slot;
+        match gone.life {
+            Life::Killed(why) => {
+                self.totals.count_restart("killed by the master");
+                self.log(
+                    Level::Warn,
+                    format!("worker[{slot}] pid {pid} was killed by the master ({why})"),
+                );
+            }
+            Life::Retiring => {
+                let connections = served.accepted + served.taken_over;
+                let text = format!(
+                    "worker[{slot}] pid {pid} exited ({exit}) after {} on {}{}",
+                    plural(served.requests, "request"),
+                    plural(connections, "connection"),
+                    match served.taken_over {
+                        0 => String::new(),
+                        n => format!(" ({n} taken over)"),
+                    }
+                );
+                self.log_with(
+                    Level::Info,
+                    text,
+                    vec![
+                        ("slot", Field::Int(slot as i64)),
+                        ("worker_pid", Field::Int(i64::from(pid.0))),
+                        ("requests", Field::Int(served.requests as i64)),
+                        ("connections", Field::Int(connections as i64)),
+                        ("taken_over", Field::Int(served.taken_over as i64)),
+                    ],
+                );
+            }
+            _ if self.stopping.is_some() => {
+                self.log(
+                    Level::Info,
+                    format!("worker[{slot}] pid {pid} exited ({exit})"),
+                );
+            }
+            _ => {
+                let oom = oom_rose && exit.is_kill();
+                self.totals.count_restart(if oom {
+                    "killed by the kernel's OOM killer"
+                } else if exit.is_own_failure() {
+                    "failed"
+                } else {
+                    "ended from outside"
+                });
+                self.note_unexpected_exit(&gone, exit, oom);
+            }
+        }
+    }
+
+    /// A worker died without being asked to: say so, and when it failed young by its
+    /// own doing, make its slot wait longer before the next one (crash-loop backoff).
+    fn note_unexpected_exit(&mut self, gone: &Worker, exit: Exit, oom: bool) {
+        let (slot, pid) = (gone.slot, gone.pid);
+        let lived = self.now.saturating_duration_since(gone.spawned_at);
+        let delay = self.backoff.note_exit(slot, lived, exit, self.now);
+        let line = match exit {
+            _ if oom => format!(
+                "worker[{slot}] pid {pid} was killed by the kernel's OOM killer (its memory cgroup's oom_kill count rose); respawning{}",
+                if delay > Duration::ZERO {
+                    format!(" in {} ms", delay.as_millis())
+                } else {
+                    " at once".to_string()
+                }
+            ),
+            _ if delay > Duration::ZERO => format!(
+                "worker[{slot}] pid {pid} exited unexpectedly ({exit}) {} ms after its start; respawning in {} ms",
+                lived.as_millis(),
+                delay.as_millis()
+            ),
+            Exit::Status(0) => {
+                return self.log(
+                    Level::Info,
+                    format!(
+                        "worker[{slot}] pid {pid} stopped on a signal sent to it, not by the master (exit status 0); respawning"
+                    ),
+                );
+            }
+            Exit::Signal(signal) if !exit.is_own_failure() => format!(
+                "worker[{slot}] pid {pid} was killed by {signal} from outside raasd; respawning at once"
+            ),
+            _ => format!("worker[{slot}] pid {pid} exited unexpectedly ({exit}); respawning"),
+        };
+        self.log(Level::Error, line);
+    }
+
+    fn resize(&mut self, target: usize, why: &str) {
+        if self.stopping.is_some() || target == self.target {
+            return;
+        }
+        self.log_with(
+            Level::Info,
+            format!("{why}: workers: {} -> {target}", self.target),
+            vec![
+                ("cause", Field::Text(why.to_string())),
+                ("workers_before", Field::Int(self.target as i64)),
+                ("workers", Field::Int(target as i64)),
+            ],
+        );
+        self.target = target;
+        self.all_accepting_announced = false;
+    }
+
+    // ---- health ---------------------------------------------------------------
+
+    /// Whether `w` has missed a beat (for the title, status and /livez).
+    pub fn is_late(&self, w: &Worker) -> bool {
+        health::is_late(
+            w.beat_age_ms,
+            self.since_heartbeats_due(),
+            self.settings.timeout_secs * 1000,
+            self.settings.heartbeat.as_millis() as u64,
+        )
+    }
+
+    fn since_heartbeats_due(&self) -> u64 {
+        self.heartbeats_due_from.map_or(u64::MAX, |from| {
+            self.now.saturating_duration_since(from).as_millis() as u64
+        })
+    }
+
+    /// Kills the workers unresponsive for the whole --timeout (once: the kill's
+    /// effect is certain); reaping then respawns them.
+    fn kill_lazy_workers(&mut self) {
+        let since_last_pass = self.now.saturating_duration_since(self.last_pass);
+        self.last_pass = self.now;
+        let timeout_secs = self.settings.timeout_secs;
+        if timeout_secs == 0 {
+            return;
+        }
+        if since_last_pass > Duration::from_secs(timeout_secs) {
+            // The master itself did not run for a while (stopped, the whole tree frozen,
+            // the machine suspended): the workers may not have run either.
+            self.log(
+                Level::Info,
+                format!(
+                    "the master was held up {} ms; giving every worker {timeout_secs}s to beat",
+                    since_last_pass.as_millis()
+                ),
+            );
+            self.heartbeats_due_from = Some(self.now);
+            return;
+        }
+        let grace = self.since_heartbeats_due();
+        let beat_ms = self.settings.heartbeat.as_millis() as u64;
+        let lazy: Vec<(Pid, u64)> = self
+            .workers
+            .iter()
+            .filter(|w| !matches!(w.life, Life::Killed(_)))
+            .filter(|w| health::is_lazy(w.beat_age_ms, grace, timeout_secs * 1000, beat_ms))
+            .map(|w| (w.pid, w.beat_age_ms))
+            .collect();
+        for (pid, age_ms) in lazy {
+            let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) else {
+                continue;
+            };
+            w.life = Life::Killed("no heartbeat within --timeout");
+            let line = format!(
+                "worker[{}] pid {pid} missed its heartbeat: last beat {age_ms} ms ago (timeout {timeout_secs}s); killing it",
+                w.slot
+            );
+            self.log(Level::Warn, line);
+            self.out.push(Action::Kill(pid));
+        }
+    }
+
+    /// --max-worker-memory: every [`MEMORY_SAMPLE`], asks for the workers' memory.
+    fn sample_memory(&mut self) {
+        if self.stopping.is_some()
+            || self.settings.max_worker_memory == 0
+            || self.now < self.next_memory_sample
+        {
+            return;
+        }
+        self.next_memory_sample = self.now + MEMORY_SAMPLE;
+        let pids = self.workers.iter().map(|w| w.pid).collect();
+        self.out.push(Action::SampleMemory(pids));
+    }
+
+    /// A worker over --max-worker-memory is replaced gracefully.
+    fn replace_bloated(&mut self, usage: &[(Pid, u64)]) {
+        let limit_mib = self.settings.max_worker_memory;
+        if self.stopping.is_some() || limit_mib == 0 {
+            return;
+        }
+        for &(pid, bytes) in usage {
+            let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) else {
+                continue;
+            };
+            if bytes <= limit_mib * 1024 * 1024
+                || !matches!(w.life, Life::Starting | Life::Accepting)
+            {
+                continue;
+            }
+            w.life = Life::Replacing;
+            let line = format!(
+                "worker[{}] pid {pid} uses {} MiB (limit {limit_mib} MiB); replacing it",
+                w.slot,
+                bytes / (1024 * 1024),
+            );
+            self.log(Level::Info, line);
+        }
+    }
+
+    /// systemd's watchdog hears from the master while its loop runs and every
+    /// worker of the current generation beats in time: a master that hangs, or whose
+    /// workers all wedge, is restarted by systemd (WatchdogSec=).
+    fn tend_watchdog(&mut self) {
+        let Some(every) = self.facts.watchdog else {
+            return;
+        };
+        if self.now < self.watchdog_next || self.stopping.is_some() {
+            return;
+        }
+        let healthy = self
+            .workers
+            .iter()
+            .filter(|w| w.is_current(self.generation))
+            .all(|w| !self.is_late(w));
+        if healthy {
+            self.out.push(Action::Notify(Notice::Watchdog));
+        }
+        self.watchdog_next = self.now + every;
+    }
+
+    // ---- reload and upgrade -------------------------------------------------
+
+    /// HUP: the shell re-reads the configuration; [`Supervisor::reloaded`] rotates
+    /// the workers onto it.
+    fn reload(&mut self, asked_by: Option<Client>) {
+        if self.stopping.is_some() {
+            if let Some(client) = asked_by {
+                self.reply(
+                    client,
+                    Reply::Failed("reload failed, nothing changed: the server is stopping".into()),
+                );
+            }
+            return;
+        }
+        self.out.push(Action::Notify(Notice::Reloading));
+        self.systemd_ready = false;
+        self.out.push(Action::Reload { asked_by });
+    }
+
+    fn reloaded(&mut self, asked_by: Option<Client>, outcome: Result<Settings, String>) {
+        match outcome {
+            Ok(settings) => {
+                self.target = settings.workers;
+                self.settings = settings;
+                self.log(Level::Info, "configuration reloaded");
+                // A fresh generation replaces the current one, slot by slot.
+                self.generation += 1;
+                self.all_accepting_announced = false;
+                let line = format!("rotating workers: generation {} starting", self.generation);
+                self.log(Level::Info, line);
+                if let Some(client) = asked_by {
+                    let generation = self.generation;
+                    self.reply(
+                        client,
+                        Reply::Done(json!({ "ok": true, "generation": generation })),
+                    );
+                }
+            }
+            Err(why) => {
+                self.log(
+                    Level::Error,
+                    format!("reload failed, the running configuration stays: {why}"),
+                );
+                self.all_accepting_announced = false;
+                if let Some(client) = asked_by {
+                    self.reply(
+                        client,
+                        Reply::Failed(format!("reload failed, nothing changed: {why}")),
+                    );
+                }
+            }
+        }
+    }
+
+    /// USR2: the shell starts the binary installed at our path as a new master.
+    /// It takes over once ready; if it fails, nothing changes here.
+    fn start_upgrade(&mut self, asked_by: Option<Client>) {
+        if let Some(client) = asked_by {
+            // Answered when the new master is ready or the upgrade rolled back.
+            self.out.push(Action::AwaitUpgrade(client));
+        }
+        if self.stopping.is_some() || self.upgrade != Upgrade::Idle || self.predecessor {
+            self.log(
+                Level::Warn,
+                "upgrade refused: an upgrade or a stop is already under way",
+            );
+            if let Some(client) = asked_by {
+                self.reply(
+                    client,
+                    Reply::Failed("an upgrade or a stop is already under way".into()),
+                );
+            }
+            return;
+        }
+        if self.pid_file == PidFileState::Held {
+            self.pid_file = PidFileState::Oldbin;
+        }
+        self.upgrade = Upgrade::Starting;
+        self.out.push(Action::StartUpgrade {
+            generation: self.generation + 1,
+        });
+    }
+
+    /// The successor is ready: it owns the sockets and the pid file now. Retire.
+    fn hand_over(&mut self, takes_connections: bool) {
+        let Upgrade::Waiting {
+            successor, started, ..
+        } = self.upgrade
+        else {
+            return;
+        };
+        let connections_follow = self.settings.handover && takes_connections;
+        self.upgrade = Upgrade::HandedOver {
+            connections_follow,
+            successor,
+        };
+        self.out
+            .push(Action::AnswerUpgradeWaiters(Reply::Done(json!({
+                "ok": true,
+                "upgrade": "handed over",
+                "new_master": successor.0,
+                "ready_after_ms": self.now.saturating_duration_since(started).as_millis() as u64,
+                "connections": if connections_follow { "handed over" } else { "drained" },
+            }))));
+        // New clients go to the new master, which holds the same sockets.
+        self.out.push(Action::CloseConsole {
+            remove_files: false,
+        });
+        let how = if connections_follow {
+            "handing the connections over to its workers"
+        } else if self.settings.handover {
+            "draining the connections (it does not take them: another hand-over format)"
+        } else {
+            "draining the connections (--handover off)"
+        };
+        self.log(
+            Level::Info,
+            format!("upgrade: new master pid {successor} is ready; retiring, {how}"),
+        );
+        // systemd (NotifyAccess=main) hears only the main pid: name the successor
+        // and vouch for its readiness in one message, before leaving.
+        self.out.push(Action::Notify(Notice::HandedTo(successor)));
+        if self.pid_file != PidFileState::None {
+            self.pid_file = PidFileState::None;
+            self.out.push(Action::PidFile(PidFileStep::Remove));
+        }
+        self.stop(false, "hand-over");
+    }
+
+    fn roll_back(&mut self, why: &str) {
+        if let Upgrade::Waiting { successor, .. } = self.upgrade {
+            self.abandon(successor);
+        }
+        if matches!(self.upgrade, Upgrade::Waiting { .. } | Upgrade::Starting) {
+            self.upgrade = Upgrade::Idle;
+        }
+        // The pid file first: whoever acts on the log line finds it back in place.
+        if self.pid_file == PidFileState::Oldbin {
+            self.pid_file = PidFileState::Held;
+            self.out.push(Action::PidFile(PidFileStep::Back));
+        }
+        self.log(Level::Error, format!("upgrade failed, rolling back: {why}"));
+        self.out
+            .push(Action::AnswerUpgradeWaiters(Reply::Failed(format!(
+                "rolled back: {why}"
+            ))));
+    }
+
+    /// Ends a successor that will not take over, with everything it started (its
+    /// process group): TERM now, KILL after [`ABANDON_GRACE`].
+    fn abandon(&mut self, group: Pid) {
+        self.out.push(Action::AbandonSuccessor(group));
+        self.abandoned = Some((group, self.now + ABANDON_GRACE));
+    }
+
+    fn end_abandoned(&mut self, exiting: bool) {
+        if let Some((group, kill_at)) = self.abandoned
+            && (exiting || self.now >= kill_at)
+        {
+            self.abandoned = None;
+            self.out.push(Action::EndAbandoned(group));
+        }
+    }
+
+    /// After an upgrade: the old master's totals, when it exits, join ours.
+    fn hear_farewell(&mut self, heard: Option<String>) {
+        let Some(json) = heard else {
+            return self.log(
+                Level::Warn,
+                "the old master exited without handing on its totals; they restart here",
+            );
+        };
+        match serde_json::from_str::<Totals>(&json) {
+            Ok(theirs) => {
+                self.log(
+                    Level::Info,
+                    format!(
+                        "the old master's totals carried on: {} on {}",
+                        plural(theirs.requests, "request"),
+                        plural(theirs.connections_accepted, "connection")
+                    ),
+                );
+                self.totals.add(&theirs);
+            }
+            Err(e) => self.log(
+                Level::Warn,
+                format!("the old master's totals are unreadable ({e}): {json}"),
+            ),
+        }
+    }
+
+    /// Every slot accepts: tell whoever waits for it.
+    fn announce_ready(&mut self) {
+        if self.predecessor {
+            self.predecessor = false;
+            // The old master, still systemd's main pid, reports our readiness for us.
+            self.systemd_ready = true;
+            if self.facts.pid_file {
+                self.pid_file = PidFileState::Held;
+                self.out.push(Action::PidFile(PidFileStep::Write {
+                    after_upgrade: true,
+                }));
+            }
+            self.out.push(Action::TellPredecessorReady);
+        }
+        if !self.systemd_ready {
+            self.systemd_ready = true;
+            self.out.push(Action::Notify(Notice::Ready));
+        }
+    }
+
+    // ---- stopping -------------------------------------------------------------
+
+    /// A graceful stop, after --drain-delay: meanwhile /readyz fails and the workers
+    /// keep accepting, so that load balancers stop sending before the sockets close.
+    /// Asked again while draining, it stops at once.
+    fn stop_after_draining(&mut self, why: &str) {
+        let delay = self.settings.drain_delay;
+        if delay.is_zero() || self.draining.is_some() || self.stopping.is_some() {
+            self.draining = None;
+            return self.stop(false, why);
+        }
+        self.log(
+            Level::Info,
+            format!(
+                "{why}: draining for {}s (/readyz fails, the workers keep accepting), \
+                 then a graceful stop",
+                delay.as_secs()
+            ),
+        );
+        self.draining = Some((self.now + delay, why.to_string()));
+    }
+
+    fn finish_draining(&mut self) {
+        let Some((until, _)) = &self.draining else {
+            return;
+        };
+        if self.stopping.is_some() {
+            self.draining = None;
+        } else if self.now >= *until
+            && let Some((_, why)) = self.draining.take()
+        {
+            self.stop(false, &why);
+        }
+    }
+
+    /// TERM/QUIT or a hand-over (graceful), INT (quick). A quick stop may follow a
+    /// graceful one, not the other way round.
+    fn stop(&mut self, quick: bool, why: &str) {
+        if self.stopping.as_ref().is_some_and(|s| s.quick || !quick) {
+            return;
+        }
+        let handed_over = matches!(self.upgrade, Upgrade::HandedOver { .. });
+        let (order, timeout) = if quick {
+            self.log_with(
+                Level::Info,
+                format!("{why}: quick stop"),
+                vec![("cause", Field::Text(why.to_string()))],
+            );
+            (Order::QuickStop, QUICK_STOP_TIMEOUT)
+        } else {
+            let timeout = self.settings.graceful_timeout;
+            self.log_with(
+                Level::Info,
+                format!(
+                    "{why}: graceful stop, waiting up to {}s for workers",
+                    timeout.as_secs()
+                ),
+                vec![
+                    ("cause", Field::Text(why.to_string())),
+                    ("timeout_s", Field::Int(timeout.as_secs() as i64)),
+                ],
+            );
+            // After an upgrade to a master that takes connections, they move to its
+            // workers; on any other stop they are served to their end.
+            let order = match self.upgrade {
+                Upgrade::HandedOver {
+                    connections_follow: true,
+                    ..
+                } => Order::HandOver,
+                _ => Order::GracefulStop,
+            };
+            (order, timeout)
+        };
+        for w in &mut self.workers {
+            if !matches!(w.life, Life::Killed(_)) {
+                w.life = Life::Retiring;
+            }
+            self.out.push(Action::Tell(w.pid, order));
+        }
+        if !handed_over {
+            self.out.push(Action::Notify(Notice::Stopping));
+        }
+        if let Upgrade::Waiting { successor, .. } = self.upgrade {
+            self.upgrade = Upgrade::Idle;
+            self.log(
+                Level::Info,
+                format!("stopping: the upgrade to pid {successor} is abandoned"),
+            );
+            self.abandon(successor);
+            self.out.push(Action::AnswerUpgradeWaiters(Reply::Failed(
+                "abandoned: the server is stopping".into(),
+            )));
+        }
+        // Our copies of the listen sockets go now: once the workers have drained the
+        // accept queue and closed theirs, the port refuses connections. After a hand
+        // over, the sockets (and their files) are the new master's.
+        self.out.push(Action::CloseListeners {
+            refuse_first: !handed_over && !self.facts.sockets_from_systemd,
+        });
+        self.stopping = Some(Stopping {
+            quick,
+            deadline: self.now + timeout,
+            killed: false,
+        });
+    }
+
+    fn kill_workers_past_deadline(&mut self) {
+        let Some(stopping) = &mut self.stopping else {
+            return;
+        };
+        if stopping.killed || self.now < stopping.deadline {
+            return;
+        }
+        stopping.killed = true;
+        let pids: Vec<(Pid, usize)> = self.workers.iter().map(|w| (w.pid, w.slot)).collect();
+        for (pid, slot) in pids {
+            self.log(
+                Level::Warn,
+                format!("worker[{slot}] pid {pid} did not stop in time; killing it"),
+            );
+            self.out.push(Action::Kill(pid));
+        }
+        for w in &mut self.workers {
+            w.life = Life::Killed("not stopped within --graceful-timeout");
+        }
+    }
+
+    /// Every worker is gone: close what is ours, hand on what is the successor's.
+    fn exit(&mut self) {
+        self.end_abandoned(true);
+        let handed_over = matches!(self.upgrade, Upgrade::HandedOver { .. });
+        if handed_over {
+            self.out.push(Action::HandOnTotals(self.totals.clone()));
+        }
+        self.out.push(Action::CloseConsole {
+            remove_files: !handed_over,
+        });
+        if self.pid_file != PidFileState::None {
+            self.pid_file = PidFileState::None;
+            self.out.push(Action::PidFile(PidFileStep::Remove));
+        }
+        self.log(Level::Info, "exiting");
+        self.out.push(Action::Exit(0));
+        self.exited = true;
+    }
+
+    // ---- output -----------------------------------------------------------------
+
+    fn log(&mut self, level: Level, text: impl Into<String>) {
+        self.log_with(level, text.into(), Vec::new());
+    }
+
+    fn log_with(&mut self, level: Level, text: String, fields: Vec<(&'static str, Field)>) {
+        self.out.push(Action::Log(Line {
+            level,
+            text,
+            fields,
+        }));
+    }
+
+    fn reply(&mut self, client: Client, reply: Reply) {
+        self.out.push(Action::Reply(client, reply));
+    }
+
+    // ---- the read-only view -------------------------------------------------
+
+    /// When the loop must look again at the latest, if nothing wakes it sooner.
+    pub fn wake_at(&self) -> Option<Instant> {
+        let now = self.now;
+        match &self.stopping {
+            Some(s) if !s.killed => Some(s.deadline),
+            Some(_) => None,
+            None => {
+                let upgrade_deadline = match self.upgrade {
+                    Upgrade::Waiting { deadline, .. } => Some(deadline),
+                    _ => None,
+                };
+                let checks = [
+                    self.fork_retry_at,
+                    self.backoff.next_respawn(),
+                    (self.settings.timeout_secs > 0).then(|| now + self.settings.heartbeat),
+                    (self.settings.max_worker_memory > 0).then_some(self.next_memory_sample),
+                    upgrade_deadline,
+                    self.draining.as_ref().map(|(until, _)| *until),
+                    self.abandoned.map(|(_, kill_at)| kill_at),
+                    self.facts.watchdog.map(|_| self.watchdog_next),
+                    (!self.all_accepting_announced || self.backoff.any()).then(|| now + SETTLING),
+                ];
+                checks.into_iter().flatten().min()
+            }
+        }
+    }
+
+    pub fn workers(&self) -> &[Worker] {
+        &self.workers
+    }
+
+    pub fn worker(&self, pid: Pid) -> Option<&Worker> {
+        self.workers.iter().find(|w| w.pid == pid)
+    }
+
+    /// The slots now: accepting, or late with their heartbeat.
+    pub fn census(&self) -> Census {
+        workers::census(&self.workers, self.target, self.generation, |w| {
+            self.is_late(w)
+        })
+    }
+
+    pub fn phase(&self) -> Phase {
+        Phase::of(
+            self.upgrade_step(),
+            (self.draining.is_some(), self.stopping.is_some()),
+            self.census(),
+            self.target,
+        )
+    }
+
+    pub fn upgrade_step(&self) -> UpgradeStep {
+        match self.upgrade {
+            Upgrade::Idle => UpgradeStep::Idle,
+            Upgrade::Starting | Upgrade::Waiting { .. } => UpgradeStep::Waiting,
+            Upgrade::HandedOver { .. } => UpgradeStep::HandedOver,
+        }
+    }
+
+    /// A worker's state word in `status`.
+    pub fn state_of(&self, w: &Worker) -> &'static str {
+        match w.life {
+            Life::Starting => "starting",
+            Life::Accepting if self.is_late(w) => "late",
+            Life::Accepting => "accepting",
+            Life::Replacing => "replacing",
+            Life::Retiring => "retiring",
+            Life::Killed(_) => "killed",
+        }
+    }
+
+    pub fn totals(&self) -> &Totals {
+        &self.totals
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn target(&self) -> usize {
+        self.target
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.is_some()
+    }
+
+    pub fn stopping(&self) -> Option<Stopping> {
+        self.stopping
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_some()
+    }
+
+    pub fn upgrade(&self) -> Upgrade {
+        self.upgrade
+    }
+
+    pub fn pid_file(&self) -> PidFileState {
+        self.pid_file
+    }
+
+    pub fn has_exited(&self) -> bool {
+        self.exited
+    }
+
+    /// When `slot` may next get a worker, if it is held back (crash loop or a
+    /// failed fork).
+    pub fn held_back_until(&self, slot: usize) -> Option<Instant> {
+        let backoff = self.backoff.not_before(slot).filter(|&at| at > self.now);
+        let fork = self.fork_retry_at.filter(|&at| at > self.now);
+        backoff.into_iter().chain(fork).max()
+    }
+}
+
+/// `1 request`, `2 requests`.
+fn plural(n: u64, word: &str) -> String {
+    if n == 1 {
+        format!("1 {word}")
+    } else {
+        format!("{n} {word}s")
+    }
+}
