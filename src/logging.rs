@@ -361,6 +361,37 @@ pub fn plural(n: u64, what: &str) -> String {
     }
 }
 
+/// Writes a line the supervisor decided on, with its fields (the JSON format
+/// shows them; the plain one shows the text).
+pub fn write_line(line: &crate::supervisor::Line) {
+    use log::kv::{Error, Key, Source, Value, VisitSource};
+    struct Fields<'a>(&'a [(&'static str, crate::supervisor::Field)]);
+    impl Source for Fields<'_> {
+        fn visit<'kvs>(&'kvs self, visitor: &mut dyn VisitSource<'kvs>) -> Result<(), Error> {
+            for (key, field) in self.0 {
+                let value = match field {
+                    crate::supervisor::Field::Int(n) => Value::from(*n),
+                    crate::supervisor::Field::Text(text) => Value::from(text.as_str()),
+                };
+                visitor.visit_pair(Key::from_str(key), value)?;
+            }
+            Ok(())
+        }
+    }
+    if line.level > log::max_level() {
+        return;
+    }
+    log::logger().log(
+        &log::Record::builder()
+            .level(line.level)
+            .target("raasd::master")
+            .module_path_static(Some("raasd::master"))
+            .args(format_args!("{}", line.text))
+            .key_values(&Fields(&line.fields))
+            .build(),
+    );
+}
+
 /// A record's key-values, into a JSON line.
 struct Fields<'a>(&'a mut JsonLine);
 

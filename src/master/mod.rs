@@ -1,26 +1,28 @@
-//! The master process: binds, forks workers, then only supervises.
+//! The master process: the shell around the supervisor's decisions.
 //!
-//! Owns the worker slots and every decision about workers: how many, which
-//! generation, when to spawn, retire, respawn or kill them. It never reads a client
-//! byte. Each pass of `Master::supervise` reads as the story of a supervisor: take
-//! the signals, reap the dead, bring the workers to what is wanted, kill those stuck
-//! or past their deadline, then sleep until a signal or a worker's message arrives.
+//! Binds, forks workers, then only supervises. What to do is decided by
+//! [`crate::supervisor::Supervisor`], a pure state machine; this module is the
+//! shell around it: each pass of `Master::supervise` turns the world into events
+//! (signals, exited children, workers' reports, console commands, the successor's
+//! readiness, heartbeats, the pass itself) and carries out the actions that come
+//! back (fork, tell, kill, move the pid file, start or abandon an upgrade, log,
+//! reply), then sleeps until a signal, a worker's message or the next deadline. It
+//! never reads a client byte.
 //!
-//! This file holds the loop and the workers' life cycle; the submodules hold the
-//! operations the loop dispatches to: `reload` (HUP, USR1), `handover` (USR2: the
-//! binary upgrade's policy) and `health` (heartbeats, crash-loop backoff, recycling).
+//! The submodules hold the operations the actions dispatch to: `reload` (HUP,
+//! USR1), `handover` (USR2: the upgrade's mechanics), `steering` (the console's
+//! questions: status, metrics, probes) and `probes` (memory, the OOM killer).
 //!
 //! Workers are told what to do through their control channel, never by signal, so
-//! ordering and delivery are certain. A slot keeps its number across respawns and
-//! rotations; during a rotation (HUP) a slot briefly has an old and a new worker, and
-//! the old one is retired only once the new one reports that it is accepting.
+//! ordering and delivery are certain.
 
+use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use log::{debug, error, info, warn};
+use log::{error, info, warn};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, kill};
@@ -31,7 +33,7 @@ use sd_notify::NotifyState;
 
 use crate::accept_gate::Nudge;
 use crate::config::{self, Config, MAX_WORKERS};
-use crate::console::{Console, Totals};
+use crate::console::Console;
 use crate::control::{self, Command, MasterEnd, Report};
 use crate::handoff::{self, Queue};
 use crate::listeners::{self, Configured, Inheritance};
@@ -39,21 +41,22 @@ use crate::pidfile::{self, PidFile};
 use crate::privileges::{self, Identity};
 use crate::process::{self, Blocked, Forked};
 use crate::scoreboard::{CELLS, Scoreboard};
-use crate::signals::{self, SignalSet};
+use crate::signals::SignalSet;
+use crate::supervisor::{
+    self, Action, Census, Event, Exit, Exited, Facts, Notice, Order, Reply, Said, Settings,
+    Supervisor, Upgrade,
+};
 use crate::upgrade::{self, Predecessor};
 use crate::worker::Who;
 use crate::{logging, title, worker};
 
 mod handover;
-mod health;
 mod oom;
+mod probes;
 mod reload;
 mod steering;
-mod workers;
 
-use handover::Upgrade;
-use health::{Exit, Health};
-use workers::{Life, WorkerProcess};
+use probes::Probes;
 
 /// The signals the master handles; see the table in README.md and raasd(8).
 const SIGNALS_HANDLED: [libc::c_int; 10] = [
@@ -68,11 +71,6 @@ const SIGNALS_HANDLED: [libc::c_int; 10] = [
     libc::SIGUSR2,
     libc::SIGWINCH,
 ];
-
-/// How long a quick stop waits for workers to exit before it kills them.
-const QUICK_STOP_TIMEOUT: Duration = Duration::from_secs(2);
-/// After a failed fork, how long before trying again.
-const FORK_RETRY: Duration = Duration::from_secs(1);
 
 /// Starts raasd with `config`; `args` are the original arguments. Returns the exit
 /// status: 0 after a stop, 1 when start-up failed.
@@ -156,14 +154,17 @@ struct Origin {
     /// Where a new master of an upgrade starts: --working-directory, else the
     /// directory raasd was started in, as the operator named it.
     start_dir: PathBuf,
+    /// When this master started (seconds since the epoch).
+    started_at: u64,
 }
 
-/// What systemd has heard, and its watchdog.
-struct Systemd {
-    /// READY=1 has been sent for the current configuration.
-    ready: bool,
-    /// WATCHDOG_USEC: how often to ping, and when next.
-    watchdog: Option<(Duration, Instant)>,
+/// The listen sockets this master holds.
+struct Sockets {
+    listeners: Vec<Configured>,
+    /// Socket activation fixes the listeners: reloads leave them alone.
+    inheritance: Inheritance,
+    /// Their addresses, for the title.
+    addresses: Vec<String>,
 }
 
 /// What every worker inherits to coordinate with its siblings.
@@ -174,6 +175,20 @@ struct Coordination {
     /// Where retiring workers hand their connections over (None with --handover
     /// off).
     handoff: Option<Queue>,
+    /// Each worker's heartbeat and counters, one cell each.
+    scoreboard: Scoreboard,
+}
+
+/// The other masters of an upgrade.
+#[derive(Default)]
+struct Links {
+    /// The new master this one started (USR2), until it is abandoned; after the
+    /// hand-over, told our totals when we exit.
+    successor: Option<upgrade::Successor>,
+    /// This master was started by USR2: the old master waits to hear it is ready.
+    predecessor: Option<Predecessor>,
+    /// Once ready after an upgrade: where the old master's totals will come from.
+    farewell: Option<upgrade::Farewell>,
 }
 
 /// The master's process title.
@@ -184,55 +199,24 @@ struct Title {
     shown: String,
 }
 
-struct Stopping {
-    quick: bool,
-    deadline: Instant,
-    killed: bool,
-}
-
 pub struct Master {
+    /// Every decision: which workers, when, what to tell and whom to kill.
+    core: Supervisor,
     config: Config,
     /// How this master was started: what a reload re-reads, an upgrade re-executes.
     origin: Origin,
-    listeners: Vec<Configured>,
-    /// Socket activation fixes the listeners: reloads leave them alone.
-    inheritance: Inheritance,
-    /// The binary upgrade this master is in, as the old master.
-    upgrade: Upgrade,
-    /// This master was started by USR2: the old master waits to hear it is ready.
-    predecessor: Option<Predecessor>,
-    /// Once ready after an upgrade: where the old master's totals will come from.
-    farewell: Option<upgrade::Farewell>,
-    /// A graceful stop asked for, waiting out --drain-delay: until when, and who asked.
-    draining: Option<(Instant, String)>,
-    /// A successor given up on, whose process group is being ended.
-    abandoned: Option<handover::Abandoned>,
-    systemd: Systemd,
-    addresses: Vec<String>,
+    sockets: Sockets,
     signals: Option<SignalSet>,
     pid_file: Option<PidFile>,
-    workers: Vec<WorkerProcess>,
+    /// Each live worker's control channel, until the worker closes it.
+    channels: Vec<(Pid, MasterEnd)>,
     /// What the workers share to coordinate among themselves.
     coordination: Coordination,
     /// The control socket and the metrics endpoint.
     console: Console,
-    /// When this master started (seconds since the epoch).
-    started_at: u64,
-    /// What workers gone since the master started had done, and why workers were
-    /// replaced: with the live workers' counters, the totals of `status`.
-    totals: Totals,
-    /// How many worker slots are wanted.
-    target: usize,
-    /// Raised by each rotation; workers of older generations are retired.
-    generation: u64,
-    stopping: Option<Stopping>,
-    all_accepting_announced: bool,
-    fork_retry_at: Option<Instant>,
-    scoreboard: Scoreboard,
+    links: Links,
+    probes: Probes,
     identity: Option<Identity>,
-    health: Health,
-    /// Workers whose control channel woke the master: their reports are read next.
-    woken: Vec<Pid>,
     title: Title,
 }
 
@@ -337,7 +321,7 @@ impl Master {
             owned_files(&listeners);
             format!("cannot install signal handlers: {e}")
         })?;
-        let health = Health::new(seed()).inspect_err(|_| owned_files(&listeners))?;
+        let probes = Probes::new().inspect_err(|_| owned_files(&listeners))?;
         let nudge = Nudge::new().map_err(|e| {
             owned_files(&listeners);
             format!("cannot create an eventfd: {e}")
@@ -386,95 +370,168 @@ impl Master {
             info!("access log at {}", path.display());
         }
         let name = leak_name(config.name.as_deref());
-        let mut master = Master {
-            scoreboard,
-            identity,
-            health,
-            woken: Vec::new(),
-            title: Title {
-                name,
-                shown: String::new(),
+        let now = Instant::now();
+        let core = Supervisor::new(
+            settings_of(&config, handoff.is_some()),
+            Facts {
+                generation,
+                predecessor: predecessor.is_some(),
+                pid_file: config.pid.is_some(),
+                sockets_from_systemd: inheritance == Inheritance::Systemd,
+                watchdog: sd_notify::watchdog_enabled().map(|every| every / 2),
+                cells: CELLS,
+                max_workers: MAX_WORKERS,
+                seed: seed(),
             },
-            target: config.workers.resolve(),
+            now,
+        );
+        let mut master = Master {
+            core,
             config,
             origin: Origin {
                 args,
                 exe,
                 start_dir,
+                started_at: epoch_seconds(),
             },
-            listeners,
-            inheritance,
-            upgrade: Upgrade::Idle,
-            abandoned: None,
-            predecessor: predecessor.take(),
-            farewell: None,
-            draining: None,
-            systemd: Systemd {
-                ready: false,
-                watchdog: sd_notify::watchdog_enabled().map(|usec| (usec / 2, Instant::now())),
+            sockets: Sockets {
+                listeners,
+                inheritance,
+                addresses,
             },
-            addresses,
             signals: Some(signals),
             pid_file,
-            workers: Vec::new(),
+            channels: Vec::new(),
             coordination: Coordination {
                 nudge: Some(nudge),
                 handoff,
+                scoreboard,
             },
             console,
-            started_at: epoch_seconds(),
-            totals: Totals::default(),
-            generation,
-            stopping: None,
-            all_accepting_announced: false,
-            fork_retry_at: None,
+            links: Links {
+                predecessor: predecessor.take(),
+                ..Links::default()
+            },
+            probes,
+            identity,
+            title: Title {
+                name,
+                shown: String::new(),
+            },
         };
         master.show_title();
         Ok(master)
     }
 
-    /// The master loop. Returns the exit status.
+    /// The master loop: the world in, the supervisor's actions out. Returns the
+    /// exit status.
     fn supervise(mut self) -> i32 {
+        let mut woken = Vec::new();
         loop {
             // Signals first: when a whole process group is signalled (Ctrl-C, systemd's
             // control-group stop), the workers' exits must be read as part of the stop.
-            self.handle_signals();
-            self.reap_all_workers();
-            self.read_worker_reports();
+            self.take_signals();
+            self.reap_children();
+            self.read_worker_reports(std::mem::take(&mut woken));
             self.serve_console();
-            if self.stopping.is_some() && self.workers.is_empty() {
-                break;
-            }
             self.follow_upgrade();
             self.hear_farewell();
-            self.finish_draining();
-            self.finish_abandoned_upgrade(false);
-            self.maintain_worker_count();
-            self.murder_lazy_workers();
-            self.replace_bloated_workers();
-            self.kill_workers_past_deadline();
-            self.tend_watchdog();
+            let beats = self.heartbeat_ages();
+            self.feed(Event::Beats(beats));
+            if let Some(code) = self.feed(Event::Tick) {
+                return code;
+            }
             self.show_title();
-            self.sleep_until_woken();
+            woken = self.sleep_until_woken();
         }
-        self.finish_abandoned_upgrade(true);
-        self.hand_on_totals();
-        self.console.flush();
-        let handed_over = matches!(self.upgrade, Upgrade::HandedOver { .. });
-        self.console.close_listeners(!handed_over);
-        if let Some(pid_file) = &self.pid_file {
-            pid_file.remove();
-        }
-        info!("exiting");
-        0
     }
 
-    /// Collects every exited child, so none stays a zombie.
-    fn reap_all_workers(&mut self) {
+    /// Hands `event` to the supervisor and carries out what it decides, feeding
+    /// back the outcome of each action that has one before anything else happens.
+    /// Returns the exit status once the supervisor says to exit.
+    fn feed(&mut self, event: Event) -> Option<i32> {
+        let mut exit = None;
+        let mut actions: VecDeque<Action> = self.core.handle(event, Instant::now()).into();
+        while let Some(action) = actions.pop_front() {
+            if let Action::Exit(code) = action {
+                self.console.flush();
+                exit = Some(code);
+            } else if let Some(outcome) = self.carry_out(action) {
+                actions.extend(self.core.handle(outcome, Instant::now()));
+            }
+        }
+        exit
+    }
+
+    /// Does what the supervisor decided; returns the outcome it waits for, if any.
+    fn carry_out(&mut self, action: Action) -> Option<Event> {
+        match action {
+            Action::Log(line) => logging::write_line(&line),
+            Action::Spawn {
+                slot,
+                generation,
+                cell,
+                max_requests,
+            } => return Some(self.spawn_worker(slot, generation, cell, max_requests)),
+            Action::Tell(pid, order) => {
+                let command = match order {
+                    Order::GracefulStop => Command::GracefulStop,
+                    Order::HandOver => Command::HandOver,
+                    Order::QuickStop => Command::QuickStop,
+                };
+                if let Some((_, channel)) = self.channels.iter().find(|(p, _)| p.as_raw() == pid.0)
+                {
+                    let _ = channel.send(&command);
+                }
+            }
+            Action::Kill(pid) => {
+                let _ = kill(Pid::from_raw(pid.0), Signal::SIGKILL);
+            }
+            Action::ReopenLogs => self.reopen_logs(),
+            Action::Reload { asked_by } => {
+                let outcome = self.reload();
+                return Some(Event::Reloaded { asked_by, outcome });
+            }
+            Action::StartUpgrade { generation } => return Some(self.start_successor(generation)),
+            Action::AbandonSuccessor(group) => self.abandon(group),
+            Action::EndAbandoned(group) => self.end_abandoned(group),
+            Action::CloseListeners { refuse_first } => self.close_listeners(refuse_first),
+            Action::PidFile(step) => self.move_pid_file(step),
+            Action::Notify(notice) => notify_systemd(&match notice {
+                Notice::Ready => vec![NotifyState::Ready],
+                Notice::Reloading => vec![NotifyState::Reloading],
+                Notice::Stopping => vec![NotifyState::Stopping],
+                Notice::Watchdog => vec![NotifyState::Watchdog],
+                Notice::HandedTo(pid) => {
+                    vec![NotifyState::MainPid(pid.0 as u32), NotifyState::Ready]
+                }
+            }),
+            Action::TellPredecessorReady => self.tell_predecessor_ready(),
+            Action::HandOnTotals(totals) => self.hand_on_totals(&totals),
+            Action::SampleMemory(pids) => {
+                return Some(Event::MemorySampled(self.probes.resident(&pids)));
+            }
+            Action::Reply(client, reply) => {
+                self.console
+                    .reply(client, 200, &reply_text(&reply), Instant::now())
+            }
+            Action::AwaitUpgrade(client) => self.console.await_upgrade(client),
+            Action::AnswerUpgradeWaiters(reply) => self
+                .console
+                .answer_upgrade(&reply_text(&reply), Instant::now()),
+            Action::CloseConsole { remove_files } => self.console.close_listeners(remove_files),
+            Action::Exit(_) => {}
+        }
+        None
+    }
+
+    /// Collects every exited child, so none stays a zombie: what a worker had done
+    /// comes from its scoreboard cell, which is free again.
+    fn reap_children(&mut self) {
         loop {
-            let (pid, how) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            let (pid, exit) = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) => (pid, Exit::Status(code)),
-                Ok(WaitStatus::Signaled(pid, signal, _)) => (pid, Exit::Signal(signal)),
+                Ok(WaitStatus::Signaled(pid, signal, _)) => (pid, Exit::Signal(signal.as_str())),
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
                 Ok(_) => continue,
                 Err(Errno::EINTR) => continue,
@@ -483,207 +540,62 @@ impl Master {
                     return;
                 }
             };
-            if let Upgrade::Waiting { successor, .. } = &self.upgrade
-                && successor.pid == pid
-            {
-                // What it said before exiting is the better reason.
-                let why = match successor.readiness() {
-                    upgrade::Readiness::Failed(Some(why)) => {
-                        format!("the new master could not start: {why}")
-                    }
-                    _ => format!("the new master exited ({how})"),
-                };
-                self.roll_back_upgrade(&why);
-                continue;
+            let known = core_pid(pid);
+            let mut served = Default::default();
+            let mut oom_rose = false;
+            if let Some(cell) = self.core.worker(known).map(|w| w.cell) {
+                served = self.coordination.scoreboard.counters(cell).served();
+                self.coordination.scoreboard.release(cell);
+                self.channels.retain(|(p, _)| *p != pid);
+                oom_rose = self.probes.oom_kill_count_rose();
             }
-            let Some(at) = self.workers.iter().position(|w| w.pid == pid) else {
-                // A successor given up on (its readiness pipe closed first).
-                info!("child pid {pid} exited ({how})");
-                continue;
-            };
-            let gone = self.workers.swap_remove(at);
-            let served = self.scoreboard.counters(gone.cell);
-            self.scoreboard.release(gone.cell);
-            self.totals.add_gone(&served.served());
-            match gone.life {
-                Life::Killed(why) => {
-                    self.totals.count_restart("killed by the master");
-                    warn!(
-                        "worker[{}] pid {pid} was killed by the master ({why})",
-                        gone.slot
-                    )
-                }
-                Life::Retiring => info!(
-                    slot = gone.slot, worker_pid = pid.as_raw(), requests = served.served,
-                    connections = served.accepted + served.taken_over,
-                    taken_over = served.taken_over;
-                    "worker[{}] pid {pid} exited ({how}) after {} on {}{}",
-                    gone.slot,
-                    logging::plural(served.served, "request"),
-                    logging::plural(served.accepted + served.taken_over, "connection"),
-                    match served.taken_over {
-                        0 => String::new(),
-                        n => format!(" ({n} taken over)"),
-                    }
-                ),
-                _ if self.stopping.is_some() => {
-                    info!("worker[{}] pid {pid} exited ({how})", gone.slot)
-                }
-                _ => {
-                    let oom = self.health.killed_by_oom(how);
-                    self.totals.count_restart(if oom {
-                        "killed by the kernel's OOM killer"
-                    } else if how.is_own_failure() {
-                        "failed"
-                    } else {
-                        "ended from outside"
-                    });
-                    self.note_unexpected_exit(&gone, how, oom)
-                }
-            }
+            let said = self.successor_said(pid);
+            self.feed(Event::ChildExited(Exited {
+                pid: known,
+                exit,
+                oom_rose,
+                served,
+                said,
+            }));
         }
     }
 
-    fn handle_signals(&mut self) {
+    fn take_signals(&mut self) {
         let Some(signals) = &self.signals else { return };
         for (signal, times) in signals.take() {
-            debug!("received {} x{times}", signals::name(signal));
-            match signal {
-                libc::SIGTERM | libc::SIGQUIT => self.stop_after_draining(signals::name(signal)),
-                libc::SIGINT => self.stop(true, signals::name(signal)),
-                libc::SIGHUP => {
-                    let _ = self.reload();
-                }
-                libc::SIGUSR2 => {
-                    let _ = self.start_upgrade();
-                }
-                libc::SIGWINCH => self.drain_unless_on_a_terminal(),
-                libc::SIGUSR1 => self.reopen_logs(),
-                libc::SIGTTIN => self.resize(
-                    self.target.saturating_add(times).min(MAX_WORKERS),
-                    "SIGTTIN",
-                ),
-                libc::SIGTTOU => match self.target {
-                    // Said, not dropped: the operator is left wondering otherwise.
-                    0 => info!("SIGTTOU ignored: no workers (TTIN or HUP brings them back)"),
-                    1 => info!("SIGTTOU ignored: 1 worker, the least TTOU leaves"),
-                    n => self.resize(n.saturating_sub(times).max(1), "SIGTTOU"),
+            let signal = match signal {
+                libc::SIGTERM => supervisor::Signal::Term,
+                libc::SIGQUIT => supervisor::Signal::Quit,
+                libc::SIGINT => supervisor::Signal::Int,
+                libc::SIGHUP => supervisor::Signal::Hup,
+                libc::SIGUSR1 => supervisor::Signal::Usr1,
+                libc::SIGUSR2 => supervisor::Signal::Usr2,
+                // On a terminal the kernel sends WINCH to the foreground process group at
+                // every window resize, and a resize must not stop the service.
+                libc::SIGWINCH => supervisor::Signal::Winch {
+                    on_terminal: has_controlling_terminal(),
                 },
-                libc::SIGCHLD => {} // reaped at the top of the loop
-                _ => {}
-            }
-        }
-    }
-
-    /// WINCH retires every worker, as in Unicorn and nginx, but only when the master
-    /// runs detached: on a terminal the kernel sends WINCH to the foreground process
-    /// group at every window resize, and a resize must not stop the service.
-    fn drain_unless_on_a_terminal(&mut self) {
-        if has_controlling_terminal() {
-            info!(
-                "SIGWINCH ignored: the master has a controlling terminal, where a window \
-                 resize sends it (run raasd detached to drain workers with WINCH)"
-            );
-            return;
-        }
-        self.resize(0, "SIGWINCH");
-    }
-
-    fn resize(&mut self, target: usize, why: &str) {
-        if self.stopping.is_some() || target == self.target {
-            return;
-        }
-        info!(cause = why, workers_before = self.target, workers = target;
-            "{why}: workers: {} -> {target}", self.target);
-        self.target = target;
-        self.all_accepting_announced = false;
-        self.show_title();
-    }
-
-    /// Spawns what is missing, then retires what is surplus or replaced.
-    fn maintain_worker_count(&mut self) {
-        if self.stopping.is_some() {
-            return;
-        }
-        let now = Instant::now();
-        for slot in workers::slots_to_fill(&self.workers, self.target, self.generation) {
-            if self.health.may_spawn(slot, now) && !self.spawn_worker(slot) {
-                break;
-            }
-        }
-        self.health
-            .forget_backoff_of_healthy_slots(&self.workers, self.generation, now);
-        let retiring = workers::to_retire(&self.workers, self.target, self.generation);
-        let replaced: Vec<Pid> = self
-            .workers
-            .iter()
-            .filter(|w| retiring.contains(&w.pid) && w.life == Life::Replacing)
-            .map(|w| w.pid)
-            .collect();
-        for w in self
-            .workers
-            .iter_mut()
-            .filter(|w| retiring.contains(&w.pid))
-        {
-            w.life = Life::Retiring;
-        }
-        // Connections move to the workers that stay, when there are any.
-        let receivers = self.workers.iter().any(|w| w.life == Life::Accepting);
-        let command = if receivers && self.config.handover && self.coordination.handoff.is_some() {
-            Command::HandOver
-        } else {
-            Command::GracefulStop
-        };
-        for pid in retiring {
-            let reason = match self.workers.iter().find(|w| w.pid == pid) {
-                _ if replaced.contains(&pid) => "recycled",
-                Some(w) if w.slot >= self.target => "resize",
-                _ => "reload",
+                libc::SIGTTIN => supervisor::Signal::Ttin,
+                libc::SIGTTOU => supervisor::Signal::Ttou,
+                libc::SIGCHLD => supervisor::Signal::Chld,
+                _ => continue,
             };
-            self.totals.count_restart(reason);
-            self.retire(pid, &command);
-        }
-        let all_accepting = workers::all_accepting(&self.workers, self.target, self.generation);
-        if all_accepting && !self.all_accepting_announced {
-            self.all_accepting_announced = true;
-            match self.target {
-                1 => info!("1 worker accepting"),
-                n => info!("all {n} workers accepting"),
-            }
-            self.announce_ready();
+            self.feed(Event::Signal(signal, times));
         }
     }
 
-    fn retire(&mut self, pid: Pid, command: &Command) {
-        if let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) {
-            let how = match command {
-                Command::HandOver => "handing its connections over",
-                _ => "draining its connections",
-            };
-            info!("retiring worker[{}] pid {pid}, {how}", w.slot);
-            w.life = Life::Retiring;
-            if let Some(channel) = &w.channel {
-                let _ = channel.send(command);
-            }
-        }
-    }
-
-    /// Forks a worker for `slot`; false when forking failed (retried later).
-    fn spawn_worker(&mut self, slot: usize) -> bool {
-        if self.fork_retry_at.is_some_and(|at| Instant::now() < at) {
-            return false;
-        }
-        let Some(cell) = (0..CELLS).find(|&c| self.workers.iter().all(|w| w.cell != c)) else {
-            error!("no free scoreboard cell for worker[{slot}]");
-            return false;
-        };
-        self.scoreboard.claim(cell);
-        let max_requests = self
-            .health
-            .next_max_requests(self.config.max_requests, self.config.max_requests_jitter);
+    /// Forks a worker for `slot`; the child never returns from here.
+    fn spawn_worker(
+        &mut self,
+        slot: usize,
+        generation: u64,
+        cell: usize,
+        max_requests: Option<u64>,
+    ) -> Event {
+        self.coordination.scoreboard.claim(cell);
         let who = Who {
             slot,
-            generation: self.generation,
+            generation,
             master: nix::unistd::getpid(),
             name: self.title.name,
         };
@@ -695,25 +607,12 @@ impl Master {
                 self.become_worker(who, cell, max_requests, worker_end, blocked)
             }
             Ok((Forked::Parent(pid), channel, _worker_end)) => {
-                info!(slot = slot, worker_pid = pid.as_raw(); "spawned worker[{slot}] pid {pid}");
-                self.fork_retry_at = None;
-                self.all_accepting_announced = false;
-                self.workers.push(WorkerProcess {
-                    pid,
-                    slot,
-                    generation: self.generation,
-                    cell,
-                    spawned_at: Instant::now(),
-                    life: Life::Starting,
-                    sandbox: self.config.sandbox,
-                    channel: Some(channel),
-                });
-                true
+                self.channels.push((pid, channel));
+                Event::Spawned(core_pid(pid))
             }
             Err(e) => {
-                error!("cannot fork worker[{slot}]: {e}; retrying in {FORK_RETRY:?}");
-                self.fork_retry_at = Some(Instant::now() + FORK_RETRY);
-                false
+                self.coordination.scoreboard.release(cell);
+                Event::SpawnFailed(e.to_string())
             }
         }
     }
@@ -731,26 +630,24 @@ impl Master {
         logging::become_worker(slot, who.generation);
         // Siblings' channels must close here, or a worker would keep the master's
         // end of another worker's channel open and hide the master's death from it.
-        self.workers.clear();
+        self.channels.clear();
         if let Some(signals) = self.signals.take() {
             signals.uninstall();
         }
         title::set(&format!(
             "raasd worker[{slot}]{} gen {}",
             title::name_part(self.title.name),
-            self.generation
+            who.generation
         ));
         title::set_comm("raasd-worker");
         if let Some(Err(e)) = self.identity.map(|identity| identity.assume()) {
             error!("cannot drop privileges: {e}");
             std::process::exit(1);
         }
-        self.upgrade = Upgrade::Idle;
-        self.predecessor = None;
-        self.farewell = None;
+        self.links = Links::default();
         // The console is the master's: a worker must hold none of its sockets.
         self.console = Console::default();
-        let listeners = std::mem::take(&mut self.listeners)
+        let listeners = std::mem::take(&mut self.sockets.listeners)
             .into_iter()
             .map(|c| c.listener)
             .collect();
@@ -767,181 +664,50 @@ impl Master {
             ),
             channel,
             serving,
-            (&self.scoreboard, cell),
+            (&self.coordination.scoreboard, cell),
             blocked,
         );
         std::process::exit(code)
     }
 
-    /// TERM/QUIT or a hand-over (graceful), INT (quick).
-    /// A graceful stop, after --drain-delay: meanwhile /readyz fails and the workers
-    /// keep accepting, so that load balancers stop sending before the sockets close.
-    /// Asked again while draining, it stops at once.
-    fn stop_after_draining(&mut self, why: &str) {
-        let delay = self.config.drain_delay;
-        if delay == 0 || self.draining.is_some() || self.stopping.is_some() {
-            self.draining = None;
-            self.stop(false, why);
-            return;
-        }
-        info!(
-            "{why}: draining for {delay}s (/readyz fails, the workers keep accepting), \
-             then a graceful stop"
-        );
-        self.draining = Some((Instant::now() + Duration::from_secs(delay), why.to_string()));
-        self.title.shown.clear();
-    }
-
-    /// The drain delay is over: the graceful stop proceeds.
-    fn finish_draining(&mut self) {
-        let Some((until, _)) = &self.draining else {
-            return;
-        };
-        if self.stopping.is_some() {
-            self.draining = None;
-        } else if Instant::now() >= *until
-            && let Some((_, why)) = self.draining.take()
-        {
-            self.stop(false, &why);
-        }
-    }
-
-    fn stop(&mut self, quick: bool, why: &str) {
-        if self.stopping.as_ref().is_some_and(|s| s.quick || !quick) {
-            return;
-        }
-        let (command, timeout) = if quick {
-            info!(cause = why; "{why}: quick stop");
-            (Command::QuickStop, QUICK_STOP_TIMEOUT)
-        } else {
-            let timeout = self.config.graceful_timeout();
-            info!(
-                cause = why, timeout_s = timeout.as_secs();
-                "{}: graceful stop, waiting up to {}s for workers",
-                why,
-                timeout.as_secs()
-            );
-            // After an upgrade to a master that takes connections, they move to its
-            // workers; on any other stop they are served to their end.
-            match self.upgrade {
-                Upgrade::HandedOver {
-                    connections_follow: true,
-                    ..
-                } => (Command::HandOver, timeout),
-                _ => (Command::GracefulStop, timeout),
-            }
-        };
-        for w in &mut self.workers {
-            if !matches!(w.life, Life::Killed(_)) {
-                w.life = Life::Retiring;
-            }
-            if let Some(channel) = &w.channel {
-                let _ = channel.send(&command);
-            }
-        }
-        let handing_over = matches!(self.upgrade, Upgrade::HandedOver { .. });
-        if !handing_over {
-            notify_systemd(&[NotifyState::Stopping]);
-        }
-        if matches!(self.upgrade, Upgrade::Waiting { .. })
-            && let Upgrade::Waiting { successor, .. } =
-                std::mem::replace(&mut self.upgrade, Upgrade::Idle)
-        {
-            info!(
-                "stopping: the upgrade to pid {} is abandoned",
-                successor.pid
-            );
-            self.abandon(successor.pid);
-            self.answer_upgrade_waiters(&crate::console::error_reply(
-                "abandoned: the server is stopping",
-            ));
-        }
-        // Our copies of the listen sockets go now: once the workers have drained the
-        // accept queue and closed theirs, the port refuses connections. After a hand
-        // over, the sockets (and their files) are the new master's.
-        if !handing_over && self.inheritance != Inheritance::Systemd {
-            listeners::remove_socket_files(self.listeners.iter().map(|c| &c.listener));
-            if let Err(e) =
-                listeners::refuse_new_connections(self.listeners.iter().map(|c| &c.listener))
+    /// Our copies of the listen sockets go (a stop): with `refuse_first`, their
+    /// files first and new connections refused, so that once the workers have
+    /// drained the accept queue the port refuses connections.
+    fn close_listeners(&mut self, refuse_first: bool) {
+        let listeners = std::mem::take(&mut self.sockets.listeners);
+        if refuse_first {
+            listeners::remove_socket_files(listeners.iter().map(|c| &c.listener));
+            if let Err(e) = listeners::refuse_new_connections(listeners.iter().map(|c| &c.listener))
             {
                 warn!("cannot stop taking new connections before the drain: {e}");
             }
         }
-        self.listeners.clear();
-        self.stopping = Some(Stopping {
-            quick,
-            deadline: Instant::now() + timeout,
-            killed: false,
-        });
     }
 
-    fn kill_workers_past_deadline(&mut self) {
-        let Some(stopping) = &mut self.stopping else {
-            return;
-        };
-        if stopping.killed || Instant::now() < stopping.deadline {
-            return;
-        }
-        stopping.killed = true;
-        for w in &mut self.workers {
-            warn!(
-                "worker[{}] pid {} did not stop in time; killing it",
-                w.slot, w.pid
-            );
-            w.life = Life::Killed("not stopped within --graceful-timeout");
-            let _ = kill(w.pid, Signal::SIGKILL);
-        }
-    }
-
-    /// systemd's watchdog hears from the master while its loop runs and every
-    /// worker of the current generation beats in time: a master that hangs, or whose
-    /// workers all wedge, is restarted by systemd (WatchdogSec=).
-    fn tend_watchdog(&mut self) {
-        let Some((every, next)) = self.systemd.watchdog else {
-            return;
-        };
-        let now = Instant::now();
-        if now < next || self.stopping.is_some() {
-            return;
-        }
-        let healthy = self
-            .workers
+    /// The heartbeat age of every worker, from the scoreboard.
+    fn heartbeat_ages(&self) -> Vec<(supervisor::Pid, u64)> {
+        let now_ms = crate::scoreboard::monotonic_ms();
+        self.core
+            .workers()
             .iter()
-            .filter(|w| w.is_current(self.generation))
-            .all(|w| !self.is_late(w));
-        if healthy {
-            notify_systemd(&[NotifyState::Watchdog]);
-        }
-        self.systemd.watchdog = Some((every, now + every));
+            .map(|w| {
+                let age = self
+                    .coordination
+                    .scoreboard
+                    .heartbeat_age_ms(w.cell, now_ms);
+                (w.pid, age)
+            })
+            .collect()
     }
 
-    /// Waits for a signal, a worker's message or the next deadline; notes whose
-    /// channel woke it.
-    fn sleep_until_woken(&mut self) {
+    /// Waits for a signal, a worker's message or the next deadline; returns the
+    /// workers whose channel woke it.
+    fn sleep_until_woken(&mut self) -> Vec<Pid> {
         let now = Instant::now();
-        let deadline = match &self.stopping {
-            Some(s) if !s.killed => Some(
-                s.deadline
-                    .min(self.console.next_deadline().unwrap_or(s.deadline)),
-            ),
-            Some(_) => self.console.next_deadline(),
-            None => {
-                let checks = [
-                    self.fork_retry_at,
-                    self.health.next_respawn(),
-                    (self.config.timeout > 0).then(|| now + self.config.serving().heartbeat),
-                    (self.config.max_worker_memory > 0).then(|| self.health.next_memory_sample()),
-                    self.upgrade.deadline(),
-                    self.draining.as_ref().map(|(until, _)| *until),
-                    self.abandoned.as_ref().map(|a| a.kill_at),
-                    self.console.next_deadline(),
-                    self.systemd.watchdog.map(|(_, next)| next),
-                    (!self.all_accepting_announced || self.health.is_backing_off())
-                        .then(|| now + Duration::from_secs(1)),
-                ];
-                checks.into_iter().flatten().min()
-            }
-        };
+        let deadline = [self.core.wake_at(), self.console.next_deadline()]
+            .into_iter()
+            .flatten()
+            .min();
         let timeout = match deadline {
             Some(at) => {
                 let millis = at.saturating_duration_since(now).as_millis().min(60_000) as i32 + 1;
@@ -949,18 +715,17 @@ impl Master {
             }
             None => PollTimeout::NONE,
         };
-        let Some(signals) = &self.signals else { return };
-        let listening: Vec<(Pid, &MasterEnd)> = self
-            .workers
-            .iter()
-            .filter_map(|w| Some((w.pid, w.channel.as_ref()?)))
-            .collect();
-        let mut fds = Vec::with_capacity(listening.len() + 2);
+        let Some(signals) = &self.signals else {
+            return Vec::new();
+        };
+        let mut fds = Vec::with_capacity(self.channels.len() + 2);
         fds.push(PollFd::new(signals.fd(), PollFlags::POLLIN));
-        if let Upgrade::Waiting { successor, .. } = &self.upgrade {
+        if matches!(self.core.upgrade(), Upgrade::Waiting { .. })
+            && let Some(successor) = &self.links.successor
+        {
             fds.push(PollFd::new(successor.fd(), PollFlags::POLLIN));
         }
-        if let Some(farewell) = &self.farewell {
+        if let Some(farewell) = &self.links.farewell {
             fds.push(PollFd::new(farewell.fd(), PollFlags::POLLIN));
         }
         let interests = self.console.interests();
@@ -974,7 +739,7 @@ impl Master {
         }
         let first_worker = fds.len();
         fds.extend(
-            listening
+            self.channels
                 .iter()
                 .map(|(_, channel)| PollFd::new(channel.as_fd(), PollFlags::POLLIN)),
         );
@@ -982,82 +747,63 @@ impl Master {
             if e != Errno::EINTR {
                 error!("poll: {e}");
             }
-            return;
+            return Vec::new();
         }
-        self.woken = fds[first_worker..]
+        fds[first_worker..]
             .iter()
-            .zip(&listening)
+            .zip(&self.channels)
             .filter(|(fd, _)| fd.any().unwrap_or(false))
             .map(|(_, (pid, _))| *pid)
-            .collect();
+            .collect()
     }
 
     /// Takes the reports of the workers whose channel woke the master: ready
-    /// (accepting), replace me (--max-requests), or the end of the channel.
-    fn read_worker_reports(&mut self) {
-        for pid in std::mem::take(&mut self.woken) {
-            let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) else {
+    /// (accepting), replace me (--max-requests), or the end of the channel (then
+    /// there is nothing to poll: its exit follows).
+    fn read_worker_reports(&mut self, woken: Vec<Pid>) {
+        for pid in woken {
+            let Some(at) = self.channels.iter().position(|(p, _)| *p == pid) else {
                 continue;
             };
-            let Some(channel) = &w.channel else {
-                continue;
-            };
-            let received = channel.receive();
-            for report in received.messages {
-                match (report, w.life) {
-                    (Report::Ready, Life::Starting) => {
-                        w.life = Life::Accepting;
-                        debug!("worker[{}] pid {} accepting", w.slot, w.pid);
-                    }
-                    (Report::ReplaceMe, Life::Starting | Life::Accepting) => {
-                        info!(
-                            "worker[{}] pid {} reached --max-requests; replacing it",
-                            w.slot, w.pid
-                        );
-                        w.life = Life::Replacing;
-                    }
-                    _ => {}
-                }
-            }
+            let received = self.channels[at].1.receive();
             if received.closed {
-                w.channel = None;
+                self.channels.swap_remove(at);
+            }
+            for report in received.messages {
+                let said = match report {
+                    Report::Ready => Said::Ready,
+                    Report::ReplaceMe => Said::ReplaceMe,
+                };
+                self.feed(Event::Said(core_pid(pid), said));
             }
         }
-    }
-
-    /// The slots now: accepting, or late with their heartbeat.
-    fn census(&self) -> workers::Census {
-        workers::census(&self.workers, self.target, self.generation, |w| {
-            self.is_late(w)
-        })
     }
 
     /// `raasd master gen 2 -w 3 127.0.0.1:2200: 3/3 workers`, rewritten only when it changes.
     fn show_title(&mut self) {
-        let workers::Census { accepting, late } = self.census();
+        let Census { accepting, late } = self.core.census();
         let late = if late > 0 {
             format!(", {late} late")
         } else {
             String::new()
         };
-        let state = if !matches!(self.upgrade, Upgrade::Idle) {
+        let state = if self.core.upgrade() != Upgrade::Idle {
             " (old)"
-        } else if self.stopping.is_some() {
+        } else if self.core.is_stopping() {
             " (stopping)"
-        } else if self.draining.is_some() {
+        } else if self.core.is_draining() {
             " (draining)"
         } else {
             ""
         };
         // Counters before addresses: a short argv area cuts the addresses, never the
         // counts.
+        let target = self.core.target();
         let text = format!(
-            "raasd master{} gen {}: {accepting}/{} workers{late}{state} -w {} {}",
+            "raasd master{} gen {}: {accepting}/{target} workers{late}{state} -w {target} {}",
             title::name_part(self.title.name),
-            self.generation,
-            self.target,
-            self.target,
-            self.addresses.join(" "),
+            self.core.generation(),
+            self.sockets.addresses.join(" "),
         );
         if text != self.title.shown {
             // systemctl status shows the same line.
@@ -1065,6 +811,35 @@ impl Master {
             title::set(&text);
             self.title.shown = text;
         }
+    }
+}
+
+/// What the supervisor needs of the configuration.
+fn settings_of(config: &Config, handoff_queue: bool) -> Settings {
+    Settings {
+        workers: config.workers.resolve(),
+        timeout_secs: config.timeout,
+        heartbeat: config.serving().heartbeat,
+        max_requests: config.max_requests,
+        max_requests_jitter: config.max_requests_jitter,
+        max_worker_memory: config.max_worker_memory,
+        handover: config.handover && handoff_queue,
+        drain_delay: Duration::from_secs(config.drain_delay),
+        graceful_timeout: config.graceful_timeout(),
+        upgrade_timeout: config.upgrade_timeout(),
+        sandbox: config.sandbox,
+    }
+}
+
+fn core_pid(pid: Pid) -> supervisor::Pid {
+    supervisor::Pid(pid.as_raw())
+}
+
+/// A console answer in the console's words.
+fn reply_text(reply: &Reply) -> String {
+    match reply {
+        Reply::Done(value) => value.to_string(),
+        Reply::Failed(why) => crate::console::error_reply(why),
     }
 }
 

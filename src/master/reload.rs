@@ -1,62 +1,49 @@
 //! Reloading (HUP) and reopening logs (USR1): the configuration and the log file
 //! change under a running master.
 //!
-//! A reload re-reads the config file and the original command line, applies what
-//! changed and rotates the workers onto it, generation by generation. Anything
+//! A reload re-reads the config file and the original command line and applies
+//! what changed; the supervisor then rotates the workers onto it, generation by
+//! generation. Anything
 //! invalid — a bad key, an address that cannot be bound, an unknown user — changes
 //! nothing: the error is logged and the running configuration stays.
 
 use std::os::fd::AsFd;
 
 use log::{error, info, warn};
-use sd_notify::NotifyState;
 
-use super::{Master, notify_systemd};
+use super::Master;
 use crate::config::{self, Config, LoadError};
 use crate::control::Command;
 use crate::listeners::{self, Configured, Inheritance};
 use crate::logging::{self, Log};
 use crate::privileges::{self, Identity};
+use crate::supervisor::Settings;
 
 impl Master {
-    /// A fresh generation of workers replaces the current one, slot by slot.
-    pub(super) fn rotate_workers(&mut self) {
-        self.generation += 1;
-        self.all_accepting_announced = false;
-        info!("rotating workers: generation {} starting", self.generation);
-    }
-
-    /// HUP: re-reads the configuration (the file and the original command line),
-    /// applies it and rotates the workers onto it. An invalid configuration, or a
-    /// new address that cannot be bound, changes nothing.
-    pub(super) fn reload(&mut self) -> Result<(), String> {
-        if self.stopping.is_some() {
-            return Err("the server is stopping".to_string());
-        }
-        notify_systemd(&[NotifyState::Reloading]);
-        self.systemd.ready = false;
+    /// HUP: re-reads the configuration (the file and the original command line)
+    /// and applies what the shell owns (listeners, log level, identity, title);
+    /// the supervisor rotates the workers onto the settings returned. An invalid
+    /// configuration, or a new address that cannot be bound, changes nothing.
+    pub(super) fn reload(&mut self) -> Result<Settings, String> {
         let config = match config::load(&self.origin.args) {
             Ok(config) => config,
-            Err(LoadError::CommandLine(e)) => return self.reload_failed(&e.to_string()),
-            Err(LoadError::File(errors)) => return self.reload_failed(&errors.join("; ")),
-            Err(LoadError::Help(_)) => return self.reload_failed("--help on the command line"),
+            Err(LoadError::CommandLine(e)) => return Err(e.to_string()),
+            Err(LoadError::File(errors)) => return Err(errors.join("; ")),
+            Err(LoadError::Help(_)) => return Err("--help on the command line".to_string()),
         };
-        let identity = match privileges::resolve(config.user.as_deref(), config.group.as_deref()) {
-            Ok(identity) => identity,
-            Err(e) => return self.reload_failed(&e),
-        };
+        let identity = privileges::resolve(config.user.as_deref(), config.group.as_deref())?;
         if config.pid != self.config.pid || config.log_file != self.config.log_file {
             warn!("reload: a changed pid or log-file takes effect at the next start or upgrade");
         }
-        if self.inheritance == Inheritance::Systemd {
+        if self.sockets.inheritance == Inheritance::Systemd {
             if config.listen != self.config.listen {
                 warn!("reload: listen addresses come from systemd; the listen setting is not used");
             }
-        } else if let Err(e) = self.rebind(&config, identity) {
-            return self.reload_failed(&e);
+        } else {
+            self.rebind(&config, identity)?;
         }
         if let Err(e) = listeners::set_keepalive(
-            self.listeners.iter().map(|c| &c.listener),
+            self.sockets.listeners.iter().map(|c| &c.listener),
             config.tcp_keepalive,
         ) {
             warn!("reload: cannot set TCP keepalive on the listeners: {e}");
@@ -79,17 +66,9 @@ impl Master {
         logging::set_level(config.log_level);
         logging::set_format(&config.log_format);
         self.identity = identity;
-        self.target = config.workers.resolve();
+        let settings = super::settings_of(&config, self.coordination.handoff.is_some());
         self.config = config;
-        info!("configuration reloaded");
-        self.rotate_workers();
-        Ok(())
-    }
-
-    pub(super) fn reload_failed(&mut self, why: &str) -> Result<(), String> {
-        error!("reload failed, the running configuration stays: {why}");
-        self.all_accepting_announced = false;
-        Err(why.to_string())
+        Ok(settings)
     }
 
     /// Makes the listeners match `config`: kept addresses keep their very socket (no
@@ -100,7 +79,7 @@ impl Master {
         config: &Config,
         identity: Option<Identity>,
     ) -> Result<(), String> {
-        let mut current = std::mem::take(&mut self.listeners);
+        let mut current = std::mem::take(&mut self.sockets.listeners);
         let held: Vec<_> = current
             .iter()
             .map(|c| std::os::fd::AsRawFd::as_raw_fd(&c.listener.as_fd()))
@@ -108,7 +87,7 @@ impl Master {
         let opened = match listeners::open_all(&config.listen, config.backlog, &mut current) {
             Ok(opened) => opened,
             Err(e) => {
-                self.listeners = current;
+                self.sockets.listeners = current;
                 return Err(e.to_string());
             }
         };
@@ -131,8 +110,9 @@ impl Master {
         for added in &fresh {
             info!("listening on {}", added.listener.local_addr());
         }
-        self.listeners = opened;
-        self.addresses = self
+        self.sockets.listeners = opened;
+        self.sockets.addresses = self
+            .sockets
             .listeners
             .iter()
             .map(|c| c.listener.local_addr())
@@ -152,10 +132,8 @@ impl Master {
                 Ok(Some(file)) => {
                     info!("{} reopened", log.name());
                     let command = Command::LogTo(log, file);
-                    for w in &self.workers {
-                        if let Some(channel) = &w.channel {
-                            let _ = channel.send(&command);
-                        }
+                    for (_, channel) in &self.channels {
+                        let _ = channel.send(&command);
                     }
                 }
                 Err(e) => {

@@ -2,30 +2,34 @@
 //! `raasd ctl`, which have the same effects as the signals.
 //!
 //! The sockets and the protocols are [`crate::console`]'s; here the master reads
-//! its own state into a [`Status`] and dispatches a command to the verb a signal
-//! would have called. Nothing here blocks: an `upgrade` is answered when it ends.
+//! the supervisor's state into a [`Status`] and hands a command to the supervisor,
+//! as an event like a signal's. Nothing here blocks: an `upgrade` is answered when
+//! it ends.
 
 use std::time::Instant;
 
 use log::debug;
 
 use super::Master;
-use super::handover::Upgrade;
-use super::workers::{self, Life};
 use crate::console::{
     self, ListenerStatus, MasterStatus, Request, Status, Totals, WorkerStatus, error_reply,
 };
 use crate::listeners::Listener;
+use crate::supervisor::{Command, Event};
 
 impl Master {
-    /// Serves the console's clients: takes the complete requests and answers them.
+    /// Serves the console's clients: takes the complete requests; answers the
+    /// questions here and hands the commands to the supervisor.
     pub(super) fn serve_console(&mut self) {
         let now = Instant::now();
         for (id, request) in self.console.serve(now) {
-            let reply = match request {
+            let command = match request {
                 Request::Status => {
                     let status = self.status();
-                    serde_json::to_string(&status).unwrap_or_else(|e| error_reply(&e.to_string()))
+                    let reply = serde_json::to_string(&status)
+                        .unwrap_or_else(|e| error_reply(&e.to_string()));
+                    self.console.reply(id, 200, &reply, now);
+                    continue;
                 }
                 Request::Metrics => {
                     let status = self.status();
@@ -33,7 +37,7 @@ impl Master {
                     continue;
                 }
                 Request::Livez => {
-                    let (code, body) = match self.census().late {
+                    let (code, body) = match self.core.census().late {
                         0 => (200, "ok\n".to_string()),
                         late => (503, format!("{late} late\n")),
                     };
@@ -41,51 +45,19 @@ impl Master {
                     continue;
                 }
                 Request::Readyz => {
-                    let phase = self.phase();
+                    let phase = self.core.phase();
                     let code = if phase.is_ready() { 200 } else { 503 };
                     self.console
                         .reply(id, code, &format!("{}\n", phase.name()), now);
                     continue;
                 }
-                Request::Workers(n) if self.stopping.is_some() => {
-                    let _ = n;
-                    error_reply("the server is stopping")
-                }
-                Request::Workers(n) => {
-                    self.resize(n, "raasd ctl workers");
-                    serde_json::json!({ "ok": true, "workers": n }).to_string()
-                }
-                Request::Reload => match self.reload() {
-                    Ok(()) => {
-                        serde_json::json!({ "ok": true, "generation": self.generation }).to_string()
-                    }
-                    Err(why) => error_reply(&format!("reload failed, nothing changed: {why}")),
-                },
-                Request::Upgrade => {
-                    // Answered when the new master is ready or the upgrade rolled back
-                    // (which may be at once: the binary cannot be started).
-                    self.console.await_upgrade(id);
-                    match self.start_upgrade() {
-                        Ok(()) => continue,
-                        Err(why) => error_reply(&why),
-                    }
-                }
-                Request::Stop { quick } => {
-                    let reply = serde_json::json!({ "ok": true, "stopping": if quick { "quick" } else { "graceful" } });
-                    self.console.reply(id, 200, &reply.to_string(), now);
-                    if quick {
-                        self.stop(true, "raasd ctl stop");
-                    } else {
-                        self.stop_after_draining("raasd ctl stop");
-                    }
-                    continue;
-                }
-                Request::ReopenLogs => {
-                    self.reopen_logs();
-                    serde_json::json!({ "ok": true }).to_string()
-                }
+                Request::Workers(n) => Command::Workers(n),
+                Request::Reload => Command::Reload,
+                Request::Upgrade => Command::Upgrade,
+                Request::Stop { quick } => Command::Stop { quick },
+                Request::ReopenLogs => Command::ReopenLogs,
             };
-            self.console.reply(id, 200, &reply, now);
+            self.feed(Event::Console(id, command));
         }
     }
 
@@ -94,16 +66,17 @@ impl Master {
         let now_epoch = super::epoch_seconds();
         let now = Instant::now();
         let now_ms = crate::scoreboard::monotonic_ms();
-        let census = self.census();
-        let state = self.phase().name();
-        let mut totals: Totals = self.totals.clone();
+        let census = self.core.census();
+        let state = self.core.phase().name();
+        let mut totals: Totals = self.core.totals().clone();
         let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
             .ok()
             .flatten()
             .unwrap_or(4096) as u64;
-        let mut worker_status = Vec::with_capacity(self.workers.len());
-        for w in &self.workers {
-            let c = self.scoreboard.counters(w.cell);
+        let board = &self.coordination.scoreboard;
+        let mut worker_status = Vec::with_capacity(self.core.workers().len());
+        for w in self.core.workers() {
+            let c = board.counters(w.cell);
             totals.requests += c.served;
             totals.connections_accepted += c.accepted;
             totals.bytes_received += c.bytes_in;
@@ -114,33 +87,28 @@ impl Master {
                 .map(|pages| pages * page);
             worker_status.push(WorkerStatus {
                 slot: w.slot,
-                pid: w.pid.as_raw(),
+                pid: w.pid.0,
                 generation: w.generation,
-                state: match w.life {
-                    Life::Starting => "starting",
-                    Life::Accepting if self.is_late(w) => "late",
-                    Life::Accepting => "accepting",
-                    Life::Replacing => "replacing",
-                    Life::Retiring => "retiring",
-                    Life::Killed(_) => "killed",
-                },
-                started_at: now_epoch.saturating_sub(now.duration_since(w.spawned_at).as_secs()),
+                state: self.core.state_of(w),
+                started_at: now_epoch
+                    .saturating_sub(now.saturating_duration_since(w.spawned_at).as_secs()),
                 connections: c.connections,
                 requests: c.served,
                 bytes_received: c.bytes_in,
                 bytes_sent: c.bytes_out,
-                heartbeat_age_ms: self.scoreboard.heartbeat_age_ms(w.cell, now_ms),
+                heartbeat_age_ms: board.heartbeat_age_ms(w.cell, now_ms),
                 resident_bytes: resident,
                 sandbox: crate::sandbox::confinement(
                     w.sandbox,
                     crate::sandbox::availability().is_ok(),
-                    crate::sandbox::kernel_mode(w.pid.as_raw()),
+                    crate::sandbox::kernel_mode(w.pid.0),
                 )
                 .word(),
             });
         }
         worker_status.sort_by_key(|w| (w.slot, w.pid));
         let listeners = self
+            .sockets
             .listeners
             .iter()
             .map(|c| {
@@ -157,10 +125,10 @@ impl Master {
             master: MasterStatus {
                 pid: std::process::id(),
                 version: env!("CARGO_PKG_VERSION"),
-                started_at: self.started_at,
+                started_at: self.origin.started_at,
                 config_file: self.config.config.as_ref().map(|p| p.display().to_string()),
-                generation: self.generation,
-                workers_target: self.target,
+                generation: self.core.generation(),
+                workers_target: self.core.target(),
                 workers_accepting: census.accepting,
                 workers_late: census.late,
                 state: state.to_string(),
@@ -170,89 +138,6 @@ impl Master {
             workers: worker_status,
             totals,
         }
-    }
-}
-
-/// Where an upgrade is, for [`Phase::of`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum UpgradeStep {
-    Idle,
-    Waiting,
-    HandedOver,
-}
-
-/// What the master is doing, as `ctl status` says and `/readyz` decides by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Phase {
-    /// At least one worker of the current generation accepts and beats in time.
-    Serving,
-    /// No worker is wanted (WINCH, `ctl workers 0`): the sockets stay open and
-    /// connections wait in the accept queue.
-    Paused,
-    /// Workers are wanted but none accepts (starting, late or failing).
-    Unavailable,
-    /// A new master was started and is not ready yet; this one still serves.
-    Upgrading,
-    /// A new master took over; this one is on its way out.
-    HandedOver,
-    /// A graceful stop is coming (--drain-delay): the workers still accept, but
-    /// /readyz fails so that load balancers stop sending.
-    Draining,
-    /// A stop has begun.
-    Stopping,
-}
-
-impl Phase {
-    /// Decides from the master's state: a pure rule, so that it is tested alone.
-    pub(super) fn of(
-        upgrade: UpgradeStep,
-        (draining, stopping): (bool, bool),
-        census: workers::Census,
-        target: usize,
-    ) -> Phase {
-        match upgrade {
-            UpgradeStep::HandedOver => Phase::HandedOver,
-            _ if stopping => Phase::Stopping,
-            _ if draining => Phase::Draining,
-            _ if target == 0 => Phase::Paused,
-            _ if census.accepting == 0 => Phase::Unavailable,
-            UpgradeStep::Waiting => Phase::Upgrading,
-            UpgradeStep::Idle => Phase::Serving,
-        }
-    }
-
-    pub(super) fn name(self) -> &'static str {
-        match self {
-            Phase::Serving => "serving",
-            Phase::Paused => "paused",
-            Phase::Unavailable => "unavailable",
-            Phase::Upgrading => "upgrading",
-            Phase::HandedOver => "handed over",
-            Phase::Draining => "draining",
-            Phase::Stopping => "stopping",
-        }
-    }
-
-    /// Whether `/readyz` says yes: new clients are welcome.
-    pub(super) fn is_ready(self) -> bool {
-        matches!(self, Phase::Serving | Phase::Upgrading)
-    }
-}
-
-impl Master {
-    /// The master's phase now.
-    pub(super) fn phase(&self) -> Phase {
-        let step = match self.upgrade {
-            Upgrade::Idle => UpgradeStep::Idle,
-            Upgrade::Waiting { .. } => UpgradeStep::Waiting,
-            Upgrade::HandedOver { .. } => UpgradeStep::HandedOver,
-        };
-        Phase::of(
-            step,
-            (self.draining.is_some(), self.stopping.is_some()),
-            self.census(),
-            self.target,
-        )
     }
 }
 
@@ -296,38 +181,4 @@ fn accept_queue(listener: &Listener) -> Option<u32> {
         }
     }
     None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_phase_says_serving_only_while_a_worker_serves() {
-        let up = |accepting| workers::Census { accepting, late: 0 };
-        let idle = UpgradeStep::Idle;
-        assert_eq!(Phase::of(idle, (false, false), up(2), 2), Phase::Serving);
-        assert_eq!(Phase::of(idle, (false, false), up(0), 0), Phase::Paused);
-        assert_eq!(
-            Phase::of(idle, (false, false), up(0), 2),
-            Phase::Unavailable
-        );
-        assert_eq!(Phase::of(idle, (false, true), up(2), 2), Phase::Stopping);
-        assert_eq!(Phase::of(idle, (false, true), up(0), 0), Phase::Stopping);
-        let waiting = UpgradeStep::Waiting;
-        assert_eq!(
-            Phase::of(waiting, (false, false), up(1), 2),
-            Phase::Upgrading
-        );
-        let handed = UpgradeStep::HandedOver;
-        assert_eq!(
-            Phase::of(handed, (false, true), up(2), 2),
-            Phase::HandedOver
-        );
-        assert_eq!(Phase::of(idle, (true, false), up(2), 2), Phase::Draining);
-        assert_eq!(Phase::of(idle, (true, true), up(2), 2), Phase::Stopping);
-        assert!(Phase::Serving.is_ready() && Phase::Upgrading.is_ready());
-        assert!(!Phase::Draining.is_ready() && !Phase::Paused.is_ready());
-        assert_eq!(Phase::Paused.name(), "paused");
-    }
 }
