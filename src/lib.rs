@@ -9,7 +9,8 @@
 //! | [`console`] | the control socket and the metrics endpoint, served by the master's loop |
 //! | [`ctl`] | `raasd ctl`: the control socket's client |
 //! | [`listeners`] | binding listen sockets and accepting from them |
-//! | [`master`] | the supervisor loop: signals, worker slots, spawning, reaping, reloading, upgrading, stopping |
+//! | [`supervisor`] | every decision of the master, as a pure state machine: events and time in, actions out |
+//! | [`master`] | the shell around it: signals, reaping, channels and the console as events; forking, signalling, the pid file, upgrading as actions |
 //! | [`worker`] | the event loop of one worker process |
 //! | [`accept_gate`] | when a worker accepts: the balancing rule, pauses, the nudge to a sibling |
 //! | [`connection`] | one client connection: buffers, reading, writing, closing |
