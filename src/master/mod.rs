@@ -454,7 +454,6 @@ impl Master {
         let mut actions: VecDeque<Action> = self.core.handle(event, Instant::now()).into();
         while let Some(action) = actions.pop_front() {
             if let Action::Exit(code) = action {
-                self.console.flush();
                 exit = Some(code);
             } else if let Some(outcome) = self.carry_out(action) {
                 actions.extend(self.core.handle(outcome, Instant::now()));
@@ -519,6 +518,7 @@ impl Master {
             Action::AnswerUpgradeWaiters(reply) => self
                 .console
                 .answer_upgrade(&reply_text(&reply), Instant::now()),
+            Action::FlushConsole => self.console.flush(),
             Action::CloseConsole { remove_files } => self.console.close_listeners(remove_files),
             Action::Exit(_) => {}
         }

@@ -278,8 +278,10 @@ pub enum Action {
     /// This client is answered when the upgrade ends.
     AwaitUpgrade(Client),
     AnswerUpgradeWaiters(Reply),
-    /// Finish the console's replies and close its sockets (`remove_files`: the
-    /// control socket's file too; not when it is a successor's).
+    /// Write the console's owed replies, for a moment at most (before exiting).
+    FlushConsole,
+    /// Stop taking console clients (`remove_files`: the control socket's file too;
+    /// not when it is a successor's); clients already connected get their replies.
     CloseConsole {
         remove_files: bool,
     },
@@ -1377,6 +1379,7 @@ impl Supervisor {
         if handed_over {
             self.out.push(Action::HandOnTotals(self.totals.clone()));
         }
+        self.out.push(Action::FlushConsole);
         self.out.push(Action::CloseConsole {
             remove_files: !handed_over,
         });
