@@ -124,8 +124,9 @@ pub struct Supervisor {
     draining: Option<(Instant, String)>,
     stopping: Option<Stopping>,
     upgrade: Upgrade,
-    /// A successor given up on: its group, and when it gets KILL.
-    abandoned: Option<(Pid, Instant)>,
+    /// Successors given up on: each one's group, and when it gets KILL (a second
+    /// upgrade may fail within the first one's grace).
+    abandoned: Vec<(Pid, Instant)>,
     /// Started by an upgrade and not yet ready.
     predecessor: bool,
     pid_file: PidFileState,
@@ -163,7 +164,7 @@ impl Supervisor {
             draining: None,
             stopping: None,
             upgrade: Upgrade::Idle,
-            abandoned: None,
+            abandoned: Vec::new(),
             systemd_ready: false,
             watchdog_next: now,
             totals: Totals::default(),
@@ -917,14 +918,16 @@ impl Supervisor {
     /// process group): TERM now, KILL after [`ABANDON_GRACE`].
     fn abandon(&mut self, group: Pid) {
         self.out.push(Action::AbandonSuccessor(group));
-        self.abandoned = Some((group, self.now + ABANDON_GRACE));
+        self.abandoned.push((group, self.now + ABANDON_GRACE));
     }
 
     fn end_abandoned(&mut self, exiting: bool) {
-        if let Some((group, kill_at)) = self.abandoned
-            && (exiting || self.now >= kill_at)
-        {
-            self.abandoned = None;
+        let now = self.now;
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.abandoned)
+            .into_iter()
+            .partition(|&(_, kill_at)| exiting || now >= kill_at);
+        self.abandoned = later;
+        for (group, _) in due {
             self.out.push(Action::EndAbandoned(group));
         }
     }
@@ -1161,7 +1164,7 @@ impl Supervisor {
                     (self.settings.max_worker_memory > 0).then_some(self.next_memory_sample),
                     upgrade_deadline,
                     self.draining.as_ref().map(|(until, _)| *until),
-                    self.abandoned.map(|(_, kill_at)| kill_at),
+                    self.abandoned.iter().map(|&(_, kill_at)| kill_at).min(),
                     self.facts.watchdog.map(|_| self.watchdog_next),
                     (!self.all_accepting_announced || self.backoff.any()).then(|| now + SETTLING),
                 ];
@@ -1269,5 +1272,66 @@ fn plural(n: u64, word: &str) -> String {
         format!("1 {word}")
     } else {
         format!("{n} {word}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings {
+            workers: 1,
+            timeout_secs: 0,
+            heartbeat: Duration::from_secs(1),
+            max_requests: 0,
+            max_requests_jitter: 0,
+            max_worker_memory: 0,
+            handover: true,
+            drain_delay: Duration::ZERO,
+            graceful_timeout: Duration::from_secs(30),
+            upgrade_timeout: Duration::from_secs(30),
+            sandbox: true,
+        }
+    }
+
+    fn facts() -> Facts {
+        Facts {
+            generation: 1,
+            predecessor: false,
+            pid_file: true,
+            sockets_from_systemd: false,
+            watchdog: None,
+            cells: 8,
+            max_workers: 4,
+            seed: 1,
+        }
+    }
+
+    #[test]
+    fn two_successors_abandoned_within_the_grace_both_get_their_kill() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut core = Supervisor::new(settings(), facts(), t0);
+        for (n, (started, failed)) in [(100, 200), (1_000, 1_100)].into_iter().enumerate() {
+            let successor = Pid(500 + n as i32);
+            let actions = core.handle(Event::Signal(Signal::Usr2, 1), at(started));
+            assert!(actions.contains(&Action::StartUpgrade { generation: 2 }));
+            core.handle(Event::SuccessorStarted(successor), at(started));
+            let actions = core.handle(Event::SuccessorFailed(None), at(failed));
+            assert!(actions.contains(&Action::AbandonSuccessor(successor)));
+        }
+        let mut ended = Vec::new();
+        for ms in (1_200..6_000).step_by(100) {
+            ended.extend(
+                core.handle(Event::Tick, at(ms))
+                    .into_iter()
+                    .filter_map(|a| match a {
+                        Action::EndAbandoned(group) => Some((group, ms)),
+                        _ => None,
+                    }),
+            );
+        }
+        assert_eq!(ended, [(Pid(500), 3_200), (Pid(501), 4_100)]);
     }
 }
