@@ -72,8 +72,10 @@ const ANSWERED_ONCE: &str = "10 every console command is answered exactly once";
 const FORKS_SOUND: &str = "11 Spawn only while not stopping, below the target, on a free cell";
 const WAKES_IN_TIME: &str = "12 the loop is woken by the next due timer";
 
-/// The default budget, across the two random-world tests (they run in parallel).
+/// The default budget of each random-world test (they run in parallel).
 const DEFAULT_STEPS_PER_TEST: usize = 60_000;
+/// How many tests share RAASD_SIM_STEPS.
+const RANDOM_WORLD_TESTS: usize = 2;
 /// The finale's passes: more than any drain delay plus graceful timeout here.
 const FINALE_PASSES: usize = 60;
 
@@ -421,6 +423,8 @@ struct SimWorker {
     /// How it ended (when it is dead).
     exit: Exit,
     oom: bool,
+    /// It died by its own fault (the world's word, not the supervisor's rule).
+    own_fault: bool,
     last_beat: Duration,
     hung: bool,
     /// Beats paused until then (a worker beating late).
@@ -647,6 +651,7 @@ impl World {
                     let (exit, oom) = how.exit();
                     let w = self.workers.get_mut(&pid).expect("picked");
                     (w.alive, w.exit, w.oom) = (false, exit, oom);
+                    w.own_fault = matches!(how, Death::Segfault | Death::ErrorExit);
                 }
             }
             Step::WorkerHangs { k } => {
@@ -824,7 +829,8 @@ impl World {
         for pid in dead {
             let w = self.workers.get_mut(&pid).expect("listed");
             w.reaped = true;
-            let (exit, oom, asked_for) = (w.exit, w.oom, w.told_to_stop || w.killed);
+            let (exit, oom, own_fault) = (w.exit, w.oom, w.own_fault);
+            let asked_for = w.told_to_stop || w.killed;
             let slot = w.slot;
             let was_current = self
                 .sup
@@ -850,7 +856,7 @@ impl World {
                     format!("pid {pid} still listed after its exit was reported"),
                 );
             }
-            if !asked_for && was_current && !exit.is_own_failure() && !self.sup.is_stopping() {
+            if !asked_for && was_current && !own_fault && !self.sup.is_stopping() {
                 self.refill_at_once.insert(slot);
             }
         }
@@ -888,6 +894,7 @@ impl World {
             self.unannounced = None;
         }
         let is_tick = event == Event::Tick;
+        let stop_before = self.sup.stopping();
         let upgrade_before = self.sup.upgrade();
         let beat_rule = is_tick.then(|| self.heartbeat_rule_at_tick());
         let actions = self.sup.handle(event, self.at());
@@ -895,6 +902,15 @@ impl World {
         let mut answers = Vec::new();
         for action in actions {
             self.carry_out(action, &mut emitted, &mut answers)?;
+        }
+        if let (Some(before), Some(after)) = (stop_before, self.sup.stopping())
+            && before.quick
+            && !after.quick
+        {
+            return broken(STOP_ENDS, "a quick stop turned graceful".into());
+        }
+        if stop_before.is_some() && self.sup.stopping().is_none() && !emitted.exited {
+            return broken(STOP_ENDS, "a stop was called off".into());
         }
         self.check_state(upgrade_before, &emitted)?;
         for answer in answers {
@@ -974,6 +990,7 @@ impl World {
                             reaped: false,
                             exit: Exit::Status(1),
                             oom: false,
+                            own_fault: dies,
                             last_beat: self.now,
                             hung: false,
                             beats_paused_until: Duration::ZERO,
@@ -1005,7 +1022,16 @@ impl World {
                 }
                 emitted.killed.push(pid);
             }
-            Action::ReopenLogs | Action::CloseConsole { .. } | Action::EndAbandoned(_) => {}
+            Action::CloseConsole { remove_files } => {
+                // After a hand-over the control socket's file is the successor's.
+                if remove_files && matches!(self.sup.upgrade(), Upgrade::HandedOver { .. }) {
+                    return broken(
+                        UPGRADE_ENDS_ONCE,
+                        "removes the console's files after handing over".into(),
+                    );
+                }
+            }
+            Action::ReopenLogs | Action::EndAbandoned(_) => {}
             Action::Reload { asked_by } => {
                 let outcome = match self.next_reload {
                     ReloadOutcome::BadConfig => Err("unknown key `wokers`".to_string()),
@@ -1286,17 +1312,17 @@ impl World {
             (Upgrade::HandedOver { .. }, other) => {
                 return broken(UPGRADE_ENDS_ONCE, format!("handed over, then {other:?}"));
             }
-            (_, Upgrade::HandedOver { successor, .. }) => {
-                if !self.sup.is_stopping() || emitted.closed_listeners != Some(false) {
-                    return broken(
-                        UPGRADE_ENDS_ONCE,
-                        format!(
-                            "handed over to {successor} without stopping and closing the \
-                             listeners as the successor's (closed: {:?})",
-                            emitted.closed_listeners
-                        ),
-                    );
-                }
+            (_, Upgrade::HandedOver { successor, .. })
+                if !self.sup.is_stopping() || emitted.closed_listeners != Some(false) =>
+            {
+                return broken(
+                    UPGRADE_ENDS_ONCE,
+                    format!(
+                        "handed over to {successor} without stopping and closing the \
+                         listeners as the successor's (closed: {:?})",
+                        emitted.closed_listeners
+                    ),
+                );
             }
             (b, Upgrade::Idle) if in_flight(b) && !self.sup.is_stopping() => {
                 let back = !self.pid_file_at_upgrade
@@ -1669,7 +1695,8 @@ fn explore(name: &str, first: u64, seed_stride: u64, budget: usize) {
         }
         return;
     }
-    let budget = env_number("RAASD_SIM_STEPS").map_or(budget, |n| n as usize);
+    // Long mode: N steps in all, shared by the random-world tests.
+    let budget = env_number("RAASD_SIM_STEPS").map_or(budget, |n| n as usize / RANDOM_WORLD_TESTS);
     let started = Instant::now();
     let (mut steps, mut runs) = (0, 0u64);
     let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
