@@ -249,6 +249,11 @@ impl Supervisor {
             ));
         }
         self.finish_draining();
+        // A stop begun just now (--drain-delay over) with no worker left ends now:
+        // nothing else would wake the loop before the stop's deadline.
+        if self.stopping.is_some() && self.workers.is_empty() {
+            return self.exit();
+        }
         self.end_abandoned(false);
         self.converge();
         self.kill_lazy_workers();
