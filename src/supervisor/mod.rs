@@ -221,6 +221,8 @@ impl Supervisor {
             }
             Event::SuccessorNotStarted(why) => self.roll_back(&why),
             Event::SuccessorReady { takes_connections } => self.hand_over(takes_connections),
+            // Read only while waiting; a word after the upgrade ended changes nothing.
+            Event::SuccessorFailed(_) if !matches!(self.upgrade, Upgrade::Waiting { .. }) => {}
             Event::SuccessorFailed(None) => {
                 self.roll_back("the new master exited before it was ready")
             }
@@ -1083,9 +1085,14 @@ impl Supervisor {
         self.out.push(Action::CloseListeners {
             refuse_first: !handed_over && !self.facts.sockets_from_systemd,
         });
+        // A quick stop after a graceful one never gives the workers longer.
+        let deadline = match self.stopping {
+            Some(graceful) => graceful.deadline.min(self.now + timeout),
+            None => self.now + timeout,
+        };
         self.stopping = Some(Stopping {
             quick,
-            deadline: self.now + timeout,
+            deadline,
             killed: false,
         });
     }
@@ -1154,9 +1161,10 @@ impl Supervisor {
     /// When the loop must look again at the latest, if nothing wakes it sooner.
     pub fn wake_at(&self) -> Option<Instant> {
         let now = self.now;
+        let abandoned = self.abandoned.iter().map(|&(_, kill_at)| kill_at).min();
         match &self.stopping {
-            Some(s) if !s.killed => Some(s.deadline),
-            Some(_) => None,
+            Some(s) if !s.killed => Some(abandoned.map_or(s.deadline, |at| at.min(s.deadline))),
+            Some(_) => abandoned,
             None => {
                 let upgrade_deadline = match self.upgrade {
                     Upgrade::Waiting { deadline, .. } => Some(deadline),
@@ -1169,7 +1177,7 @@ impl Supervisor {
                     (self.settings.max_worker_memory > 0).then_some(self.next_memory_sample),
                     upgrade_deadline,
                     self.draining.as_ref().map(|(until, _)| *until),
-                    self.abandoned.iter().map(|&(_, kill_at)| kill_at).min(),
+                    abandoned,
                     self.facts.watchdog.map(|_| self.watchdog_next),
                     (!self.all_accepting_announced || self.backoff.any()).then(|| now + SETTLING),
                 ];
@@ -1281,10 +1289,10 @@ fn plural(n: u64, word: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+mod tests_support {
     use super::*;
 
-    fn settings() -> Settings {
+    pub fn settings() -> Settings {
         Settings {
             workers: 1,
             timeout_secs: 0,
@@ -1300,7 +1308,7 @@ mod tests {
         }
     }
 
-    fn facts() -> Facts {
+    pub fn facts() -> Facts {
         Facts {
             generation: 1,
             predecessor: false,
@@ -1312,6 +1320,12 @@ mod tests {
             seed: 1,
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::*;
+    use super::*;
 
     #[test]
     fn two_successors_abandoned_within_the_grace_both_get_their_kill() {
@@ -1338,5 +1352,50 @@ mod tests {
             );
         }
         assert_eq!(ended, [(Pid(500), 3_200), (Pid(501), 4_100)]);
+    }
+}
+
+#[cfg(test)]
+mod stop_tests {
+    use super::tests_support::*;
+    use super::*;
+
+    #[test]
+    fn a_quick_stop_after_a_graceful_one_never_moves_the_deadline_later() {
+        let t0 = Instant::now();
+        let mut core = Supervisor::new(settings(), facts(), t0);
+        core.handle(Event::Tick, t0);
+        core.handle(Event::Spawned(Pid(10)), t0);
+        core.handle(Event::Signal(Signal::Term, 1), t0);
+        let graceful = core.stopping().expect("stopping").deadline;
+        let late = graceful - Duration::from_millis(500);
+        core.handle(Event::Signal(Signal::Int, 1), late);
+        let stop = core.stopping().expect("stopping");
+        assert!(stop.quick);
+        assert_eq!(stop.deadline, graceful, "INT must not give workers longer");
+    }
+
+    #[test]
+    fn a_stop_wakes_for_an_abandoned_successors_kill() {
+        let t0 = Instant::now();
+        let mut core = Supervisor::new(settings(), facts(), t0);
+        core.handle(Event::Signal(Signal::Usr2, 1), t0);
+        core.handle(Event::SuccessorStarted(Pid(500)), t0);
+        core.handle(Event::Tick, t0);
+        core.handle(Event::Spawned(Pid(10)), t0);
+        core.handle(Event::Signal(Signal::Term, 1), t0);
+        assert_eq!(core.wake_at(), Some(t0 + ABANDON_GRACE));
+    }
+
+    #[test]
+    fn a_successors_word_after_the_upgrade_ended_changes_nothing() {
+        let t0 = Instant::now();
+        let mut core = Supervisor::new(settings(), facts(), t0);
+        assert!(core.handle(Event::SuccessorFailed(None), t0).is_empty());
+        let ready = Event::SuccessorReady {
+            takes_connections: true,
+        };
+        assert!(core.handle(ready, t0).is_empty());
+        assert_eq!(core.upgrade(), Upgrade::Idle);
     }
 }

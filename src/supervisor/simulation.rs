@@ -1022,6 +1022,7 @@ impl World {
                 }
                 emitted.killed.push(pid);
             }
+            Action::FlushConsole => {}
             Action::CloseConsole { remove_files } => {
                 // After a hand-over the control socket's file is the successor's.
                 if remove_files && matches!(self.sup.upgrade(), Upgrade::HandedOver { .. }) {
