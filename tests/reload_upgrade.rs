@@ -1374,6 +1374,35 @@ fn socket_activation_survives_an_upgrade() {
 }
 
 #[test]
+fn a_service_manager_that_does_not_read_never_stalls_the_master() {
+    // NOTIFY_SOCKET is a datagram socket: its queue holds 10 messages
+    // (net.unix.max_dgram_qlen). Pings every 10 ms fill it in a tenth of a second;
+    // a master that sent blocking would wait there, its loop (reaping, resizing,
+    // titles, the console) stalled until systemd reads.
+    let dir = TempDir::new("deaf-systemd");
+    let notify = Notify::bind(dir.join("notify.sock"));
+    let path = path_str(&notify.path).to_owned();
+    let s = Server::start_with(
+        &["-w", "1", "-l", "127.0.0.1:0", "--timeout", "2"],
+        &[("NOTIFY_SOCKET", &path), ("WATCHDOG_USEC", "20000")],
+        |_| {},
+    );
+    let addr = s.addr();
+    wait_title(
+        s.pid(),
+        &format!("raasd master gen 1: 1/1 workers -w 1 {addr}"),
+    );
+    // Long enough for far more than 10 pings, none of them read.
+    std::thread::sleep(Duration::from_millis(300));
+    s.signal(Signal::SIGTTIN);
+    wait_title(
+        s.pid(),
+        &format!("raasd master gen 1: 2/2 workers -w 2 {addr}"),
+    );
+    drop(notify);
+}
+
+#[test]
 fn systemd_hears_the_status_and_watchdog_pings_only_while_workers_beat() {
     let dir = TempDir::new("watchdog");
     let notify = Notify::bind(dir.join("notify.sock"));
@@ -1408,12 +1437,18 @@ fn systemd_hears_the_status_and_watchdog_pings_only_while_workers_beat() {
     for w in &workers {
         sigstop(w.pid);
     }
+    // Read as systemd does, all along: the socket's queue holds only 10 messages.
+    let late_status = format!("STATUS=raasd master gen 1: 0/3 workers, 3 late -w 3 {addr}");
+    wait_until("the late STATUS=", SOON, || {
+        notify
+            .collect(Duration::from_millis(100))
+            .iter()
+            .any(|m| m.contains(&late_status))
+    });
     wait_title(
         s.pid(),
         &format!("raasd master gen 1: 0/3 workers, 3 late -w 3 {addr}"),
     );
-    // What was sent before the master saw them late is behind that STATUS= line.
-    while !notify.next_any("the late STATUS=").contains("3 late") {}
     let late = notify.collect(Duration::from_millis(600));
     assert!(
         !late.iter().any(|m| m.lines().any(|l| l == "WATCHDOG=1")),

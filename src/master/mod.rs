@@ -924,8 +924,28 @@ fn seed() -> u64 {
 }
 
 /// Tells systemd (when it started us with NOTIFY_SOCKET) how the service is doing.
+/// Never waits: the socket is a datagram queue of a few messages, and a service
+/// manager that does not read it must not stall the loop (reaping, resizing, the
+/// console); a message it has no room for is dropped, and said.
 fn notify_systemd(states: &[NotifyState]) {
-    if let Err(e) = sd_notify::notify(states) {
-        warn!("cannot notify systemd: {e}");
+    use std::fmt::Write as _;
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let mut message = String::new();
+    for state in states {
+        let _ = writeln!(message, "{state}");
+    }
+    let sent = std::os::unix::net::UnixDatagram::unbound().and_then(|socket| {
+        socket.connect(&path)?;
+        socket.set_nonblocking(true)?;
+        socket.send(message.as_bytes())
+    });
+    if let Err(e) = sent {
+        warn!(
+            "cannot notify systemd ({}): {}",
+            message.trim_end().replace('\n', ", "),
+            crate::errors::plain(&e)
+        );
     }
 }
