@@ -161,7 +161,9 @@ impl Master {
     pub(super) fn move_pid_file(&mut self, step: PidFileStep) {
         match step {
             PidFileStep::Write { after_upgrade } => {
-                let Some(path) = &self.config.pid else { return };
+                let Some(path) = &self.origin.pid_path else {
+                    return;
+                };
                 match PidFile::write(path, std::process::id()) {
                     Ok(pid_file) => self.pid_file = Some(pid_file),
                     Err(e) => error!("{e}"),

@@ -156,6 +156,9 @@ struct Origin {
     start_dir: PathBuf,
     /// When this master started (seconds since the epoch).
     started_at: u64,
+    /// --pid as it was at the start: a reload's change takes effect at the next
+    /// start or upgrade (and the supervisor decided from it).
+    pid_path: Option<PathBuf>,
 }
 
 /// The listen sockets this master holds.
@@ -385,6 +388,7 @@ impl Master {
             },
             now,
         );
+        let pid_path = config.pid.clone();
         let mut master = Master {
             core,
             config,
@@ -393,6 +397,7 @@ impl Master {
                 exe,
                 start_dir,
                 started_at: epoch_seconds(),
+                pid_path,
             },
             sockets: Sockets {
                 listeners,
@@ -432,13 +437,15 @@ impl Master {
             // control-group stop), the workers' exits must be read as part of the stop.
             self.take_signals();
             self.reap_children();
+            // Read before the console's questions, so that status and /livez are fresh.
+            let beats = self.heartbeat_ages();
+            self.feed(Event::Beats(beats));
             self.read_worker_reports(std::mem::take(&mut woken));
             self.serve_console();
             self.follow_upgrade();
             self.hear_farewell();
-            let beats = self.heartbeat_ages();
-            self.feed(Event::Beats(beats));
-            if let Some(code) = self.feed(Event::Tick) {
+            self.feed(Event::Tick);
+            if let Some(code) = self.core.exit_code() {
                 return code;
             }
             self.show_title();
@@ -448,18 +455,19 @@ impl Master {
 
     /// Hands `event` to the supervisor and carries out what it decides, feeding
     /// back the outcome of each action that has one before anything else happens.
-    /// Returns the exit status once the supervisor says to exit.
-    fn feed(&mut self, event: Event) -> Option<i32> {
-        let mut exit = None;
+    /// (`Action::Exit` ends the loop: see `supervise`.)
+    fn feed(&mut self, event: Event) {
         let mut actions: VecDeque<Action> = self.core.handle(event, Instant::now()).into();
         while let Some(action) = actions.pop_front() {
-            if let Action::Exit(code) = action {
-                exit = Some(code);
-            } else if let Some(outcome) = self.carry_out(action) {
-                actions.extend(self.core.handle(outcome, Instant::now()));
+            if let Some(outcome) = self.carry_out(action) {
+                // The answer's consequences come first, before the rest of what was
+                // decided: as if the action had returned its outcome.
+                let answered = self.core.handle(outcome, Instant::now());
+                for next in answered.into_iter().rev() {
+                    actions.push_front(next);
+                }
             }
         }
-        exit
     }
 
     /// Does what the supervisor decided; returns the outcome it waits for, if any.

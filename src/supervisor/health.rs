@@ -120,9 +120,14 @@ impl Backoffs {
         self.0.get(slot).and_then(|b| b.not_before)
     }
 
-    /// The next moment a held-back slot may get a worker.
-    pub fn next_respawn(&self) -> Option<Instant> {
-        self.0.iter().filter_map(|b| b.not_before).min()
+    /// The next moment after `now` a held-back slot may get a worker (a moment
+    /// passed is no reason to wake: the slot was served then).
+    pub fn next_respawn(&self, now: Instant) -> Option<Instant> {
+        self.0
+            .iter()
+            .filter_map(|b| b.not_before)
+            .filter(|&at| at > now)
+            .min()
     }
 
     /// Whether some slot has a respawn delay (to be forgotten once it is healthy).

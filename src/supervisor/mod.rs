@@ -111,6 +111,11 @@ pub struct Supervisor {
     target: usize,
     generation: u64,
     forking: Option<Forking>,
+    /// This pass's second half (heartbeats, memory, the stop's deadline, the
+    /// watchdog) waits for its forks to be answered: as in Unicorn's loop, the
+    /// workers are brought to the target first, and a slot a kill empties is filled
+    /// at the next pass.
+    rest_of_pass_owed: bool,
     fork_retry_at: Option<Instant>,
     backoff: Backoffs,
     jitter: Jitter,
@@ -134,7 +139,8 @@ pub struct Supervisor {
     systemd_ready: bool,
     watchdog_next: Instant,
     totals: Totals,
-    exited: bool,
+    /// Set once the supervisor said `Exit`: every later event is ignored.
+    exit_code: Option<i32>,
     out: Vec<Action>,
 }
 
@@ -155,6 +161,7 @@ impl Supervisor {
             now,
             workers: Vec::new(),
             forking: None,
+            rest_of_pass_owed: false,
             fork_retry_at: None,
             backoff: Backoffs::default(),
             last_pass: now,
@@ -168,7 +175,7 @@ impl Supervisor {
             systemd_ready: false,
             watchdog_next: now,
             totals: Totals::default(),
-            exited: false,
+            exit_code: None,
             out: Vec::new(),
         }
     }
@@ -176,7 +183,7 @@ impl Supervisor {
     /// Takes one event at `now`; returns what to do, in order.
     pub fn handle(&mut self, event: Event, now: Instant) -> Vec<Action> {
         self.now = now.max(self.now);
-        if self.exited {
+        if self.exit_code.is_some() {
             return Vec::new();
         }
         match event {
@@ -186,10 +193,12 @@ impl Supervisor {
             Event::Spawned(pid) => {
                 self.spawned(pid);
                 self.converge();
+                self.finish_pass();
             }
             Event::SpawnFailed(why) => {
                 self.spawn_failed(&why);
                 self.converge();
+                self.finish_pass();
             }
             Event::Beats(ages) => {
                 for (pid, age) in ages {
@@ -257,7 +266,18 @@ impl Supervisor {
             return self.exit();
         }
         self.end_abandoned(false);
+        self.rest_of_pass_owed = true;
         self.converge();
+        self.finish_pass();
+    }
+
+    /// The pass's second half, once its forks are answered: kill those stuck or
+    /// past their deadline.
+    fn finish_pass(&mut self) {
+        if self.forking.is_some() || !self.rest_of_pass_owed {
+            return;
+        }
+        self.rest_of_pass_owed = false;
         self.kill_lazy_workers();
         self.sample_memory();
         self.kill_workers_past_deadline();
@@ -1135,7 +1155,7 @@ impl Supervisor {
         }
         self.log(Level::Info, "exiting");
         self.out.push(Action::Exit(0));
-        self.exited = true;
+        self.exit_code = Some(0);
     }
 
     // ---- output -----------------------------------------------------------------
@@ -1172,7 +1192,7 @@ impl Supervisor {
                 };
                 let checks = [
                     self.fork_retry_at,
-                    self.backoff.next_respawn(),
+                    self.backoff.next_respawn(now),
                     (self.settings.timeout_secs > 0).then(|| now + self.settings.heartbeat),
                     (self.settings.max_worker_memory > 0).then_some(self.next_memory_sample),
                     upgrade_deadline,
@@ -1266,8 +1286,9 @@ impl Supervisor {
         self.pid_file
     }
 
-    pub fn has_exited(&self) -> bool {
-        self.exited
+    /// The exit status, once the supervisor said to exit.
+    pub fn exit_code(&self) -> Option<i32> {
+        self.exit_code
     }
 
     /// When `slot` may next get a worker, if it is held back (crash loop or a
@@ -1397,5 +1418,116 @@ mod stop_tests {
         };
         assert!(core.handle(ready, t0).is_empty());
         assert_eq!(core.upgrade(), Upgrade::Idle);
+    }
+}
+
+#[cfg(test)]
+mod pass_tests {
+    use super::tests_support::*;
+    use super::*;
+
+    /// Feeds `event`, answering every fork at once as the shell does (pids from
+    /// `next_pid`); returns every action in the order carried out.
+    fn feed(core: &mut Supervisor, event: Event, now: Instant, next_pid: &mut i32) -> Vec<Action> {
+        let mut done = Vec::new();
+        let mut queue: std::collections::VecDeque<Action> = core.handle(event, now).into();
+        while let Some(action) = queue.pop_front() {
+            let answer = match action {
+                Action::Spawn { .. } => {
+                    *next_pid += 1;
+                    Some(Event::Spawned(Pid(*next_pid)))
+                }
+                _ => None,
+            };
+            done.push(action);
+            if let Some(answer) = answer {
+                for a in core.handle(answer, now).into_iter().rev() {
+                    queue.push_front(a);
+                }
+            }
+        }
+        done
+    }
+
+    fn spawned_slots(actions: &[Action]) -> Vec<usize> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Spawn { slot, .. } => Some(*slot),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_worker_killed_for_its_heartbeat_is_replaced_at_the_next_pass_not_amid_this_one() {
+        let t0 = Instant::now();
+        let mut core = Supervisor::new(
+            Settings {
+                workers: 1,
+                timeout_secs: 2,
+                heartbeat: Duration::from_millis(500),
+                ..settings()
+            },
+            facts(),
+            t0,
+        );
+        let mut pid = 100;
+        feed(&mut core, Event::Tick, t0, &mut pid);
+        core.handle(Event::Said(Pid(101), Said::Ready), t0);
+        // It stops beating; the master passes every half second.
+        for half in 1..6 {
+            let at = t0 + Duration::from_millis(500 * half);
+            core.handle(Event::Beats(vec![(Pid(101), 500 * half)]), at);
+            let actions = feed(&mut core, Event::Tick, at, &mut pid);
+            assert!(!actions.contains(&Action::Kill(Pid(101))), "{half}");
+        }
+        let later = t0 + Duration::from_secs(3);
+        core.handle(Event::Signal(Signal::Ttin, 1), later);
+        core.handle(Event::Beats(vec![(Pid(101), 3_000)]), later);
+        let actions = feed(&mut core, Event::Tick, later, &mut pid);
+        assert!(actions.contains(&Action::Kill(Pid(101))));
+        assert_eq!(
+            spawned_slots(&actions),
+            [1],
+            "slot 0's replacement waits for the kill's exit: {actions:#?}"
+        );
+        let text: Vec<&str> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Log(line) => Some(line.text.as_str()),
+                _ => None,
+            })
+            .collect();
+        let spawned = text.iter().position(|t| t.starts_with("spawned worker[1]"));
+        let killed = text.iter().position(|t| t.contains("missed its heartbeat"));
+        assert!(spawned < killed, "the pass spawns, then kills: {text:#?}");
+    }
+
+    #[test]
+    fn a_slot_respawned_after_a_crash_loop_does_not_keep_the_loop_awake() {
+        let t0 = Instant::now();
+        let mut core = Supervisor::new(settings(), facts(), t0);
+        let mut pid = 100;
+        feed(&mut core, Event::Tick, t0, &mut pid);
+        let young = t0 + Duration::from_millis(10);
+        core.handle(
+            Event::ChildExited(Exited {
+                pid: Pid(101),
+                exit: Exit::Status(1),
+                oom_rose: false,
+                served: Served::default(),
+                said: None,
+            }),
+            young,
+        );
+        let after = young + Duration::from_millis(150);
+        let actions = feed(&mut core, Event::Tick, after, &mut pid);
+        assert_eq!(spawned_slots(&actions), [0]);
+        let wake = core.wake_at().expect("a wake-up while the slot settles");
+        assert!(
+            wake > after,
+            "woken at once, again and again: {wake:?} <= {after:?}"
+        );
     }
 }

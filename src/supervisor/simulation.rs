@@ -408,7 +408,7 @@ struct Violation {
     detail: String,
 }
 
-fn broken(invariant: &'static str, detail: String) -> Result<(), Violation> {
+fn broken<T>(invariant: &'static str, detail: String) -> Result<T, Violation> {
     Err(Violation { invariant, detail })
 }
 
@@ -457,13 +457,25 @@ enum Owner {
     Successor,
 }
 
-/// What the actions of one `handle` did, for the checks after it.
+/// What the actions of one `handle` (and of the answers it asked for) did, for the
+/// checks after it.
 #[derive(Debug, Default)]
 struct Emitted {
     killed: Vec<Pid>,
     heartbeat_kills: Vec<Pid>,
     closed_listeners: Option<bool>,
     exited: bool,
+}
+
+impl Emitted {
+    /// Adds what an answer's actions did: a pass ends once its forks are answered,
+    /// and its second half (the heartbeat kills) comes with the last answer.
+    fn absorb(&mut self, answer: Emitted) {
+        self.killed.extend(answer.killed);
+        self.heartbeat_kills.extend(answer.heartbeat_kills);
+        self.closed_listeners = answer.closed_listeners.or(self.closed_listeners);
+        self.exited |= answer.exited;
+    }
 }
 
 struct World {
@@ -882,8 +894,13 @@ impl World {
     /// Feeds one event, carries out its actions, checks, then feeds the answers the
     /// actions asked for (before anything else).
     fn feed(&mut self, event: Event) -> Result<(), Violation> {
+        self.feed_and_tell(event).map(drop)
+    }
+
+    /// [`World::feed`], returning what the event's actions and its answers' did.
+    fn feed_and_tell(&mut self, event: Event) -> Result<Emitted, Violation> {
         if self.exited {
-            return Ok(());
+            return Ok(Emitted::default());
         }
         if let Some(trace) = &mut self.trace {
             trace.push(format!("t={}ms {event:?}", self.now.as_millis()));
@@ -914,14 +931,15 @@ impl World {
         }
         self.check_state(upgrade_before, &emitted)?;
         for answer in answers {
-            self.feed(answer)?;
+            let answered = self.feed_and_tell(answer)?;
+            emitted.absorb(answered);
         }
         // A pass is judged once the forks it asked for are answered.
         if let Some(rule) = beat_rule {
             self.check_heartbeat_kills(rule, &emitted)?;
             self.check_after_tick(&emitted)?;
         }
-        Ok(())
+        Ok(emitted)
     }
 
     fn carry_out(
