@@ -353,13 +353,7 @@ impl Write for FileWriter {
     }
 }
 
-/// A count in words that agree with it: `1 connection`, `2 connections`.
-pub fn plural(n: u64, what: &str) -> String {
-    match n {
-        1 => format!("1 {what}"),
-        n => format!("{n} {what}s"),
-    }
-}
+pub use crate::supervisor::plural;
 
 /// Writes a line the supervisor decided on, with its fields (the JSON format
 /// shows them; the plain one shows the text).

@@ -46,7 +46,7 @@ impl Master {
                     self.origin.exe.display(),
                     successor.pid
                 );
-                let pid = supervisor::Pid(successor.pid.as_raw());
+                let pid = super::core_pid(successor.pid);
                 self.links.successor = Some(successor);
                 Event::SuccessorStarted(pid)
             }
@@ -107,8 +107,8 @@ impl Master {
             );
             upgrade::signal_group(group, Some(Signal::SIGKILL));
         }
-        let mut ours: Vec<Pid> = self.channels.iter().map(|(pid, _)| *pid).collect();
-        ours.extend(self.core.workers().iter().map(|w| Pid::from_raw(w.pid.0)));
+        let workers = self.core.workers().iter();
+        let mut ours: Vec<Pid> = workers.map(|w| Pid::from_raw(w.pid.0)).collect();
         ours.push(nix::unistd::getpid());
         for (pid, comm, addr) in upgrade::stray_holders(&self.sockets.listeners, &ours) {
             error!(
@@ -160,7 +160,7 @@ impl Master {
     /// FILE.oldbin after a rollback, removed at exit or at the hand-over.
     pub(super) fn move_pid_file(&mut self, step: PidFileStep) {
         match step {
-            PidFileStep::Write { after_upgrade } => {
+            PidFileStep::Write => {
                 let Some(path) = &self.origin.pid_path else {
                     return;
                 };
@@ -168,7 +168,7 @@ impl Master {
                     Ok(pid_file) => self.pid_file = Some(pid_file),
                     Err(e) => error!("{e}"),
                 }
-                if after_upgrade && let Some(stale) = pidfile::remove_stale_oldbin(path) {
+                if let Some(stale) = pidfile::remove_stale_oldbin(path) {
                     warn!(
                         "the old master died during the upgrade: removed its {}",
                         stale.display()

@@ -167,11 +167,9 @@ pub enum Reply {
 /// The pid file's steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PidFileStep {
-    /// Write it (a master started by an upgrade, once it serves; `after_upgrade`:
-    /// remove a stale FILE.oldbin of a predecessor that died).
-    Write {
-        after_upgrade: bool,
-    },
+    /// Write it: a master started by an upgrade, once it serves (and a stale
+    /// FILE.oldbin of a predecessor that died goes).
+    Write,
     /// FILE.oldbin back to FILE: an upgrade rolled back.
     Back,
     Remove,

@@ -83,7 +83,7 @@ pub enum Upgrade {
 
 /// Where the pid file is, as far as this master is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PidFileState {
+enum PidFileState {
     /// None of ours: none configured, not written yet (a successor before it
     /// serves), or removed.
     None,
@@ -210,17 +210,7 @@ impl Supervisor {
             Event::MemorySampled(usage) => self.replace_bloated(&usage),
             Event::Console(client, command) => self.on_command(client, command),
             Event::Reloaded { asked_by, outcome } => self.reloaded(asked_by, outcome),
-            Event::UpgradeAborted(why) => {
-                self.upgrade = Upgrade::Idle;
-                if self.pid_file == PidFileState::Oldbin {
-                    self.pid_file = PidFileState::Held;
-                }
-                self.log(Level::Error, format!("upgrade aborted: {why}"));
-                self.out
-                    .push(Action::AnswerUpgradeWaiters(Reply::Failed(format!(
-                        "upgrade aborted: {why}"
-                    ))));
-            }
+            Event::UpgradeAborted(why) => self.upgrade_aborted(&why),
             Event::SuccessorStarted(pid) => {
                 self.upgrade = Upgrade::Waiting {
                     successor: pid,
@@ -248,9 +238,6 @@ impl Supervisor {
     /// console were taken: end when stopped, follow the timers, bring the workers to
     /// what is wanted, kill those stuck or past their deadline.
     fn pass(&mut self) {
-        if self.stopping.is_some() && self.workers.is_empty() {
-            return self.exit();
-        }
         if let Upgrade::Waiting { deadline, .. } = self.upgrade
             && self.now >= deadline
         {
@@ -260,8 +247,8 @@ impl Supervisor {
             ));
         }
         self.finish_draining();
-        // A stop begun just now (--drain-delay over) with no worker left ends now:
-        // nothing else would wake the loop before the stop's deadline.
+        // Stopped with no worker left — also a stop begun just now, --drain-delay
+        // over: nothing else would wake the loop before the stop's deadline.
         if self.stopping.is_some() && self.workers.is_empty() {
             return self.exit();
         }
@@ -469,46 +456,34 @@ impl Supervisor {
     /// Retires the workers beyond the target, of an older generation, or replaced,
     /// once their slot's new worker accepts.
     fn retire_surplus(&mut self) {
-        let retiring = workers::to_retire(&self.workers, self.target, self.generation);
-        if retiring.is_empty() {
-            return;
-        }
-        let replaced: Vec<Pid> = self
-            .workers
-            .iter()
-            .filter(|w| retiring.contains(&w.pid) && w.life == Life::Replacing)
-            .map(|w| w.pid)
-            .collect();
-        for w in self
-            .workers
-            .iter_mut()
-            .filter(|w| retiring.contains(&w.pid))
-        {
-            w.life = Life::Retiring;
-        }
-        // Connections move to the workers that stay, when there are any.
-        let receivers = self.workers.iter().any(|w| w.life == Life::Accepting);
-        let order = if receivers && self.settings.handover {
-            Order::HandOver
-        } else {
-            Order::GracefulStop
-        };
-        for pid in retiring {
-            let Some(slot) = self.workers.iter().find(|w| w.pid == pid).map(|w| w.slot) else {
+        let target = self.target;
+        let mut retiring = Vec::new();
+        for pid in workers::to_retire(&self.workers, target, self.generation) {
+            let Some(w) = self.workers.iter_mut().find(|w| w.pid == pid) else {
                 continue;
             };
-            let reason = if replaced.contains(&pid) {
+            let reason = if w.life == Life::Replacing {
                 "recycled"
-            } else if slot >= self.target {
+            } else if w.slot >= target {
                 "resize"
             } else {
                 "reload"
             };
+            w.life = Life::Retiring;
+            retiring.push((pid, w.slot, reason));
+        }
+        if retiring.is_empty() {
+            return;
+        }
+        // Connections move to the workers that stay, when there are any.
+        let receivers = self.workers.iter().any(|w| w.life == Life::Accepting);
+        let (order, how) = if receivers && self.settings.handover {
+            (Order::HandOver, "handing its connections over")
+        } else {
+            (Order::GracefulStop, "draining its connections")
+        };
+        for (pid, slot, reason) in retiring {
             self.totals.count_restart(reason);
-            let how = match order {
-                Order::HandOver => "handing its connections over",
-                _ => "draining its connections",
-            };
             self.log(
                 Level::Info,
                 format!("retiring worker[{slot}] pid {pid}, {how}"),
@@ -876,6 +851,19 @@ impl Supervisor {
         });
     }
 
+    /// The pid file could not become FILE.oldbin: nothing was started, nothing changed.
+    fn upgrade_aborted(&mut self, why: &str) {
+        self.upgrade = Upgrade::Idle;
+        if self.pid_file == PidFileState::Oldbin {
+            self.pid_file = PidFileState::Held;
+        }
+        self.log(Level::Error, format!("upgrade aborted: {why}"));
+        self.out
+            .push(Action::AnswerUpgradeWaiters(Reply::Failed(format!(
+                "upgrade aborted: {why}"
+            ))));
+    }
+
     /// The successor is ready: it owns the sockets and the pid file now. Retire.
     fn hand_over(&mut self, takes_connections: bool) {
         let Upgrade::Waiting {
@@ -994,9 +982,7 @@ impl Supervisor {
             self.systemd_ready = true;
             if self.facts.pid_file {
                 self.pid_file = PidFileState::Held;
-                self.out.push(Action::PidFile(PidFileStep::Write {
-                    after_upgrade: true,
-                }));
+                self.out.push(Action::PidFile(PidFileStep::Write));
             }
             self.out.push(Action::TellPredecessorReady);
         }
@@ -1230,7 +1216,7 @@ impl Supervisor {
         )
     }
 
-    pub fn upgrade_step(&self) -> UpgradeStep {
+    fn upgrade_step(&self) -> UpgradeStep {
         match self.upgrade {
             Upgrade::Idle => UpgradeStep::Idle,
             Upgrade::Starting | Upgrade::Waiting { .. } => UpgradeStep::Waiting,
@@ -1282,10 +1268,6 @@ impl Supervisor {
         self.upgrade
     }
 
-    pub fn pid_file(&self) -> PidFileState {
-        self.pid_file
-    }
-
     /// The exit status, once the supervisor said to exit.
     pub fn exit_code(&self) -> Option<i32> {
         self.exit_code
@@ -1300,8 +1282,9 @@ impl Supervisor {
     }
 }
 
-/// `1 request`, `2 requests`.
-fn plural(n: u64, word: &str) -> String {
+/// `1 request`, `2 requests`: the count and its noun as every log line says it
+/// (`crate::logging` speaks through this one).
+pub fn plural(n: u64, word: &str) -> String {
     if n == 1 {
         format!("1 {word}")
     } else {

@@ -1197,7 +1197,7 @@ impl World {
 
     fn move_pid_file(&mut self, step: PidFileStep) -> Result<(), Violation> {
         match step {
-            PidFileStep::Write { .. } => {
+            PidFileStep::Write => {
                 if !self.facts.pid_file || !self.facts.predecessor {
                     return broken(STOP_ENDS, "writes a pid file it should not".into());
                 }
