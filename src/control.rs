@@ -23,13 +23,14 @@
 //! which it treats as a graceful stop.
 
 use std::fs::File;
-use std::io::{self, IoSlice, IoSliceMut, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{self, IoSlice, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
-use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, recvmsg, sendmsg};
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 
 use crate::logging::Log;
+use crate::process;
 
 /// What the master tells a worker.
 #[derive(Debug)]
@@ -125,38 +126,16 @@ impl WorkerEnd {
         loop {
             let mut buf = [0u8; 64];
             let mut space = nix::cmsg_space!([RawFd; 1]);
-            let (length, fds) = {
-                let mut iov = [IoSliceMut::new(&mut buf)];
-                match recvmsg::<()>(
-                    self.0.as_raw_fd(),
-                    &mut iov,
-                    Some(&mut space),
-                    MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
-                ) {
-                    Ok(message) => {
-                        let mut fds: Vec<RawFd> = Vec::new();
-                        for cmsg in message.cmsgs().into_iter().flatten() {
-                            if let ControlMessageOwned::ScmRights(passed) = cmsg {
-                                fds.extend(passed);
-                            }
-                        }
-                        (message.bytes, fds)
-                    }
+            let (length, mut files) =
+                match process::receive_with_fds(self.0.as_fd(), &mut buf, &mut space) {
+                    Ok(message) => (message.bytes, message.fds),
                     Err(nix::errno::Errno::EINTR) => continue,
                     Err(nix::errno::Errno::EAGAIN) => return received,
                     Err(_) => {
                         received.closed = true;
                         return received;
                     }
-                }
-            };
-            // SAFETY: the kernel has just installed these descriptors in this process
-            // for this message (SCM_RIGHTS); nothing else knows their numbers, so each
-            // gets exactly one owner here.
-            let mut files: Vec<OwnedFd> = fds
-                .into_iter()
-                .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
-                .collect();
+                };
             if length == 0 {
                 received.closed = true;
                 return received;

@@ -32,17 +32,17 @@
 
 pub mod settle;
 
-use std::io::{self, IoSlice, IoSliceMut, Read, Seek, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{self, IoSlice, Read, Seek, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{
-    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
-    sendmsg, socketpair,
+    AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, sendmsg, socketpair,
 };
 
 use crate::listeners::Stream;
+use crate::process;
 
 /// The version of the wire format. A successor that speaks another one (or none)
 /// does not take the queue, and the old workers drain instead.
@@ -295,10 +295,6 @@ impl<T: Travels> Outgoing<T> {
                 Some(settle::Offer::Offered) => {
                     let input = batch.read_input().or(Some(settle::SenderInput::Deadline));
                     settled.extend(self.apply(key, input));
-                    // A claim read just now was granted: no deadline after a grant.
-                    if let Some(batch) = self.batches[key].as_mut() {
-                        batch.deadline = now + Duration::from_secs(3600);
-                    }
                 }
                 Some(settle::Offer::Granted { .. }) => {}
             }
@@ -581,38 +577,12 @@ fn put<T>(slots: &mut Vec<Option<T>>, value: T) -> usize {
 fn receive(queue: &Queue) -> io::Result<Option<(Option<UnixStream>, Option<Vec<Parcel>>)>> {
     let mut header = vec![0u8; HEADER + PER_CONNECTION * MAX_BATCH + INLINE_MAX];
     let mut space = nix::cmsg_space!([RawFd; MAX_BATCH + 2]);
-    let (length, truncated, fds) = {
-        let mut iov = [IoSliceMut::new(&mut header)];
-        let message = match recvmsg::<()>(
-            queue.rx.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Ok(message) => message,
-            Err(nix::errno::Errno::EAGAIN) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        let truncated = message
-            .flags
-            .intersects(MsgFlags::MSG_CTRUNC | MsgFlags::MSG_TRUNC);
-        let mut fds: Vec<RawFd> = Vec::new();
-        if let Ok(cmsgs) = message.cmsgs() {
-            for cmsg in cmsgs {
-                if let ControlMessageOwned::ScmRights(received) = cmsg {
-                    fds.extend(received);
-                }
-            }
-        }
-        (message.bytes, truncated, fds)
+    let message = match process::receive_with_fds(queue.rx.as_fd(), &mut header, &mut space) {
+        Ok(message) => message,
+        Err(nix::errno::Errno::EAGAIN) => return Ok(None),
+        Err(e) => return Err(e.into()),
     };
-    // SAFETY: the kernel has just installed these descriptors in this process for
-    // this message (SCM_RIGHTS); nothing else knows their numbers, so each gets
-    // exactly one owner here.
-    let mut owned: Vec<OwnedFd> = fds
-        .into_iter()
-        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
-        .collect();
+    let (length, truncated, mut owned) = (message.bytes, message.truncated, message.fds);
     if owned.is_empty() {
         return Ok(Some((None, None)));
     }

@@ -1,5 +1,5 @@
 //! Process plumbing: fork, done the one safe way for a process with signal handlers,
-//! and taking ownership of descriptors inherited across exec.
+//! and taking ownership of descriptors inherited across exec or passed in a message.
 //!
 //! Owns the `fork` call. Every signal is blocked across it, so that nothing is
 //! delivered to the child before it has replaced its parent's signal set; the parent
@@ -7,8 +7,10 @@
 //! Forking is refused unless the process has exactly one thread, because a child of
 //! a threaded process may inherit locks held by threads that do not exist in it.
 
-use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::io::{self, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
 
 use nix::sys::signal::{SigSet, SigmaskHow, sigprocmask};
 use nix::unistd::{ForkResult, Pid};
@@ -83,6 +85,52 @@ pub fn take_inherited_fd(fd: RawFd) -> io::Result<OwnedFd> {
         nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
     )?;
     Ok(owned)
+}
+
+/// One message read without waiting from a unix socket.
+pub struct Message {
+    /// Bytes read into the caller's buffer.
+    pub bytes: usize,
+    /// The message or its descriptors did not fit.
+    pub truncated: bool,
+    /// The descriptors that came along (SCM_RIGHTS), owned, close-on-exec.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Reads one message from `socket` into `buf`, with room in `space` for the
+/// descriptors it may carry; EAGAIN when none waits.
+pub fn receive_with_fds(
+    socket: BorrowedFd<'_>,
+    buf: &mut [u8],
+    space: &mut [u8],
+) -> nix::Result<Message> {
+    let mut iov = [IoSliceMut::new(buf)];
+    let message = recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(space),
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut fds = Vec::new();
+    for cmsg in message.cmsgs().into_iter().flatten() {
+        if let ControlMessageOwned::ScmRights(passed) = cmsg {
+            // SAFETY: the kernel has just installed these descriptors in this process
+            // for this message (SCM_RIGHTS); nothing else knows their numbers, so each
+            // gets exactly one owner here.
+            fds.extend(
+                passed
+                    .into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    Ok(Message {
+        bytes: message.bytes,
+        truncated: message
+            .flags
+            .intersects(MsgFlags::MSG_CTRUNC | MsgFlags::MSG_TRUNC),
+        fds,
+    })
 }
 
 /// Removes environment variables that handed this process descriptors or state,

@@ -655,7 +655,11 @@ impl<'a> Worker<'a> {
 
     /// Whether it may offer more now: more to offer, and room in flight.
     fn may_offer_now(&self) -> bool {
-        self.more_to_offer() && self.transfers.outgoing.connections() < IN_FLIGHT
+        // As `offer_a_slice` decides: nothing is offered while the queue is full
+        // (that waits QUEUE_FULL_RETRY, not a busy pass).
+        self.more_to_offer()
+            && !self.transfers.outgoing.has_unsent()
+            && self.transfers.outgoing.connections() < IN_FLIGHT
     }
 
     /// Offers the next [`OFFER_PER_PASS`] connections that can travel, in batches,
