@@ -326,32 +326,28 @@ pub fn load(args: &[OsString]) -> Result<Config, LoadError> {
             e.message().trim_end()
         )])
     })?;
-    // "path (line N): key 'k'" for errors about one key's value.
-    let where_is = |key: &str| match key_line(&text, key) {
-        Some(line) => format!("{} (line {line}): key '{key}'", path.display()),
-        None => format!("{}: key '{key}'", path.display()),
-    };
-
     // (line, message): reported in the file's order, not the table's (sorted) one.
     let mut errors: Vec<(usize, String)> = Vec::new();
     let mut merged: Vec<OsString> = vec![args.first().cloned().unwrap_or_else(|| "raasd".into())];
     for (key, value) in &table {
-        let line = key_line(&text, key).unwrap_or(usize::MAX);
+        // "path (line N)" for errors about this key.
+        let found = key_line(&text, key);
+        let at = match found {
+            Some(line) => format!("{} (line {line})", path.display()),
+            None => path.display().to_string(),
+        };
+        let line = found.unwrap_or(usize::MAX);
         let Some(id) = file_key_id(key) else {
             let guess = closest_key(key)
                 .map(|k| format!("; did you mean '{k}'?"))
                 .unwrap_or_default();
-            let at = match key_line(&text, key) {
-                Some(line) => format!("{} (line {line})", path.display()),
-                None => path.display().to_string(),
-            };
             errors.push((line, format!("{at}: unknown key '{key}'{guess}")));
             continue;
         };
         let values = match option_values(key, value) {
             Ok(values) => values,
             Err(why) => {
-                errors.push((line, format!("{}: {why}", where_is(key))));
+                errors.push((line, format!("{at}: key '{key}': {why}")));
                 continue;
             }
         };
@@ -361,7 +357,7 @@ pub fn load(args: &[OsString]) -> Result<Config, LoadError> {
             .collect();
         let alone = std::iter::once(OsString::from("raasd")).chain(as_args.iter().cloned());
         if let Err(e) = Config::try_parse_from(alone) {
-            errors.push((line, format!("{}: {}", where_is(key), clap_reason(&e))));
+            errors.push((line, format!("{at}: key '{key}': {}", clap_reason(&e))));
             continue;
         }
         if matches.value_source(&id) != Some(ValueSource::CommandLine) {

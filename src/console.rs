@@ -169,35 +169,17 @@ pub struct Interest<'a> {
 }
 
 impl Console {
-    /// Binds the control socket (mode 0600: only its owner, the master's user) and
-    /// the metrics address. A stale socket file is replaced; a live one is refused.
-    pub fn bind(control: Option<&Path>, metrics: Option<&str>) -> Result<Console, String> {
-        let mut console = Console::default();
-        if let Some(path) = control {
-            console.control = Some((bind_control(path)?, path.to_path_buf()));
-            console.made_control_file = true;
-        }
-        if let Some(addr) = metrics {
-            match bind_metrics(addr) {
-                Ok(listener) => console.metrics = Some(listener),
-                Err(e) => {
-                    console.abandon();
-                    return Err(e);
-                }
-            }
-        }
-        Ok(console)
-    }
-
     /// After a failed start: removes the control socket file if this process made it.
     pub fn abandon(mut self) {
         let made = self.made_control_file;
         self.close_listeners(made);
     }
 
-    /// Binds what `control` and `metrics` name, taking over the sockets a
-    /// predecessor handed over (`inherited`, by name) where they still fit: the
-    /// control socket at the same path, the metrics socket at the same address.
+    /// Binds what `control` and `metrics` name — the control socket mode 0600 (only
+    /// its owner, the master's user; a stale socket file is replaced, a live one is
+    /// refused) — taking over the sockets a predecessor handed over (`inherited`, by
+    /// name) where they still fit: the control socket at the same path, the metrics
+    /// socket at the same address.
     pub fn open(
         control: Option<&Path>,
         metrics: Option<&str>,

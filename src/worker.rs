@@ -999,14 +999,14 @@ fn log_access(connection: &Connection, ending: Ending) {
         crate::listeners::Stream::Unix(_) => "unix".to_string(),
     };
     let traffic = connection.traffic();
-    crate::logging::access(&format!(
-        "peer={peer} duration_ms={} requests={} bytes_received={} bytes_sent={} end=\"{}\"",
-        connection.opened.elapsed().as_millis(),
-        traffic.served,
-        traffic.bytes_in,
-        traffic.bytes_out,
-        ending.name()
-    ));
+    crate::logging::access(&crate::logging::Access {
+        peer: &peer,
+        duration_ms: connection.opened.elapsed().as_millis() as u64,
+        requests: traffic.served,
+        bytes_received: traffic.bytes_in,
+        bytes_sent: traffic.bytes_out,
+        end: ending.name(),
+    });
 }
 
 fn listener_interest(which: usize) -> EpollEvent {

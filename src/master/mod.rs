@@ -81,7 +81,7 @@ pub fn run(config: Config, args: Vec<OsString>) -> i32 {
         return 1;
     }
     if let Some(Err(e)) = config.access_log.as_deref().map(logging::open_access_log) {
-        eprintln!("raasd: {}", e.replace("log file", "access log"));
+        eprintln!("raasd: {e}");
         return 1;
     }
     let mut predecessor = match Predecessor::from_environment() {

@@ -77,10 +77,7 @@ impl Master {
         let mut worker_status = Vec::with_capacity(self.core.workers().len());
         for w in self.core.workers() {
             let c = board.counters(w.cell);
-            totals.requests += c.served;
-            totals.connections_accepted += c.accepted;
-            totals.bytes_received += c.bytes_in;
-            totals.bytes_sent += c.bytes_out;
+            totals.add_served(&c.served());
             let resident = std::fs::read_to_string(format!("/proc/{}/statm", w.pid))
                 .ok()
                 .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())

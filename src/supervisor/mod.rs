@@ -540,7 +540,7 @@ impl Supervisor {
             return self.log(Level::Info, format!("child pid {pid} exited ({exit})"));
         };
         let gone = self.workers.swap_remove(at);
-        self.totals.add_gone(&served);
+        self.totals.add_served(&served);
         let slot = gone.slot;
         match gone.life {
             Life::Killed(why) => {

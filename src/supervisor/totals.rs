@@ -34,8 +34,8 @@ pub struct Totals {
 }
 
 impl Totals {
-    /// Adds what a worker that is gone had done.
-    pub fn add_gone(&mut self, served: &Served) {
+    /// Adds one worker's counters: one gone, or (for `status`) one still serving.
+    pub fn add_served(&mut self, served: &Served) {
         self.requests += served.requests;
         self.connections_accepted += served.accepted;
         self.bytes_received += served.bytes_received;
