@@ -211,13 +211,12 @@ impl Fixture {
             .unwrap();
         let map = sys(
             libc::SYS_mmap,
-            [
+            &[
                 0,
                 2 * PAGE,
                 (libc::PROT_READ | libc::PROT_WRITE) as usize,
                 (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as usize,
                 usize::MAX,
-                0,
             ],
         )
         .unwrap() as usize;
@@ -234,7 +233,10 @@ impl Fixture {
 }
 
 /// A system call by number with raw arguments: its return value, or its errno.
-fn sys(nr: libc::c_long, a: [usize; 6]) -> Result<i64, i32> {
+/// `syscall(nr, args…)`, the arguments not given being 0.
+fn sys(nr: libc::c_long, args: &[usize]) -> Result<i64, i32> {
+    let mut a = [0usize; 6];
+    a[..args.len()].copy_from_slice(args);
     // SAFETY: each probe passes arguments valid for its call: pointers into buffers
     // and structures that live across the call, descriptors of its fixture, or
     // nothing; the calls that end or duplicate the process run in a child made for it.
@@ -337,19 +339,12 @@ fn allowed_probes() -> Vec<Probe> {
         p("read", SYS_read, |f| {
             let mut b = [0u8; 8];
             let (at, n) = buf_of(&mut b);
-            sys(SYS_read, [f.stream.0.as_raw_fd() as usize, at, n, 0, 0, 0])
+            sys(SYS_read, &[f.stream.0.as_raw_fd() as usize, at, n])
         }),
         p("write", SYS_write, |f| {
             sys(
                 SYS_write,
-                [
-                    f.stream.0.as_raw_fd() as usize,
-                    b"w".as_ptr() as usize,
-                    1,
-                    0,
-                    0,
-                    0,
-                ],
+                &[f.stream.0.as_raw_fd() as usize, b"w".as_ptr() as usize, 1],
             )
         }),
         p("readv", SYS_readv, |f| {
@@ -360,14 +355,7 @@ fn allowed_probes() -> Vec<Probe> {
             }];
             sys(
                 SYS_readv,
-                [
-                    f.stream.0.as_raw_fd() as usize,
-                    iov.as_ptr() as usize,
-                    1,
-                    0,
-                    0,
-                    0,
-                ],
+                &[f.stream.0.as_raw_fd() as usize, iov.as_ptr() as usize, 1],
             )
         }),
         p("writev", SYS_writev, |f| {
@@ -377,34 +365,22 @@ fn allowed_probes() -> Vec<Probe> {
             }];
             sys(
                 SYS_writev,
-                [
-                    f.stream.0.as_raw_fd() as usize,
-                    iov.as_ptr() as usize,
-                    1,
-                    0,
-                    0,
-                    0,
-                ],
+                &[f.stream.0.as_raw_fd() as usize, iov.as_ptr() as usize, 1],
             )
         }),
         p("recvfrom", SYS_recvfrom, |f| {
             let mut b = [0u8; 8];
             let (at, n) = buf_of(&mut b);
-            sys(
-                SYS_recvfrom,
-                [f.stream.0.as_raw_fd() as usize, at, n, 0, 0, 0],
-            )
+            sys(SYS_recvfrom, &[f.stream.0.as_raw_fd() as usize, at, n])
         }),
         p("sendto", SYS_sendto, |f| {
             sys(
                 SYS_sendto,
-                [
+                &[
                     f.stream.0.as_raw_fd() as usize,
                     b"s".as_ptr() as usize,
                     1,
                     MSG_NOSIGNAL as usize,
-                    0,
-                    0,
                 ],
             )
         }),
@@ -429,12 +405,12 @@ fn allowed_probes() -> Vec<Probe> {
             }
         }),
         p("close", SYS_close, |f| {
-            sys(SYS_close, [f.client.as_raw_fd() as usize, 0, 0, 0, 0, 0])
+            sys(SYS_close, &[f.client.as_raw_fd() as usize])
         }),
         p("shutdown", SYS_shutdown, |f| {
             sys(
                 SYS_shutdown,
-                [f.client.as_raw_fd() as usize, SHUT_WR as usize, 0, 0, 0, 0],
+                &[f.client.as_raw_fd() as usize, SHUT_WR as usize],
             )
         }),
         p("accept4", SYS_accept4, |f| {
@@ -442,17 +418,15 @@ fn allowed_probes() -> Vec<Probe> {
             for _ in 0..1000 {
                 match sys(
                     SYS_accept4,
-                    [
+                    &[
                         f.listener.as_raw_fd() as usize,
                         0,
                         0,
                         (SOCK_NONBLOCK | SOCK_CLOEXEC) as usize,
-                        0,
-                        0,
                     ],
                 ) {
                     Err(EAGAIN) => {
-                        sys(SYS_sched_yield, [0; 6])?;
+                        sys(SYS_sched_yield, &[])?;
                     }
                     other => return other,
                 }
@@ -466,13 +440,11 @@ fn allowed_probes() -> Vec<Probe> {
             };
             sys(
                 SYS_epoll_ctl,
-                [
+                &[
                     f.epoll.as_raw_fd() as usize,
                     EPOLL_CTL_ADD as usize,
                     f.stream.0.as_raw_fd() as usize,
                     &mut event as *mut _ as usize,
-                    0,
-                    0,
                 ],
             )
         }),
@@ -480,7 +452,7 @@ fn allowed_probes() -> Vec<Probe> {
             let mut events = [epoll_event { events: 0, u64: 0 }; 4];
             sys(
                 SYS_epoll_pwait,
-                [
+                &[
                     f.epoll.as_raw_fd() as usize,
                     events.as_mut_ptr() as usize,
                     4,
@@ -493,34 +465,26 @@ fn allowed_probes() -> Vec<Probe> {
         p("lseek", SYS_lseek, |f| {
             sys(
                 SYS_lseek,
-                [f.memfd.as_raw_fd() as usize, 0, SEEK_SET as usize, 0, 0, 0],
+                &[f.memfd.as_raw_fd() as usize, 0, SEEK_SET as usize],
             )
         }),
         p("fstat", SYS_fstat, |f| {
             let mut st = std::mem::MaybeUninit::<stat>::uninit();
             sys(
                 SYS_fstat,
-                [
-                    f.memfd.as_raw_fd() as usize,
-                    st.as_mut_ptr() as usize,
-                    0,
-                    0,
-                    0,
-                    0,
-                ],
+                &[f.memfd.as_raw_fd() as usize, st.as_mut_ptr() as usize],
             )
         }),
         p("statx (AT_EMPTY_PATH)", SYS_statx, |f| {
             let mut st = std::mem::MaybeUninit::<statx>::uninit();
             sys(
                 SYS_statx,
-                [
+                &[
                     f.memfd.as_raw_fd() as usize,
                     c"".as_ptr() as usize,
                     AT_EMPTY_PATH as usize,
                     STATX_SIZE as usize,
                     st.as_mut_ptr() as usize,
-                    0,
                 ],
             )
         }),
@@ -529,13 +493,10 @@ fn allowed_probes() -> Vec<Probe> {
             let mut len = std::mem::size_of::<sockaddr_storage>() as socklen_t;
             sys(
                 SYS_getpeername,
-                [
+                &[
                     f.client.as_raw_fd() as usize,
                     addr.as_mut_ptr() as usize,
                     &mut len as *mut _ as usize,
-                    0,
-                    0,
-                    0,
                 ],
             )
         }),
@@ -544,41 +505,39 @@ fn allowed_probes() -> Vec<Probe> {
             let mut len = std::mem::size_of::<c_int>() as socklen_t;
             sys(
                 SYS_getsockopt,
-                [
+                &[
                     f.client.as_raw_fd() as usize,
                     SOL_SOCKET as usize,
                     SO_ERROR as usize,
                     &mut value as *mut _ as usize,
                     &mut len as *mut _ as usize,
-                    0,
                 ],
             )
         }),
-        p("brk", SYS_brk, |_| sys(SYS_brk, [0; 6])),
+        p("brk", SYS_brk, |_| sys(SYS_brk, &[])),
         p("mmap (read, write)", SYS_mmap, |_| {
             sys(
                 SYS_mmap,
-                [
+                &[
                     0,
                     PAGE,
                     (PROT_READ | PROT_WRITE) as usize,
                     (MAP_PRIVATE | MAP_ANONYMOUS) as usize,
                     usize::MAX,
-                    0,
                 ],
             )
         }),
         p("mprotect (read)", SYS_mprotect, |f| {
-            sys(SYS_mprotect, [f.map, PAGE, PROT_READ as usize, 0, 0, 0])
+            sys(SYS_mprotect, &[f.map, PAGE, PROT_READ as usize])
         }),
         p("madvise", SYS_madvise, |f| {
-            sys(SYS_madvise, [f.map, PAGE, MADV_DONTNEED as usize, 0, 0, 0])
+            sys(SYS_madvise, &[f.map, PAGE, MADV_DONTNEED as usize])
         }),
         p("mremap", SYS_mremap, |f| {
-            sys(SYS_mremap, [f.map, 2 * PAGE, PAGE, 0, 0, 0])
+            sys(SYS_mremap, &[f.map, 2 * PAGE, PAGE])
         }),
         p("munmap", SYS_munmap, |f| {
-            sys(SYS_munmap, [f.map, 2 * PAGE, 0, 0, 0, 0])
+            sys(SYS_munmap, &[f.map, 2 * PAGE])
         }),
         p("clock_gettime", SYS_clock_gettime, |_| {
             let mut t = timespec {
@@ -587,14 +546,7 @@ fn allowed_probes() -> Vec<Probe> {
             };
             sys(
                 SYS_clock_gettime,
-                [
-                    CLOCK_MONOTONIC as usize,
-                    &mut t as *mut _ as usize,
-                    0,
-                    0,
-                    0,
-                    0,
-                ],
+                &[CLOCK_MONOTONIC as usize, &mut t as *mut _ as usize],
             )
         }),
         p("gettimeofday", SYS_gettimeofday, |_| {
@@ -602,7 +554,7 @@ fn allowed_probes() -> Vec<Probe> {
                 tv_sec: 0,
                 tv_usec: 0,
             };
-            sys(SYS_gettimeofday, [&mut t as *mut _ as usize, 0, 0, 0, 0, 0])
+            sys(SYS_gettimeofday, &[&mut t as *mut _ as usize])
         }),
         p("clock_nanosleep", SYS_clock_nanosleep, |_| {
             let t = timespec {
@@ -611,14 +563,7 @@ fn allowed_probes() -> Vec<Probe> {
             };
             sys(
                 SYS_clock_nanosleep,
-                [
-                    CLOCK_MONOTONIC as usize,
-                    0,
-                    &t as *const _ as usize,
-                    0,
-                    0,
-                    0,
-                ],
+                &[CLOCK_MONOTONIC as usize, 0, &t as *const _ as usize],
             )
         }),
         p("nanosleep", SYS_nanosleep, |_| {
@@ -626,7 +571,7 @@ fn allowed_probes() -> Vec<Probe> {
                 tv_sec: 0,
                 tv_nsec: 1000,
             };
-            sys(SYS_nanosleep, [&t as *const _ as usize, 0, 0, 0, 0, 0])
+            sys(SYS_nanosleep, &[&t as *const _ as usize])
         }),
         p("setitimer", SYS_setitimer, |_| {
             let t = itimerval {
@@ -641,134 +586,94 @@ fn allowed_probes() -> Vec<Probe> {
             };
             sys(
                 SYS_setitimer,
-                [ITIMER_REAL as usize, &t as *const _ as usize, 0, 0, 0, 0],
+                &[ITIMER_REAL as usize, &t as *const _ as usize],
             )
         }),
-        p("getpid", SYS_getpid, |_| sys(SYS_getpid, [0; 6])),
-        p("getppid", SYS_getppid, |_| sys(SYS_getppid, [0; 6])),
-        p("gettid", SYS_gettid, |_| sys(SYS_gettid, [0; 6])),
+        p("getpid", SYS_getpid, |_| sys(SYS_getpid, &[])),
+        p("getppid", SYS_getppid, |_| sys(SYS_getppid, &[])),
+        p("gettid", SYS_gettid, |_| sys(SYS_gettid, &[])),
         p("rt_sigprocmask", SYS_rt_sigprocmask, |_| {
             let mut old = std::mem::MaybeUninit::<[u64; 1]>::uninit();
             sys(
                 SYS_rt_sigprocmask,
-                [SIG_BLOCK as usize, 0, old.as_mut_ptr() as usize, 8, 0, 0],
+                &[SIG_BLOCK as usize, 0, old.as_mut_ptr() as usize, 8],
             )
         }),
         p("sigaltstack", SYS_sigaltstack, |_| {
             let mut old = std::mem::MaybeUninit::<stack_t>::uninit();
-            sys(SYS_sigaltstack, [0, old.as_mut_ptr() as usize, 0, 0, 0, 0])
+            sys(SYS_sigaltstack, &[0, old.as_mut_ptr() as usize])
         }),
         p("futex", SYS_futex, |_| {
             let word: u32 = 0;
             sys(
                 SYS_futex,
-                [
+                &[
                     &word as *const _ as usize,
                     (FUTEX_WAKE | FUTEX_PRIVATE_FLAG) as usize,
                     1,
-                    0,
-                    0,
-                    0,
                 ],
             )
         }),
         p("sched_yield", SYS_sched_yield, |_| {
-            sys(SYS_sched_yield, [0; 6])
+            sys(SYS_sched_yield, &[])
         }),
         p("getrandom", SYS_getrandom, |_| {
             let mut b = [0u8; 16];
             let (at, n) = buf_of(&mut b);
-            sys(SYS_getrandom, [at, n, 0, 0, 0, 0])
+            sys(SYS_getrandom, &[at, n])
         }),
         p("memfd_create", SYS_memfd_create, |_| {
             sys(
                 SYS_memfd_create,
-                [
-                    c"raasd-handoff".as_ptr() as usize,
-                    MFD_CLOEXEC as usize,
-                    0,
-                    0,
-                    0,
-                    0,
-                ],
+                &[c"raasd-handoff".as_ptr() as usize, MFD_CLOEXEC as usize],
             )
         }),
         p("fcntl F_GETFL", SYS_fcntl, |f| {
             sys(
                 SYS_fcntl,
-                [
-                    f.stream.0.as_raw_fd() as usize,
-                    F_GETFL as usize,
-                    0,
-                    0,
-                    0,
-                    0,
-                ],
+                &[f.stream.0.as_raw_fd() as usize, F_GETFL as usize],
             )
         }),
         p("fcntl F_SETFL", SYS_fcntl, |f| {
             sys(
                 SYS_fcntl,
-                [
+                &[
                     f.stream.0.as_raw_fd() as usize,
                     F_SETFL as usize,
                     O_NONBLOCK as usize,
-                    0,
-                    0,
-                    0,
                 ],
             )
         }),
         p("fcntl F_GETFD", SYS_fcntl, |f| {
             sys(
                 SYS_fcntl,
-                [
-                    f.stream.0.as_raw_fd() as usize,
-                    F_GETFD as usize,
-                    0,
-                    0,
-                    0,
-                    0,
-                ],
+                &[f.stream.0.as_raw_fd() as usize, F_GETFD as usize],
             )
         }),
         p("fcntl F_SETFD", SYS_fcntl, |f| {
             sys(
                 SYS_fcntl,
-                [
+                &[
                     f.stream.0.as_raw_fd() as usize,
                     F_SETFD as usize,
                     FD_CLOEXEC as usize,
-                    0,
-                    0,
-                    0,
                 ],
             )
         }),
         p("fcntl F_DUPFD_CLOEXEC", SYS_fcntl, |f| {
             sys(
                 SYS_fcntl,
-                [
-                    f.stream.0.as_raw_fd() as usize,
-                    F_DUPFD_CLOEXEC as usize,
-                    0,
-                    0,
-                    0,
-                    0,
-                ],
+                &[f.stream.0.as_raw_fd() as usize, F_DUPFD_CLOEXEC as usize],
             )
         }),
         p("ioctl FIONBIO", SYS_ioctl, |f| {
             let on: c_int = 1;
             sys(
                 SYS_ioctl,
-                [
+                &[
                     f.stream.0.as_raw_fd() as usize,
                     FIONBIO as usize,
                     &on as *const _ as usize,
-                    0,
-                    0,
-                    0,
                 ],
             )
         }),
@@ -776,35 +681,28 @@ fn allowed_probes() -> Vec<Probe> {
             let mut pair = [0 as c_int; 2];
             sys(
                 SYS_socketpair,
-                [
+                &[
                     AF_UNIX as usize,
                     (SOCK_STREAM | SOCK_CLOEXEC) as usize,
                     0,
                     pair.as_mut_ptr() as usize,
-                    0,
-                    0,
                 ],
             )
         }),
         p("tgkill SIGABRT", SYS_tgkill, |_| {
-            let pid = sys(SYS_getpid, [0; 6])?;
-            let tid = sys(SYS_gettid, [0; 6])?;
-            sys(
-                SYS_tgkill,
-                [pid as usize, tid as usize, SIGABRT as usize, 0, 0, 0],
-            )
+            let pid = sys(SYS_getpid, &[])?;
+            let tid = sys(SYS_gettid, &[])?;
+            sys(SYS_tgkill, &[pid as usize, tid as usize, SIGABRT as usize])
         }),
-        p("exit_group", SYS_exit_group, |_| {
-            sys(SYS_exit_group, [0; 6])
-        }),
-        p("exit", SYS_exit, |_| sys(SYS_exit, [0; 6])),
+        p("exit_group", SYS_exit_group, |_| sys(SYS_exit_group, &[])),
+        p("exit", SYS_exit, |_| sys(SYS_exit, &[])),
     ];
     // Called directly, restart_syscall finds nothing to restart: EINTR, not EPERM.
     probes.push(Probe {
         name: "restart_syscall",
         nr: SYS_restart_syscall,
         expect: Expect::FailsWith(EINTR),
-        call: |_| sys(SYS_restart_syscall, [0; 6]),
+        call: |_| sys(SYS_restart_syscall, &[]),
     });
     #[cfg(target_arch = "x86_64")]
     probes.extend([
@@ -812,17 +710,14 @@ fn allowed_probes() -> Vec<Probe> {
             let mut events = [epoll_event { events: 0, u64: 0 }; 4];
             sys(
                 SYS_epoll_wait,
-                [
+                &[
                     f.epoll.as_raw_fd() as usize,
                     events.as_mut_ptr() as usize,
                     4,
-                    0,
-                    0,
-                    0,
                 ],
             )
         }),
-        p("alarm", SYS_alarm, |_| sys(SYS_alarm, [9, 0, 0, 0, 0, 0])),
+        p("alarm", SYS_alarm, |_| sys(SYS_alarm, &[9])),
     ]);
     probes
 }
@@ -846,97 +741,73 @@ fn forbidden_probes() -> Vec<Probe> {
         refused("openat", SYS_openat, |_| {
             sys(
                 SYS_openat,
-                [
+                &[
                     AT_FDCWD as usize,
                     c"/etc/passwd".as_ptr() as usize,
                     O_RDONLY as usize,
-                    0,
-                    0,
-                    0,
                 ],
             )
         }),
         refused("openat (create)", SYS_openat, |_| {
             sys(
                 SYS_openat,
-                [
+                &[
                     AT_FDCWD as usize,
                     c"/tmp/raasd-sandbox-probe".as_ptr() as usize,
                     (O_WRONLY | O_CREAT) as usize,
                     0o600,
-                    0,
-                    0,
                 ],
             )
         }),
         refused("socket AF_INET", SYS_socket, |_| {
-            sys(
-                SYS_socket,
-                [AF_INET as usize, SOCK_STREAM as usize, 0, 0, 0, 0],
-            )
+            sys(SYS_socket, &[AF_INET as usize, SOCK_STREAM as usize])
         }),
         refused("socket AF_UNIX", SYS_socket, |_| {
-            sys(
-                SYS_socket,
-                [AF_UNIX as usize, SOCK_STREAM as usize, 0, 0, 0, 0],
-            )
+            sys(SYS_socket, &[AF_UNIX as usize, SOCK_STREAM as usize])
         }),
         refused("socketpair AF_INET", SYS_socketpair, |_| {
             let mut pair = [0 as c_int; 2];
             sys(
                 SYS_socketpair,
-                [
+                &[
                     AF_INET as usize,
                     SOCK_STREAM as usize,
                     0,
                     pair.as_mut_ptr() as usize,
-                    0,
-                    0,
                 ],
             )
         }),
         refused("mmap PROT_EXEC", SYS_mmap, |_| {
             sys(
                 SYS_mmap,
-                [
+                &[
                     0,
                     PAGE,
                     (PROT_READ | PROT_EXEC) as usize,
                     (MAP_PRIVATE | MAP_ANONYMOUS) as usize,
                     usize::MAX,
-                    0,
                 ],
             )
         }),
         refused("mprotect PROT_EXEC", SYS_mprotect, |f| {
             sys(
                 SYS_mprotect,
-                [f.map, PAGE, (PROT_READ | PROT_EXEC) as usize, 0, 0, 0],
+                &[f.map, PAGE, (PROT_READ | PROT_EXEC) as usize],
             )
         }),
         refused("fcntl F_SETOWN", SYS_fcntl, |f| {
             sys(
                 SYS_fcntl,
-                [
-                    f.stream.0.as_raw_fd() as usize,
-                    F_SETOWN as usize,
-                    1,
-                    0,
-                    0,
-                    0,
-                ],
+                &[f.stream.0.as_raw_fd() as usize, F_SETOWN as usize, 1],
             )
         }),
         refused("ioctl TIOCSTI", SYS_ioctl, |f| {
             sys(
                 SYS_ioctl,
-                [
+                &[
                     f.stream.0.as_raw_fd() as usize,
                     TIOCSTI as usize,
                     b"x".as_ptr() as usize,
-                    0,
-                    0,
-                    0,
                 ],
             )
         }),
@@ -944,29 +815,22 @@ fn forbidden_probes() -> Vec<Probe> {
             let on: c_int = 1;
             sys(
                 SYS_setsockopt,
-                [
+                &[
                     f.listener.as_raw_fd() as usize,
                     SOL_SOCKET as usize,
                     SO_REUSEADDR as usize,
                     &on as *const _ as usize,
                     4,
-                    0,
                 ],
             )
         }),
         refused("tgkill SIGTERM", SYS_tgkill, |_| {
-            let pid = sys(SYS_getpid, [0; 6])?;
-            let tid = sys(SYS_gettid, [0; 6])?;
-            sys(
-                SYS_tgkill,
-                [pid as usize, tid as usize, SIGTERM as usize, 0, 0, 0],
-            )
+            let pid = sys(SYS_getpid, &[])?;
+            let tid = sys(SYS_gettid, &[])?;
+            sys(SYS_tgkill, &[pid as usize, tid as usize, SIGTERM as usize])
         }),
         refused("kill", SYS_kill, |_| {
-            sys(
-                SYS_kill,
-                [sys(SYS_getppid, [0; 6])? as usize, 0, 0, 0, 0, 0],
-            )
+            sys(SYS_kill, &[sys(SYS_getppid, &[])? as usize])
         }),
         refused("bind", SYS_bind, |f| {
             let addr = sockaddr_in {
@@ -979,49 +843,39 @@ fn forbidden_probes() -> Vec<Probe> {
             };
             sys(
                 SYS_bind,
-                [
+                &[
                     f.listener.as_raw_fd() as usize,
                     &addr as *const _ as usize,
                     std::mem::size_of::<sockaddr_in>(),
-                    0,
-                    0,
-                    0,
                 ],
             )
         }),
         refused("listen", SYS_listen, |f| {
-            sys(SYS_listen, [f.listener.as_raw_fd() as usize, 1, 0, 0, 0, 0])
+            sys(SYS_listen, &[f.listener.as_raw_fd() as usize, 1])
         }),
         refused("prctl", SYS_prctl, |_| {
-            sys(SYS_prctl, [PR_SET_DUMPABLE as usize, 1, 0, 0, 0, 0])
+            sys(SYS_prctl, &[PR_SET_DUMPABLE as usize, 1])
         }),
         refused("seccomp", SYS_seccomp, |_| {
-            sys(
-                SYS_seccomp,
-                [SECCOMP_SET_MODE_STRICT as usize, 0, 0, 0, 0, 0],
-            )
+            sys(SYS_seccomp, &[SECCOMP_SET_MODE_STRICT as usize])
         }),
         refused("rt_sigaction", SYS_rt_sigaction, |_| {
             let mut old = std::mem::MaybeUninit::<[u8; 64]>::uninit();
             sys(
                 SYS_rt_sigaction,
-                [SIGTERM as usize, 0, old.as_mut_ptr() as usize, 8, 0, 0],
+                &[SIGTERM as usize, 0, old.as_mut_ptr() as usize, 8],
             )
         }),
-        refused("setuid", SYS_setuid, |_| sys(SYS_setuid, [0; 6])),
+        refused("setuid", SYS_setuid, |_| sys(SYS_setuid, &[])),
         refused("chdir", SYS_chdir, |_| {
-            sys(SYS_chdir, [c"/".as_ptr() as usize, 0, 0, 0, 0, 0])
+            sys(SYS_chdir, &[c"/".as_ptr() as usize])
         }),
         refused("unlinkat", SYS_unlinkat, |_| {
             sys(
                 SYS_unlinkat,
-                [
+                &[
                     AT_FDCWD as usize,
                     c"/tmp/raasd-sandbox-probe".as_ptr() as usize,
-                    0,
-                    0,
-                    0,
-                    0,
                 ],
             )
         }),
@@ -1029,13 +883,10 @@ fn forbidden_probes() -> Vec<Probe> {
             let mut st = std::mem::MaybeUninit::<stat>::uninit();
             sys(
                 SYS_newfstatat,
-                [
+                &[
                     AT_FDCWD as usize,
                     c"/etc/passwd".as_ptr() as usize,
                     st.as_mut_ptr() as usize,
-                    0,
-                    0,
-                    0,
                 ],
             )
         }),
@@ -1044,36 +895,30 @@ fn forbidden_probes() -> Vec<Probe> {
             let mut len = std::mem::size_of::<sockaddr_storage>() as socklen_t;
             sys(
                 SYS_getsockname,
-                [
+                &[
                     f.listener.as_raw_fd() as usize,
                     addr.as_mut_ptr() as usize,
                     &mut len as *mut _ as usize,
-                    0,
-                    0,
-                    0,
                 ],
             )
         }),
         refused("ftruncate", SYS_ftruncate, |f| {
-            sys(SYS_ftruncate, [f.memfd.as_raw_fd() as usize, 0, 0, 0, 0, 0])
+            sys(SYS_ftruncate, &[f.memfd.as_raw_fd() as usize])
         }),
         kills("execve /bin/true", SYS_execve, |_| {
             let argv = [c"true".as_ptr(), std::ptr::null()];
             let envp: [*const c_char; 1] = [std::ptr::null()];
             sys(
                 SYS_execve,
-                [
+                &[
                     c"/bin/true".as_ptr() as usize,
                     argv.as_ptr() as usize,
                     envp.as_ptr() as usize,
-                    0,
-                    0,
-                    0,
                 ],
             )
         }),
         kills("clone (as fork)", SYS_clone, |_| {
-            end_if_duplicate(sys(SYS_clone, [SIGCHLD as usize, 0, 0, 0, 0, 0]))
+            end_if_duplicate(sys(SYS_clone, &[SIGCHLD as usize]))
         }),
         kills("connect 127.0.0.1", SYS_connect, |f| {
             let addr = sockaddr_in {
@@ -1086,29 +931,23 @@ fn forbidden_probes() -> Vec<Probe> {
             };
             sys(
                 SYS_connect,
-                [
+                &[
                     f.listener.as_raw_fd() as usize,
                     &addr as *const _ as usize,
                     std::mem::size_of::<sockaddr_in>(),
-                    0,
-                    0,
-                    0,
                 ],
             )
         }),
         kills("ptrace PTRACE_TRACEME", SYS_ptrace, |_| {
-            sys(SYS_ptrace, [PTRACE_TRACEME as usize, 0, 0, 0, 0, 0])
+            sys(SYS_ptrace, &[PTRACE_TRACEME as usize])
         }),
         kills("mount", SYS_mount, |_| {
             sys(
                 SYS_mount,
-                [
+                &[
                     c"none".as_ptr() as usize,
                     c"/nonexistent-raasd-probe".as_ptr() as usize,
                     c"tmpfs".as_ptr() as usize,
-                    0,
-                    0,
-                    0,
                 ],
             )
         }),
@@ -1118,19 +957,10 @@ fn forbidden_probes() -> Vec<Probe> {
         refused("open", SYS_open, |_| {
             sys(
                 SYS_open,
-                [
-                    c"/etc/passwd".as_ptr() as usize,
-                    O_RDONLY as usize,
-                    0,
-                    0,
-                    0,
-                    0,
-                ],
+                &[c"/etc/passwd".as_ptr() as usize, O_RDONLY as usize],
             )
         }),
-        kills("fork", SYS_fork, |_| {
-            end_if_duplicate(sys(SYS_fork, [0; 6]))
-        }),
+        kills("fork", SYS_fork, |_| end_if_duplicate(sys(SYS_fork, &[]))),
     ]);
     probes
 }
@@ -1196,7 +1026,7 @@ fn perform_by_number(nr: libc::c_long) -> Outcome {
         name: "by number",
         nr,
         expect: Expect::Kills,
-        call: |_| end_if_duplicate(sys(NR.with(|n| n.get()), [0; 6])),
+        call: |_| end_if_duplicate(sys(NR.with(|n| n.get()), &[])),
     })
 }
 
